@@ -1,0 +1,67 @@
+"""exitagent's exceptions: infrastructure failures only.
+
+Model mistakes (bad tool calls, crashing or timed-out code, wrong answers) are data, never
+exceptions. What raises is what a person has to fix: a dead server, a missing sandbox runtime, a
+corrupt store or checkpoint, bad configuration. Each message is one line that says what to do.
+
+    ExitAgentError
+    ├── ConfigError            bad flags, unknown model name, missing optional package
+    ├── ModelError             a model or checkpoint that cannot be prepared or loaded
+    │   └── CheckpointError    a published checkpoint that is incomplete, corrupt or incompatible
+    ├── ServerError            the inference server: failed to start, died, or unreachable
+    │   ├── ServerUnsupported  the server lacks a feature exitagent needs (e.g. token ids)
+    │   └── ReloadError        a weight reload that failed or did not verify
+    ├── SandboxError           the sandbox infrastructure (not the code run inside it)
+    │   ├── SandboxUnavailable the runtime is missing or refused (no bwrap, no E2B key)
+    │   └── SandboxCrashed     the runtime died under us
+    ├── EvaluatorError         an evaluator that raised or timed out (its rollout is excluded)
+    └── StoreError             the curriculum store: corrupt, or from a newer schema
+"""
+
+
+class ExitAgentError(Exception):
+    """Base of every exception exitagent raises on purpose."""
+
+
+class ConfigError(ExitAgentError):
+    pass
+
+
+class ModelError(ExitAgentError):
+    pass
+
+
+class CheckpointError(ModelError):
+    pass
+
+
+class ServerError(ExitAgentError):
+    pass
+
+
+class ServerUnsupported(ServerError):
+    pass
+
+
+class ReloadError(ServerError):
+    pass
+
+
+class SandboxError(ExitAgentError):
+    pass
+
+
+class SandboxUnavailable(SandboxError):
+    pass
+
+
+class SandboxCrashed(SandboxError):
+    pass
+
+
+class EvaluatorError(ExitAgentError):
+    pass
+
+
+class StoreError(ExitAgentError):
+    pass

@@ -1,0 +1,208 @@
+"""The contract: every value that crosses a boundary between exitagent's parts.
+
+Frozen dataclasses and enums only, standard library only, so any part (the agent loop, the
+sandboxes, the evaluators, the curriculum store, the trainer) can depend on this module and nothing
+else. Shapes are in names where it helps: ``prompt_ids`` are the tokens the server saw,
+``completion_ids`` the tokens it sampled, and ``logprobs`` has one entry per completion id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class PolicyVersion:
+    """Which weights produced something. ``step`` orders versions; 0 is the initial model."""
+
+    step: int
+    name: str = field(compare=False, default="")
+
+    @classmethod
+    def parse(cls, name: str) -> PolicyVersion:
+        """``"step-000012"`` -> step 12; vLLM's initial ``"default"`` (or ``"base"``) -> step 0."""
+        match = re.fullmatch(r"step-(\d+)", name)
+        if match:
+            return cls(int(match.group(1)), name)
+        if name in ("default", "base", ""):
+            return cls(0, name or "base")
+        raise ValueError(f"not a policy version name: {name!r} (expected 'step-N' or 'default')")
+
+    @classmethod
+    def at_step(cls, step: int) -> PolicyVersion:
+        return cls(step, f"step-{step:06d}")
+
+    def __str__(self) -> str:
+        return self.name or f"step-{self.step:06d}"
+
+
+# --- conversations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model asked for. ``arguments`` is already parsed; ``raw`` is what the model wrote."""
+
+    name: str
+    arguments: Mapping[str, Any]
+    id: str = ""
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message. Tool results are ``role="tool"`` messages naming the call they answer."""
+
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A base task instance m: the request, and whatever its evaluator needs to score an answer."""
+
+    id: str
+    domain: str  # "math" | "tool_use" | "mle"
+    prompt: str
+    answer: Any = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- what the policy returned ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled completion, exactly as the server produced it."""
+
+    text: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # behaviour log-probabilities, one per completion id
+    finish_reason: str  # "stop" | "length" | "tool_calls" | ...
+    version: PolicyVersion
+    tool_calls: tuple[ToolCall, ...] = ()  # OpenAI-native tool calls, when the server parsed them
+
+
+class StopReason(StrEnum):
+    """Why an episode ended. Every episode has exactly one."""
+
+    ANSWERED = "answered"  # a final response with no tool call (single-turn domains end here)
+    FINISHED = "finished"  # the model wrote <TASK_FINISHED>
+    GAVE_UP = "gave_up"  # the model wrote <TASK_ERROR>
+    MAX_TURNS = "max_turns"
+    MAX_TOKENS = "max_tokens"  # the episode's total completion-token budget is spent
+    TRUNCATED = "truncated"  # a completion hit its max_tokens (finish_reason "length")
+    CONTEXT_FULL = "context_full"  # the next turn would not fit in the model's context
+    WALL_CLOCK = "wall_clock"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One model call in an episode and the environment's answer to it."""
+
+    sample: Sample
+    tool_results: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """A token-faithful training sample: prompt ids then sampled ids, with environment tokens masked.
+
+    ``mask[i]`` is 1 where ``tokens[i]`` was sampled by the policy (trainable), 0 for prompt, tool
+    and environment tokens. ``logprobs[i]`` is the behaviour log-probability where ``mask[i]`` is
+    1, and 0.0 elsewhere. ``version`` is the oldest policy version among the sampled tokens.
+    """
+
+    tokens: tuple[int, ...]
+    mask: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    version: PolicyVersion
+
+    def __post_init__(self) -> None:
+        if not len(self.tokens) == len(self.mask) == len(self.logprobs):
+            raise ValueError("tokens, mask and logprobs must have the same length")
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A finished rollout: the conversation, the model calls, why it stopped, and its metrics."""
+
+    task: Task
+    messages: tuple[Message, ...]
+    turns: tuple[Turn, ...]
+    stop_reason: StopReason
+    sequences: tuple[TrainingSequence, ...]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def final_text(self) -> str:
+        return self.turns[-1].sample.text if self.turns else ""
+
+
+# --- scores, groups, the curriculum ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """An evaluator's verdict: a total in [0, 1] plus the named parts it was built from."""
+
+    total: float
+    components: Mapping[str, float] = field(default_factory=dict)
+    detail: str = ""  # e.g. the extracted answer, or why a submission was invalid
+
+
+class StepKind(StrEnum):
+    """The kind of step that produced an iterate (exit-spec.md section 2)."""
+
+    BASE = "base"  # a first attempt at a base task (k = 0)
+    REPLAY = "replay"  # "+ curriculum": a stored start replayed with no iteration prompt
+    IMPROVE = "improve"
+    DIVERGE = "diverge"
+    DEBUG = "debug"  # MLE: improve a program that crashed, with its error trace
+
+
+class Variant(StrEnum):
+    """The five variants the paper compares (exit-spec.md section 6)."""
+
+    GRPO = "grpo"
+    CURRICULUM = "curriculum"
+    IMPROVE = "improve"
+    DIVERGE = "diverge"
+    EXIT = "exit"
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One response of a group, scored. ``score`` is None when the evaluator failed: such a
+    rollout is kept for the record but never trained on (it is not a 0 reward)."""
+
+    episode: Episode
+    score: Score | None
+    reward: float | None  # the training reward (e.g. MLE improvement reward), None when score is
+    diversity: float = 1.0  # advantage multiplier from the diversity bonus (1.0 when off)
+    failure: str = ""
+
+
+@dataclass(frozen=True)
+class Group:
+    """G rollouts sampled from one prompt: the unit of GRPO and of the curriculum's score."""
+
+    id: str
+    task_id: str
+    step_kind: StepKind
+    variant: Variant
+    version: PolicyVersion
+    depth: int  # iteration depth of the responses (0 for first attempts)
+    rollouts: tuple[Rollout, ...]
+    entry_id: int | None = None  # the buffer entry this group started from, if any
+    start_turn: int = 0
