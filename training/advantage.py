@@ -1,0 +1,76 @@
+"""Group-relative advantages and the diversity bonus (exit-spec.md sections 4 and 5).
+
+A group is the G responses sampled from one prompt. Each response's advantage is its reward
+relative to its group, the same value for every token of the response:
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)          (``scale_by_std=False``: Dr. GRPO, no division)
+
+A group whose rewards are all equal carries no signal and gets all-zero advantages. Full ExIt then
+multiplies A_i by the diversity multiplier d_i of response i (``diversity_multipliers``).
+
+Pure torch, no I/O: the caller passes rewards and embeddings, and gets tensors back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# TRL's GRPOTrainer adds 1e-4 to the group std; using the same value keeps the peer check exact.
+DEFAULT_EPS = 1e-4
+
+
+def group_advantages(
+    rewards_G: torch.Tensor | Sequence[float],
+    *,
+    scale_by_std: bool = True,
+    eps: float = DEFAULT_EPS,
+    multipliers_G: torch.Tensor | Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Advantages of one group of G responses, shape (G,), float32.
+
+    ``std`` is the sample standard deviation (Bessel-corrected, as ``torch.std`` and TRL). A
+    zero-variance group (including a group of one) returns zeros, before multipliers: exact zeros,
+    not the rounding noise of ``(r - mean) / eps``. ``multipliers_G`` (the diversity bonus) scales
+    each response's advantage when given.
+    """
+    rewards_G = torch.as_tensor(rewards_G, dtype=torch.float32)
+    if rewards_G.ndim != 1 or rewards_G.numel() == 0:
+        raise ValueError(f"rewards_G must be a non-empty 1-D tensor, got shape {tuple(rewards_G.shape)}")
+    if not torch.isfinite(rewards_G).all():
+        raise ValueError(f"rewards_G must be finite (drop failed evaluations first), got {rewards_G.tolist()}")
+    if bool((rewards_G == rewards_G[0]).all()):
+        return torch.zeros_like(rewards_G)
+    advantages_G = rewards_G - rewards_G.mean()
+    if scale_by_std:
+        advantages_G = advantages_G / (rewards_G.std() + eps)
+    if multipliers_G is not None:
+        multipliers_G = torch.as_tensor(multipliers_G, dtype=torch.float32)
+        if multipliers_G.shape != rewards_G.shape:
+            raise ValueError(
+                f"multipliers_G has shape {tuple(multipliers_G.shape)}, rewards_G {tuple(rewards_G.shape)}"
+            )
+        advantages_G = advantages_G * multipliers_G
+    return advantages_G
+
+
+def diversity_multipliers(embeddings_GD: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+    """The diversity bonus d_i of each of G responses from their embeddings, shape (G,), float32.
+
+    d_i = ||e_i - centroid|| / (max_j d_j - min_j d_j), with Euclidean distance to the group
+    centroid; all ones when the range is 0 (identical distances, or a group of one). The spec
+    divides by the range, not the max, so values above 1 are expected: the response closest to the
+    centroid gets min/range, the farthest max/range. Normalise the embeddings first if the model's
+    norms are not meaningful (sentence-transformers usually are normalised already).
+    """
+    embeddings_GD = torch.as_tensor(embeddings_GD, dtype=torch.float32)
+    if embeddings_GD.ndim != 2 or embeddings_GD.shape[0] == 0:
+        raise ValueError(f"embeddings_GD must be (G, D) with G >= 1, got shape {tuple(embeddings_GD.shape)}")
+    centroid_D = embeddings_GD.mean(dim=0)
+    distances_G = torch.linalg.vector_norm(embeddings_GD - centroid_D, dim=1)
+    spread = distances_G.max() - distances_G.min()
+    # A range at float32 rounding level is "0": dividing by it would turn noise into huge weights.
+    if spread <= 1e-6 * max(float(distances_G.max()), 1.0):
+        return torch.ones_like(distances_G)
+    return distances_G / spread
