@@ -31,6 +31,7 @@ from exitagent.errors import CheckpointError
 READY = "READY"
 MANIFEST = "manifest.json"
 CANARY = "canary.json"
+SERVED = "SERVED.json"  # written by the server into the weights directory: what it serves now
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
@@ -114,7 +115,8 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
             raise CheckpointError(f"{directory}: {name} is listed in the manifest but missing")
         if path.stat().st_size != expected["size"]:
             raise CheckpointError(
-                f"{directory}: {name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+                f"{directory}: {name} has {path.stat().st_size} bytes, "
+                f"the manifest says {expected['size']} (truncated?)"
             )
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest (corrupt)")
@@ -225,9 +227,24 @@ def publish(weights_dir: Path, step: int, write: Callable[[Path], Canary], **man
     return final
 
 
-def prune(weights_dir: Path, keep: int, protect: set[Path] | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` published checkpoints, never one in ``protect``."""
-    protect = {p.resolve() for p in (protect or set())}
+def write_served(weights_dir: Path, info: dict[str, Any]) -> None:
+    """Record which checkpoint is being served (``info["checkpoint"]``), atomically."""
+    tmp = weights_dir / f".{SERVED}.tmp"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, weights_dir / SERVED)
+
+
+def served_checkpoint(weights_dir: Path) -> Path | None:
+    try:
+        return Path(json.loads((weights_dir / SERVED).read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def prune(weights_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` published checkpoints, never the one being served."""
+    served = served_checkpoint(weights_dir)
+    protect = {served.resolve()} if served else set()
     published = ready_checkpoints(weights_dir)
     removed = []
     for _, path in published[: max(0, len(published) - keep)]:

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, sk
         kind, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[operator]
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
@@ -68,7 +68,7 @@ def from_args(config_type: type[C], args: argparse.Namespace, **overrides: Any) 
     """Build ``config_type`` from parsed flags (fields with no flag keep their defaults)."""
     hints = typing.get_type_hints(config_type)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(config_type):
+    for f in dataclasses.fields(config_type):  # type: ignore[arg-type]
         if not f.init or not hasattr(args, f.name):
             continue
         value = getattr(args, f.name)

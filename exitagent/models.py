@@ -76,7 +76,8 @@ def _from_hub(repo_id: str) -> Path:
     except ImportError as error:
         raise ConfigError("hub models need huggingface_hub (install exitagent[train])") from error
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+        patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types; each means "not reachable here"
         raise ModelError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(error).__name__}: {str(error)[:120]}); "
@@ -112,7 +113,7 @@ def prepare(name: str = DEFAULT_MODEL, *, force: bool = False) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     except ImportError as error:
-        raise ConfigError(f"converting the default model needs the training extra ({error}): scripts/setup.sh") from error
+        raise ConfigError(f"converting the default model needs the training extra ({error})") from error
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"

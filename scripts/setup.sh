@@ -58,7 +58,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "${pip[@]}" install -e ".[gpu,train,domains,e2b,dev]"
     "${pip[@]}" install --no-deps -r requirements/no-deps.txt
   fi
-  "${pip[@]}" install --no-deps --no-build-isolation -e .
+  "${pip[@]}" install --no-deps -e .
   echo "$want" > "$stamp"
 fi
 

@@ -1,0 +1,161 @@
+"""Serve a policy over the OpenAI API and hot-reload every checkpoint the trainer publishes.
+
+    python -m exitagent.serve --model smollm2-135m --host 127.0.0.1 --port 8000 --weights-dir RUN/weights
+
+Three parts run in one task group: the vLLM engine (a child process group on a loopback port,
+``exitagent.engine``), the gateway that clients talk to (``exitagent.gateway``: OpenAI routes only,
+``x-exitagent-policy-version`` on every answer, ``GET /policy``), and the reload loop
+(``exitagent.reload``) that watches ``--weights-dir`` for ``step-N`` directories marked READY.
+If the engine dies, it is restarted on the last good weights. SIGINT or SIGTERM stops all of it:
+no vLLM process outlives serve.
+
+Once the gateway answers, serve prints its base URL (``http://HOST:PORT/v1``) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+import uvicorn
+
+from exitagent import checkpoints, config, engine, models
+from exitagent import log as logging_setup
+from exitagent.errors import ExitAgentError
+from exitagent.gateway import Gate, create_app
+from exitagent.reload import Admin, Reloader, ServingState
+from exitagent.types import PolicyVersion
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = field(default=models.DEFAULT_MODEL, metadata={"help": "model name, checkpoint dir or hub id"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address of the OpenAI-compatible gateway"})
+    port: int = field(default=8000, metadata={"help": "port of the gateway"})
+    weights_dir: Path | None = field(default=None, metadata={"help": "directory the trainer publishes into"})
+    served_model_name: str = field(default="policy", metadata={"help": "model name clients ask for"})
+    api_key: str | None = field(default=None, metadata={"help": "require this bearer token on /v1 routes"})
+    max_model_len: int = field(default=2048, metadata={"help": "context length"})
+    kv_cache_gib: int = field(default=4, metadata={"help": "KV cache size on the CPU (GiB)"})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "fraction of GPU memory for vLLM"})
+    engine_port: int = field(default=0, metadata={"help": "loopback port of the vLLM engine (0: any free)"})
+    poll_s: float = field(default=1.0, metadata={"help": "how often to look for new checkpoints (s)"})
+    startup_timeout_s: float = field(default=900.0, metadata={"help": "how long vLLM may take to start (s)"})
+    log_file: Path | None = field(default=None, metadata={"help": "vLLM's log (default: under EXITAGENT_HOME)"})
+    log_json: bool = field(default=False, metadata={"help": "log JSON lines instead of pretty text"})
+
+
+async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
+    """Run until cancelled (or a signal arrives)."""
+    if cfg.weights_dir is not None and not cfg.weights_dir.is_dir():
+        raise ExitAgentError(f"weights directory {cfg.weights_dir} does not exist (create it, or omit --weights-dir)")
+    engine.check_port_free(cfg.host, cfg.port)
+    base_dir = models.resolve(cfg.model)
+    reference = checkpoints.tensor_shapes(base_dir)
+    port = cfg.engine_port or engine.free_port()
+    log_file = cfg.log_file or models.home() / "logs" / f"vllm-{cfg.port}.log"
+    state = ServingState(version=PolicyVersion(0, "base"), directory=base_dir)
+    gate = Gate()
+
+    def spec_for(directory: Path) -> engine.EngineSpec:
+        return engine.EngineSpec(
+            model_dir=directory, served_name=cfg.served_model_name, port=port, max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, log_file=log_file,
+        )
+
+    vllm = engine.Engine(spec_for(base_dir))
+    admin = Admin(vllm.url, cfg.served_model_name)
+    try:
+        await vllm.start(cfg.startup_timeout_s)
+        app = create_app(vllm.url, state, gate, api_key=cfg.api_key)
+        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                               lifespan="on", timeout_graceful_shutdown=5, access_log=False))
+        async with anyio.create_task_group() as tasks:
+
+            async def run_gateway() -> None:
+                await server.serve()
+                tasks.cancel_scope.cancel()  # the gateway stopped (signal): stop everything else
+
+            tasks.start_soon(_stop_on_signal, server)
+            tasks.start_soon(run_gateway)
+            while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+                await anyio.sleep(0.05)
+            print(f"http://{cfg.host}:{cfg.port}/v1", flush=True)
+            log.info("serve_ready", base_url=f"http://{cfg.host}:{cfg.port}/v1", weights_dir=str(cfg.weights_dir))
+            if ready is not None:
+                ready.set()
+            if cfg.weights_dir is not None:
+                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive)
+                checkpoints.write_served(cfg.weights_dir, state.as_json())
+                tasks.start_soon(_watch, reloader, cfg.poll_s)
+            tasks.start_soon(_supervise, vllm, admin, spec_for, state, gate, cfg.startup_timeout_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await admin.aclose()
+            await vllm.stop()
+
+
+async def _stop_on_signal(server: uvicorn.Server) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("serve_stopping", signal=signal.Signals(signum).name)
+            server.should_exit = True  # graceful: in-flight requests finish, then run_gateway cancels the rest
+            return
+
+
+async def _watch(reloader: Reloader, poll_s: float) -> None:
+    while True:
+        await reloader.poll()
+        await anyio.sleep(poll_s)
+
+
+async def _supervise(vllm: engine.Engine, admin: Admin, spec_for: Callable[[Path], engine.EngineSpec],
+                     state: ServingState, gate: Gate, timeout_s: float) -> None:
+    """Restart a dead or broken engine on the last good weights, holding client requests meanwhile.
+
+    A failed in-place reload can kill vLLM's engine core while its API process stays up and
+    answers 503, so health counts as much as the process being alive.
+    """
+    failures = 0
+    while True:
+        await anyio.sleep(2.0)
+        failures = 0 if vllm.running and await admin.healthy() else failures + 1
+        if failures < 3:
+            continue
+        log.error("engine_died", restarting_on=str(state.directory), log_tail=vllm.log_tail(10))
+
+        async def restart() -> None:
+            await vllm.stop()
+            vllm.spec = spec_for(state.directory)
+            await vllm.start(timeout_s)
+            await admin.set_version(str(state.version))
+
+        await gate.exclusive(restart)
+        failures = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exitagent.serve", description=__doc__.split("\n\n")[0])
+    config.add_arguments(parser, ServeConfig)
+    cfg = config.from_args(ServeConfig, parser.parse_args(argv))
+    logging_setup.configure(json_lines=cfg.log_json or None)
+    try:
+        anyio.run(serve, cfg)
+    except ExitAgentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

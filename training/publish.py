@@ -1,0 +1,53 @@
+"""Publish trained weights for the server: an ordinary checkpoint plus the canary it must reproduce.
+
+The directory format and the atomic write-then-mark protocol live in ``exitagent.checkpoints``
+(shared with the server, which must not import torch). This module adds what needs torch: saving
+the model and tokenizer, and computing the canary, the log-probabilities this exact checkpoint
+gives a fixed prompt, which the server compares with what vLLM serves after a reload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exitagent import checkpoints
+from exitagent.checkpoints import Canary
+
+CANARY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
+    "and twelve plus seven is nineteen."
+)
+
+
+@torch.no_grad()
+def compute_canary(model: Any, tokenizer: Any, tolerance: float = 0.1) -> Canary:
+    """Per-token log-probabilities of ``CANARY_TEXT`` under ``model``, computed in float32."""
+    token_ids = tokenizer(CANARY_TEXT, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    ids = torch.tensor([token_ids], device=device)
+    with torch.autocast(device.type, enabled=False):
+        logits = model(input_ids=ids).logits.float()
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return Canary(tuple(token_ids), tuple(float(x) for x in logprobs.cpu()), tolerance)
+
+
+def publish_model(model: Any, tokenizer: Any, weights_dir: Path, step: int, *, keep: int = 3,
+                  **manifest_extra: Any) -> Path:
+    """Write ``weights_dir/step-NNNNNN`` (see ``checkpoints.publish``) and prune old checkpoints,
+    never the one the server says it is serving."""
+    canary = compute_canary(model, tokenizer)
+
+    def write(directory: Path) -> Canary:
+        # In the model's own dtype: vLLM casts to its serving dtype on load, and save_pretrained
+        # knows which tensors are tied (an explicit state_dict would duplicate lm_head).
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return canary
+
+    path = checkpoints.publish(weights_dir, step, write, **manifest_extra)
+    checkpoints.prune(weights_dir, keep)
+    return path
+
