@@ -206,3 +206,75 @@ class Group:
     rollouts: tuple[Rollout, ...]
     entry_id: int | None = None  # the buffer entry this group started from, if any
     start_turn: int = 0
+
+
+# --- the ExIt buffer and what the trainer reads back (curriculum.py, store.py) -----------------
+
+
+@dataclass(frozen=True)
+class BufferEntry:
+    """A self-iteration start in the ExIt buffer (exit-spec.md sections 1 and 2).
+
+    The policy later sees the task's request, ``prefix`` (earlier turns' final messages, as
+    ordinary history after the request; empty for single-turn domains) and ``iterate`` (the
+    latest iterate of turn ``start_turn``), never the chain of revisions. ``id`` is 0 until the
+    store assigns one. ``key`` is the dedup key (curriculum.entry_key). ``reward`` is the absolute
+    score (Score.total) of ``iterate``: what the next step's improvement is measured against;
+    ``prev_reward`` is the parent's reward (None for children of a base task).
+    """
+
+    id: int
+    key: str
+    task_id: str
+    prefix: tuple[Message, ...]
+    iterate: str
+    depth: int  # revision depth k of ``iterate`` (0 for a first attempt at its turn)
+    start_turn: int
+    parent_id: int | None
+    version: PolicyVersion  # the policy that produced ``iterate``
+    score: float  # the curriculum score S (group reward variance), refreshed when replayed
+    reward: float | None
+    prev_reward: float | None
+    errored: bool  # the iterate crashed (MLE: the next step is a debug step)
+    step_kind: StepKind  # the kind of step that produced ``iterate``
+    group_id: str = ""  # the group that produced it
+
+
+@dataclass(frozen=True)
+class StoredRollout:
+    """One response of a stored group, as the trainer reads it back (token-faithful)."""
+
+    index: int
+    sequences: tuple[TrainingSequence, ...]
+    reward: float | None  # None when the evaluator failed: never trained on
+    diversity: float
+    text: str
+    components: Mapping[str, float] = field(default_factory=dict)
+    detail: str = ""
+    failure: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.reward is None
+
+
+@dataclass(frozen=True)
+class StoredGroup:
+    """A group as recorded in the store. ``rollouts`` is empty when only the header was asked for.
+
+    ``sampled_from`` is the policy step that produced the buffer entry the group started from
+    (None for base tasks): the "sampled from iteration" curriculum plot.
+    """
+
+    id: str
+    task_id: str
+    step_kind: StepKind
+    variant: Variant
+    version: PolicyVersion
+    depth: int
+    start_turn: int
+    entry_id: int | None
+    created: float
+    consumed_by_step: int | None = None
+    sampled_from: int | None = None
+    rollouts: tuple[StoredRollout, ...] = ()

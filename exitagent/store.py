@@ -1,0 +1,502 @@
+"""The curriculum store: groups, their rollouts, and the ExIt buffer, shared by processes.
+
+The collector records each group, its children entries and the refresh of the entry it started
+from in one transaction (a killed collector never leaves half a group); the trainer fetches
+unconsumed groups and marks them consumed by its step (and can roll that back after restarting
+from an older checkpoint); a viewer reads. ``CurriculumStore`` is the seam (no SQLite in it, so
+a PostgreSQL store can follow); ``SQLiteStore`` is the default; ``MemoryBuffer`` is the fake
+buffer beside the SQL one. The buffer RULES (sampling, dedup, eviction) live in curriculum.py:
+the SQL here only stores and fetches.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from exitagent.errors import StoreError
+from exitagent.types import (
+    BufferEntry,
+    Group,
+    Message,
+    PolicyVersion,
+    Rollout,
+    StepKind,
+    StoredGroup,
+    StoredRollout,
+    ToolCall,
+    TrainingSequence,
+    Variant,
+)
+
+log = structlog.get_logger(__name__)
+
+R = TypeVar("R")
+SCHEMA_VERSION = 1
+
+
+class Buffer(Protocol):
+    """The live entries of the ExIt buffer, as the curriculum rules see them (one transaction)."""
+
+    def size(self) -> int: ...
+    def scores(self) -> list[tuple[int, float]]: ...  # (entry id, score) of every live entry
+    def get(self, entry_id: int) -> BufferEntry | None: ...
+    def has_key(self, key: str) -> bool: ...
+    def lowest(self) -> tuple[int, float] | None: ...  # lowest score; ties: the oldest entry
+    def insert(self, entry: BufferEntry) -> int: ...
+    def evict(self, entry_id: int) -> None: ...
+    def set_score(self, entry_id: int, score: float) -> bool: ...  # False when no longer live
+
+
+class CurriculumStore(Protocol):
+    """What the collector, the trainer and viewers need from a store."""
+
+    def view(self) -> AbstractContextManager[Buffer]: ...  # a read-only snapshot
+    def record_group(self, group: Group, update: Callable[[Buffer], R]) -> R: ...
+    def fetch_groups(self, *, min_version: int = 0, limit: int | None = None) -> list[StoredGroup]: ...
+    def mark_consumed(self, group_ids: Sequence[str], step: int) -> None: ...
+    def drop_stale(self, min_version: int, step: int) -> int: ...
+    def unconsume(self, from_step: int) -> int: ...
+    def entries(self, *, live: bool = True) -> list[BufferEntry]: ...
+    def groups(self) -> list[StoredGroup]: ...
+    def set_meta(self, key: str, value: str) -> None: ...
+    def get_meta(self, key: str) -> str | None: ...
+    def close(self) -> None: ...
+
+
+class MemoryBuffer:
+    """An in-memory ``Buffer``: the fake for unit tests and dry runs."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, BufferEntry] = {}
+        self._next_id = 1
+
+    def size(self) -> int:
+        return len(self._live)
+
+    def scores(self) -> list[tuple[int, float]]:
+        return [(i, e.score) for i, e in self._live.items()]
+
+    def get(self, entry_id: int) -> BufferEntry | None:
+        return self._live.get(entry_id)
+
+    def has_key(self, key: str) -> bool:
+        return any(e.key == key for e in self._live.values())
+
+    def lowest(self) -> tuple[int, float] | None:
+        if not self._live:
+            return None
+        entry_id, entry = min(self._live.items(), key=lambda item: (item[1].score, item[0]))
+        return entry_id, entry.score
+
+    def insert(self, entry: BufferEntry) -> int:
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._live[entry_id] = replace(entry, id=entry_id)
+        return entry_id
+
+    def evict(self, entry_id: int) -> None:
+        del self._live[entry_id]
+
+    def set_score(self, entry_id: int, score: float) -> bool:
+        if entry_id not in self._live:
+            return False
+        self._live[entry_id] = replace(self._live[entry_id], score=score)
+        return True
+
+
+# --- encoding -----------------------------------------------------------------------------------
+
+
+def messages_to_json(messages: Sequence[Message]) -> str:
+    """Messages as canonical JSON (sorted keys): also what the dedup key hashes."""
+    return json.dumps(
+        [
+            {
+                "role": m.role, "content": m.content, "tool_call_id": m.tool_call_id, "name": m.name,
+                "tool_calls": [
+                    {"name": c.name, "arguments": dict(c.arguments), "id": c.id, "raw": c.raw} for c in m.tool_calls
+                ],
+            }
+            for m in messages
+        ],
+        sort_keys=True, default=str,
+    )
+
+
+def messages_from_json(text: str) -> tuple[Message, ...]:
+    return tuple(
+        Message(
+            role=m["role"], content=m["content"], tool_call_id=m["tool_call_id"], name=m["name"],
+            tool_calls=tuple(ToolCall(c["name"], c["arguments"], c["id"], c["raw"]) for c in m["tool_calls"]),
+        )
+        for m in json.loads(text)
+    )
+
+
+def _blob(values: Sequence[Any], code: str) -> bytes:
+    packed = array(code, values)
+    if sys.byteorder == "big":  # stored little-endian, so a store file moves between machines
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unblob(data: bytes, code: str) -> list[Any]:
+    packed = array(code)
+    packed.frombytes(data)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
+
+
+def _pack_sequences(seqs: Sequence[TrainingSequence]) -> tuple[bytes, bytes, bytes, str]:
+    """Concatenated int32 tokens, uint8 mask, float64 logprobs, and a layout to split them again."""
+    tokens = [t for s in seqs for t in s.tokens]
+    mask = [m for s in seqs for m in s.mask]
+    logprobs = [lp for s in seqs for lp in s.logprobs]
+    layout = json.dumps([[len(s.tokens), s.version.step, s.version.name] for s in seqs])
+    return _blob(tokens, "i"), _blob(mask, "B"), _blob(logprobs, "d"), layout
+
+
+def _unpack_sequences(tokens: bytes, mask: bytes, logprobs: bytes, layout: str) -> tuple[TrainingSequence, ...]:
+    all_tokens, all_mask, all_lp = _unblob(tokens, "i"), _unblob(mask, "B"), _unblob(logprobs, "d")
+    seqs, at = [], 0
+    for length, step, name in json.loads(layout):
+        cut = slice(at, at + length)
+        seqs.append(TrainingSequence(
+            tuple(all_tokens[cut]), tuple(all_mask[cut]), tuple(all_lp[cut]), PolicyVersion(step, name)
+        ))
+        at += length
+    return tuple(seqs)
+
+
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, task_id TEXT NOT NULL,
+    prefix TEXT NOT NULL, iterate TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
+    parent_id INTEGER, version_step INTEGER NOT NULL, version_name TEXT NOT NULL, score REAL NOT NULL,
+    reward REAL, prev_reward REAL, errored INTEGER NOT NULL, step_kind TEXT NOT NULL,
+    group_id TEXT NOT NULL, created REAL NOT NULL, evicted REAL);
+CREATE INDEX entries_live_score ON entries(score, id) WHERE evicted IS NULL;
+CREATE INDEX entries_live_key ON entries(key) WHERE evicted IS NULL;
+CREATE TABLE groups (
+    id TEXT PRIMARY KEY, task_id TEXT NOT NULL, entry_id INTEGER, step_kind TEXT NOT NULL,
+    variant TEXT NOT NULL, version_step INTEGER NOT NULL, version_name TEXT NOT NULL,
+    depth INTEGER NOT NULL, start_turn INTEGER NOT NULL, created REAL NOT NULL,
+    consumed_by_step INTEGER, dropped INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX groups_consumed ON groups(consumed_by_step);
+CREATE TABLE rollouts (
+    group_id TEXT NOT NULL REFERENCES groups(id), idx INTEGER NOT NULL, tokens BLOB NOT NULL,
+    mask BLOB NOT NULL, logprobs BLOB NOT NULL, layout TEXT NOT NULL, reward REAL,
+    components TEXT NOT NULL, detail TEXT NOT NULL, failure TEXT NOT NULL, diversity REAL NOT NULL,
+    text TEXT NOT NULL, PRIMARY KEY (group_id, idx));
+"""
+
+# Migrations from version v to v + 1, as SQL scripts; none yet.
+_MIGRATIONS: dict[int, str] = {}
+
+_ENTRY_COLUMNS = (
+    "id, key, task_id, prefix, iterate, depth, start_turn, parent_id, version_step, version_name, "
+    "score, reward, prev_reward, errored, step_kind, group_id"
+)
+
+
+def _entry_from_row(row: Sequence[Any]) -> BufferEntry:
+    return BufferEntry(
+        id=row[0], key=row[1], task_id=row[2], prefix=messages_from_json(row[3]), iterate=row[4], depth=row[5],
+        start_turn=row[6], parent_id=row[7], version=PolicyVersion(row[8], row[9]), score=row[10],
+        reward=row[11], prev_reward=row[12], errored=bool(row[13]), step_kind=StepKind(row[14]), group_id=row[15],
+    )
+
+
+class _SqlBuffer:
+    """``Buffer`` over one open transaction of a ``SQLiteStore``."""
+
+    def __init__(self, conn: sqlite3.Connection, *, writable: bool) -> None:
+        self._conn, self._writable = conn, writable
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise StoreError("a buffer view is read-only: change the buffer inside record_group")
+
+    def size(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM entries WHERE evicted IS NULL").fetchone()[0])
+
+    def scores(self) -> list[tuple[int, float]]:
+        return list(self._conn.execute("SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY id"))
+
+    def get(self, entry_id: int) -> BufferEntry | None:
+        row = self._conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ? AND evicted IS NULL", (entry_id,)
+        ).fetchone()
+        return _entry_from_row(row) if row else None
+
+    def has_key(self, key: str) -> bool:
+        row = self._conn.execute("SELECT 1 FROM entries WHERE key = ? AND evicted IS NULL", (key,)).fetchone()
+        return row is not None
+
+    def lowest(self) -> tuple[int, float] | None:
+        row = self._conn.execute("SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY score, id LIMIT 1")
+        found = row.fetchone()
+        return (found[0], found[1]) if found else None
+
+    def insert(self, entry: BufferEntry) -> int:
+        self._check_writable()
+        cursor = self._conn.execute(
+            f"INSERT INTO entries ({_ENTRY_COLUMNS.removeprefix('id, ')}, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.key, entry.task_id, messages_to_json(entry.prefix), entry.iterate, entry.depth, entry.start_turn,
+             entry.parent_id, entry.version.step, entry.version.name, entry.score, entry.reward, entry.prev_reward,
+             int(entry.errored), entry.step_kind.value, entry.group_id, time.time()),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def evict(self, entry_id: int) -> None:
+        # Evicted rows stay (flagged) so lineage and "sampled from iteration" survive for viewers.
+        self._check_writable()
+        self._conn.execute("UPDATE entries SET evicted = ? WHERE id = ?", (time.time(), entry_id))
+
+    def set_score(self, entry_id: int, score: float) -> bool:
+        self._check_writable()
+        cursor = self._conn.execute("UPDATE entries SET score = ? WHERE id = ? AND evicted IS NULL", (score, entry_id))
+        return cursor.rowcount == 1
+
+
+_GROUP_SELECT = (
+    "SELECT g.id, g.task_id, g.step_kind, g.variant, g.version_step, g.version_name, g.depth, g.start_turn, "
+    "g.entry_id, g.created, g.consumed_by_step, e.version_step FROM groups g LEFT JOIN entries e ON e.id = g.entry_id"
+)
+
+
+def _group_from_row(row: Sequence[Any], rollouts: tuple[StoredRollout, ...] = ()) -> StoredGroup:
+    return StoredGroup(
+        id=row[0], task_id=row[1], step_kind=StepKind(row[2]), variant=Variant(row[3]),
+        version=PolicyVersion(row[4], row[5]), depth=row[6], start_turn=row[7], entry_id=row[8], created=row[9],
+        consumed_by_step=row[10], sampled_from=row[11], rollouts=rollouts,
+    )
+
+
+def _rollout_row(group_id: str, index: int, rollout: Rollout) -> tuple[Any, ...]:
+    tokens, mask, logprobs, layout = _pack_sequences(rollout.episode.sequences)
+    score = rollout.score
+    components: Mapping[str, float] = score.components if score else {}
+    return (
+        group_id, index, tokens, mask, logprobs, layout, rollout.reward, json.dumps(dict(components)),
+        score.detail if score else "", rollout.failure, rollout.diversity, rollout.episode.final_text,
+    )
+
+
+STORE_FILENAME = "store.sqlite"
+
+
+class SQLiteStore:
+    """``CurriculumStore`` in one SQLite file (WAL): many readers, one writer at a time.
+
+    Each process opens its own ``SQLiteStore``; writers take the lock up front (BEGIN IMMEDIATE)
+    and wait up to ``busy_timeout_s`` for it. Safe to share between threads of one process.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is safe under WAL against a killed process; only power loss can drop a commit.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot open curriculum store {self.path}: {error}") from error
+        self._open_schema()
+
+    @classmethod
+    def in_run(cls, run_dir: Path | str, **kwargs: Any) -> SQLiteStore:
+        """The store of a run directory: ``RUN_DIR/store.sqlite``."""
+        return cls(Path(run_dir) / STORE_FILENAME, **kwargs)
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; any error rolls it back whole. SQLite errors become StoreError."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise StoreError(f"curriculum store {self.path}: {error}") from error
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int | None:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" in tables:
+            return int(conn.execute("SELECT version FROM schema_version").fetchone()[0])
+        if tables - {"sqlite_sequence"}:
+            raise StoreError(f"{self.path} is not an exitagent curriculum store (it has tables {sorted(tables)})")
+        return None
+
+    def _open_schema(self) -> None:
+        with self._tx(write=False) as conn:
+            version = self._schema_version(conn)
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx(write=True) as conn:  # re-read under the write lock: another process may have won
+            version = self._schema_version(conn)
+            if version is None:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                log.info("store_created", path=str(self.path), schema_version=SCHEMA_VERSION)
+                return
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"curriculum store {self.path} has schema version {version}, newer than this exitagent "
+                    f"understands ({SCHEMA_VERSION}): upgrade exitagent, or use a new run directory"
+                )
+            self._migrate(conn, version)
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        start = version
+        while version < SCHEMA_VERSION:
+            if version not in _MIGRATIONS:
+                raise StoreError(
+                    f"curriculum store {self.path} has schema version {version} and no migration to "
+                    f"{SCHEMA_VERSION} exists: use a new run directory"
+                )
+            for statement in _MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            version += 1
+        conn.execute("UPDATE schema_version SET version = ?", (version,))
+        log.info("store_migrated", path=str(self.path), from_version=start, to_version=version)
+
+    # --- the collector ---
+
+    @contextmanager
+    def view(self) -> Iterator[Buffer]:
+        """A read-only, consistent snapshot of the buffer (e.g. to choose a start)."""
+        with self._tx(write=False) as conn:
+            yield _SqlBuffer(conn, writable=False)
+
+    def record_group(self, group: Group, update: Callable[[Buffer], R]) -> R:
+        """Atomically: run ``update`` on the buffer (children, refresh, eviction) and record ``group``."""
+        with self._tx(write=True) as conn:
+            result = update(_SqlBuffer(conn, writable=True))
+            conn.execute(
+                "INSERT INTO groups (id, task_id, entry_id, step_kind, variant, version_step, version_name, depth, "
+                "start_turn, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (group.id, group.task_id, group.entry_id, group.step_kind.value, group.variant.value,
+                 group.version.step, str(group.version), group.depth, group.start_turn, time.time()),
+            )
+            conn.executemany(
+                "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_rollout_row(group.id, i, r) for i, r in enumerate(group.rollouts)],
+            )
+        log.debug("group_recorded", group_id=group.id, step_kind=group.step_kind.value, rollouts=len(group.rollouts))
+        return result
+
+    # --- the trainer ---
+
+    def fetch_groups(self, *, min_version: int = 0, limit: int | None = None) -> list[StoredGroup]:
+        """Unconsumed groups produced by policy step >= ``min_version``, oldest first, with rollouts."""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                f"{_GROUP_SELECT} WHERE g.consumed_by_step IS NULL AND g.version_step >= ? ORDER BY g.rowid LIMIT ?",
+                (min_version, -1 if limit is None else limit),
+            ).fetchall()
+            return [_group_from_row(row, self._rollouts(conn, row[0])) for row in rows]
+
+    def _rollouts(self, conn: sqlite3.Connection, group_id: str) -> tuple[StoredRollout, ...]:
+        rows = conn.execute(
+            "SELECT idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "
+            "FROM rollouts WHERE group_id = ? ORDER BY idx", (group_id,),
+        )
+        return tuple(
+            StoredRollout(
+                index=r[0], sequences=_unpack_sequences(r[1], r[2], r[3], r[4]), reward=r[5], diversity=r[9],
+                text=r[10], components=json.loads(r[6]), detail=r[7], failure=r[8],
+            )
+            for r in rows
+        )
+
+    def mark_consumed(self, group_ids: Sequence[str], step: int) -> None:
+        """Record that trainer step ``step`` consumed these groups; all or none (StoreError)."""
+        with self._tx(write=True) as conn:
+            cursor = conn.executemany(
+                "UPDATE groups SET consumed_by_step = ? WHERE id = ? AND consumed_by_step IS NULL",
+                [(step, group_id) for group_id in group_ids],
+            )
+            if cursor.rowcount != len(group_ids):
+                raise StoreError(
+                    f"step {step}: {len(group_ids) - cursor.rowcount} of {len(group_ids)} groups are unknown or "
+                    "already consumed (is a second trainer running on this run?)"
+                )
+
+    def drop_stale(self, min_version: int, step: int) -> int:
+        """Mark unconsumed groups older than ``min_version`` as dropped by ``step``; returns how many."""
+        with self._tx(write=True) as conn:
+            cursor = conn.execute(
+                "UPDATE groups SET consumed_by_step = ?, dropped = 1 WHERE consumed_by_step IS NULL "
+                "AND version_step < ?", (step, min_version),
+            )
+            return cursor.rowcount
+
+    def unconsume(self, from_step: int) -> int:
+        """Forget consumption by steps >= ``from_step`` (a trainer resumed from checkpoint from_step - 1)."""
+        with self._tx(write=True) as conn:
+            cursor = conn.execute(
+                "UPDATE groups SET consumed_by_step = NULL, dropped = 0 WHERE consumed_by_step >= ?", (from_step,)
+            )
+        log.info("groups_unconsumed", from_step=from_step, groups=cursor.rowcount)
+        return cursor.rowcount
+
+    # --- viewers ---
+
+    def entries(self, *, live: bool = True) -> list[BufferEntry]:
+        where = " WHERE evicted IS NULL" if live else ""
+        with self._tx(write=False) as conn:
+            rows = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries{where} ORDER BY id")
+            return [_entry_from_row(r) for r in rows]
+
+    def groups(self) -> list[StoredGroup]:
+        """Every group's header (no rollouts), oldest first."""
+        with self._tx(write=False) as conn:
+            return [_group_from_row(r) for r in conn.execute(f"{_GROUP_SELECT} ORDER BY g.rowid")]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx(write=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
