@@ -78,13 +78,13 @@ def bwrap_path() -> str:
 
 
 @functools.cache
-def _probe() -> str | None:
-    """Start the real jail once with ``python -c pass``; the failure message, or None if it works."""
+def probe(bwrap: str) -> str | None:
+    """Start the real jail once with ``python -c pass``: None if it works, else what to do."""
     try:
-        argv = [bwrap_path(), *_jail_args(), "--", sys.executable, "-c", "pass"]
         prlimit_path()
     except SandboxUnavailable as err:
         return str(err)
+    argv = [bwrap, *_jail_args(), "--", sys.executable, "-c", "pass"]
     try:
         done = subprocess.run(argv, capture_output=True, env={}, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -101,7 +101,7 @@ def _probe() -> str | None:
 
 async def check_bwrap() -> None:
     """Raise SandboxUnavailable unless bubblewrap works here; the probe runs once per process."""
-    failure = await anyio.to_thread.run_sync(_probe)
+    failure = await anyio.to_thread.run_sync(probe, bwrap_path())
     if failure is not None:
         log.error("sandbox_probe_failed", backend="local", reason=failure)
         raise SandboxUnavailable(failure)
@@ -145,7 +145,8 @@ class LocalSandbox(HostWorkspaceSandbox):
         args += ["--bind", str(self.host_workspace), SANDBOX_WORKDIR]
         for rel, host in self.spec.inputs.items():
             args += ["--ro-bind", str(host), f"{SANDBOX_WORKDIR}/{rel}"]
-        args += ["--chdir", str(PurePosixPath(SANDBOX_WORKDIR) / cwd), "--clearenv"]
+        # bwrap's root is a scratch tmpfs: read-only too, or it is unbounded RAM to write into.
+        args += ["--remount-ro", "/", "--chdir", str(PurePosixPath(SANDBOX_WORKDIR) / cwd), "--clearenv"]
         for key, value in env.items():
             args += ["--setenv", key, value]
         return [*args, "--", *argv]

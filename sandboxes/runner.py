@@ -110,6 +110,13 @@ class _Capture:
         return f"{head}\n[... {dropped} bytes of output cut ...]\n{tail}"
 
 
+def capped_text(text: str, cap: int) -> tuple[str, bool]:
+    """Apply the same head-and-tail cap to output that arrived in one piece (E2B, fakes)."""
+    capture = _Capture(cap)
+    capture.feed(text.encode())
+    return capture.text(), capture.truncated
+
+
 async def _pump(stream: anyio.abc.ByteReceiveStream | None, capture: _Capture) -> None:
     if stream is None:
         return
