@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import anyio
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from exitagent.errors import SandboxCrashed, SandboxError, SandboxUnavailable
 from sandboxes.base import ExecResult, SandboxSpec, workspace_path
@@ -95,7 +95,7 @@ class E2BSandbox:
         retrying = AsyncRetrying(
             retry=retry_if_exception(is_transient),
             stop=stop_after_attempt(_CREATE_ATTEMPTS),
-            wait=wait_exponential_jitter(initial=retry_wait_s, max=30 * retry_wait_s),
+            wait=wait_exponential(multiplier=retry_wait_s, max=30 * retry_wait_s) + wait_random(0, retry_wait_s),
             reraise=True,
         )
         try:
