@@ -118,7 +118,11 @@ def clean_answer(text: str) -> str:
     for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
         if text.startswith(left) and text.endswith(right):
             text = text[len(left) : -len(right)]
-    return text.strip().strip("*$ ").rstrip(".").strip()
+    previous = None
+    while text != previous:  # "**42**." and "$5$." need more than one pass
+        previous = text
+        text = text.strip().strip("*$").rstrip(".")
+    return text
 
 
 def extract_answer(response: str) -> Extraction | None:
