@@ -421,7 +421,7 @@ class SQLiteStore:
                 "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_rollout_row(group.id, i, r) for i, r in enumerate(group.rollouts)],
             )
-        log.debug("group_recorded", group_id=group.id, step_kind=group.step_kind.value, rollouts=len(group.rollouts))
+        log.debug("group_written", group_id=group.id, step_kind=group.step_kind.value, rollouts=len(group.rollouts))
         return result
 
     # --- the trainer ---
