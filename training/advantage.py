@@ -13,8 +13,7 @@ Pure torch, no I/O: the caller passes rewards and embeddings, and gets tensors b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import numpy.typing as npt
 import torch
 
 # TRL's GRPOTrainer adds 1e-4 to the group std; using the same value keeps the peer check exact.
@@ -22,11 +21,11 @@ DEFAULT_EPS = 1e-4
 
 
 def group_advantages(
-    rewards_G: torch.Tensor | Sequence[float],
+    rewards_G: torch.Tensor | npt.ArrayLike,
     *,
     scale_by_std: bool = True,
     eps: float = DEFAULT_EPS,
-    multipliers_G: torch.Tensor | Sequence[float] | None = None,
+    multipliers_G: torch.Tensor | npt.ArrayLike | None = None,
 ) -> torch.Tensor:
     """Advantages of one group of G responses, shape (G,), float32.
 
@@ -55,7 +54,7 @@ def group_advantages(
     return advantages_G
 
 
-def diversity_multipliers(embeddings_GD: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+def diversity_multipliers(embeddings_GD: torch.Tensor | npt.ArrayLike) -> torch.Tensor:
     """The diversity bonus d_i of each of G responses from their embeddings, shape (G,), float32.
 
     d_i = ||e_i - centroid|| / (max_j d_j - min_j d_j), with Euclidean distance to the group

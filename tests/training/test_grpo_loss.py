@@ -82,15 +82,15 @@ def test_score_mask_limits_the_positions_computed(tiny_model) -> None:
     assert all(float(p.grad.abs().sum()) == 0 for p in tiny_model.parameters() if p.grad is not None)
 
 
-def _one_token(ratio: float, advantage: float, *, behaviour_shift: float = 0.0, config=LossConfig()):
+def _one_token(ratio: float, advantage: float, *, behaviour_shift: float = 0.0):
     """Loss and d loss / d logp for one trainable token with pi/pi_old = ratio."""
     logprobs_BT = torch.tensor([[-1.0]], requires_grad=True)
     old_BT = torch.tensor([[-1.0 - math.log(ratio)]])
     behaviour_BT = old_BT - behaviour_shift  # pi_old / pi_behaviour = exp(behaviour_shift)
-    loss, metrics = grpo_loss(logprobs_BT, behaviour_BT, torch.tensor([advantage]), torch.ones(1, 1), config,
+    loss, metrics = grpo_loss(logprobs_BT, behaviour_BT, torch.tensor([advantage]), torch.ones(1, 1), LossConfig(),
                               old_logprobs_BT=old_BT)
-    loss.backward()
-    return float(loss.detach()), float(logprobs_BT.grad), metrics
+    (grad_BT,) = torch.autograd.grad(loss, logprobs_BT)
+    return float(loss.detach()), float(grad_BT), metrics
 
 
 @pytest.mark.parametrize(

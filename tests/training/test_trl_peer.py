@@ -20,6 +20,7 @@ Mapping: TRL ``loss_type="bnpo"`` (token sum / token count of the batch) is our
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -65,7 +66,10 @@ def _trainer(path, beta: float, loss_type: str, rollout_func) -> GRPOTrainer:
         bf16=False,  # TRL turns bf16 autocast on by default; compare in float32
     )
     dataset = datasets.Dataset.from_dict({"prompt": ["t5 t6"] * (G * GROUPS)})
-    trainer = GRPOTrainer(model=str(path / "tiny"), reward_funcs=lambda prompts, completions, **_: REWARDS,
+    def reward(prompts: Any, completions: Any, **_: Any) -> list[float | None]:
+        return list(REWARDS)
+
+    trainer = GRPOTrainer(model=str(path / "tiny"), reward_funcs=reward,
                           args=args, train_dataset=dataset, processing_class=_tokenizer(), rollout_func=rollout_func)
     trainer.use_vllm = True
     trainer._last_loaded_step = trainer.state.global_step  # no weight sync to a server that isn't there
@@ -94,7 +98,7 @@ def test_loss_and_gradients_match_trl(tiny_path, beta, loss_type, aggregation) -
     trainer = _trainer(tiny_path, beta, loss_type,
                        lambda _prompts, _trainer: {"prompt_ids": prompts, "completion_ids": completions,
                                                    "logprobs": behaviour})
-    policy = trainer.model
+    policy: Any = trainer.model
     torch.manual_seed(1)
     with torch.no_grad():  # move the policy away from the reference so the KL term is not zero
         for param in policy.parameters():
