@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,9 +37,9 @@ from sandboxes.cgroups import RunCgroup
 log = structlog.get_logger(__name__)
 
 LAUNCHER_FAILED = 125  # the launcher's own exit code when it could not join a cgroup
-_LAUNCHER_MARK = "exitagent-launcher:"
+# $0 is a per-run mark, so code in the sandbox cannot fake a launcher failure by printing it.
 _LAUNCHER = (
-    'while [ "$1" != -- ]; do echo $$ > "$1" || { echo "' + _LAUNCHER_MARK + ' cannot join $1" >&2; '
+    'while [ "$1" != -- ]; do echo $$ > "$1" || { echo "$0: cannot join $1" >&2; '
     f'exit {LAUNCHER_FAILED}; }}; shift; done; shift; exec "$@"'
 )
 _PIPE_GRACE_S = 1.0  # how long output may keep flowing after the tree is dead (it should not)
@@ -63,7 +64,7 @@ def prlimit_path() -> str:
     return found
 
 
-def launcher_argv(argv: Sequence[str], limits: Limits, cgroup: RunCgroup) -> list[str]:
+def launcher_argv(argv: Sequence[str], limits: Limits, cgroup: RunCgroup, mark: str) -> list[str]:
     """``sh`` joins the cgroups, ``prlimit`` sets the rlimits, then ``argv`` runs in their place."""
     rlimits = ["--core=0", f"--nofile={limits.max_open_files}"]
     if limits.cpu_s is not None:
@@ -76,7 +77,7 @@ def launcher_argv(argv: Sequence[str], limits: Limits, cgroup: RunCgroup) -> lis
     if limits.memory_bytes is not None and not cgroup.limits_memory:
         rlimits.append(f"--data={limits.memory_bytes}")
     joins = cgroup.procs_files
-    return ["/bin/sh", "-c", _LAUNCHER, "sh", *joins, "--", prlimit_path(), *rlimits, "--", *argv]
+    return ["/bin/sh", "-c", _LAUNCHER, mark, *joins, "--", prlimit_path(), *rlimits, "--", *argv]
 
 
 class _Capture:
@@ -177,10 +178,11 @@ async def _run_in(
     stdin: bytes | None,
 ) -> ExecResult:
     out, err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
+    mark = f"exitagent-launcher-{uuid.uuid4().hex}"
     started = time.monotonic()
     try:
         process = await anyio.open_process(
-            launcher_argv(argv, limits, cgroup),
+            launcher_argv(argv, limits, cgroup, mark),
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             cwd=cwd,
             env=dict(env),
@@ -207,14 +209,20 @@ async def _run_in(
                 kill_tree(process, cgroup)
             cgroup.kill_all()
             await process.aclose()
-    return _result(process.returncode, out, err, clock.cancelled_caught, cgroup, started)
+    return _result(process.returncode, out, err, clock.cancelled_caught, cgroup, started, mark)
 
 
 def _result(
-    returncode: int | None, out: _Capture, err: _Capture, timed_out: bool, cgroup: RunCgroup, started: float
+    returncode: int | None,
+    out: _Capture,
+    err: _Capture,
+    timed_out: bool,
+    cgroup: RunCgroup,
+    started: float,
+    mark: str,
 ) -> ExecResult:
     stderr = err.text()
-    if returncode == LAUNCHER_FAILED and stderr.startswith(_LAUNCHER_MARK):
+    if returncode == LAUNCHER_FAILED and stderr.startswith(mark):
         raise SandboxCrashed(f"sandbox launcher failed: {stderr.strip()}")
     exit_code = None if timed_out or returncode is None else returncode
     if exit_code is not None and exit_code < 0:

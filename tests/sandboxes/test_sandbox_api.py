@@ -15,8 +15,10 @@ from structlog.testing import capture_logs
 
 from exitagent.errors import ConfigError, SandboxError
 from sandboxes.base import ExecResult, Limits, Sandbox, SandboxSpec, chosen_backend, open_sandbox
+from sandboxes.cgroups import RunCgroup
 from sandboxes.fake import FakeCall, FakeSandbox
 from sandboxes.local import probe
+from sandboxes.runner import LAUNCHER_FAILED, launcher_argv
 
 pytestmark = pytest.mark.anyio
 
@@ -191,3 +193,11 @@ async def test_fake_respond_callback_sees_files() -> None:
 
     sbx = FakeSandbox(respond=respond)
     assert (await sbx.run_python("print(1)", filename="a.py")).stdout == "PRINT(1)"
+
+
+async def test_launcher_refuses_to_run_outside_its_cgroup(tmp_path: Path) -> None:
+    unjoinable = RunCgroup(leaves={"pids": tmp_path / "not-a-cgroup"})
+    argv = launcher_argv(["echo", "ran"], Limits(), unjoinable, "mark-123")
+    done = await anyio.run_process(argv, check=False)
+    assert done.returncode == LAUNCHER_FAILED and done.stdout == b""
+    assert done.stderr.startswith(b"mark-123:") and b"cannot join" in done.stderr
