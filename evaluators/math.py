@@ -10,7 +10,9 @@ main thread, and sympy can spin for ever on inputs like ``9^{9^{9^{9}}}``. So ma
 with its timeouts off inside ``VerifierPool``, whose workers are spawned processes; a call past
 its deadline kills its worker (the next call starts a fresh one) and raises ``EvaluatorError``.
 The pool is synchronous and thread-safe; ``MathEvaluator.score`` reaches it through
-``anyio.to_thread.run_sync`` so many anyio tasks can score at once.
+``anyio.to_thread.run_sync`` so many anyio tasks can score at once. Workers are spawned, so a
+script that scores must keep its entry point under ``if __name__ == "__main__":`` (each worker
+imports the main module, as multiprocessing's spawn always does).
 
 Score: ``total`` 1.0 or 0.0; ``components`` hold ``correct`` and one ``extractor_<name>`` flag per
 extractor (1.0 for the one that fired, all 0.0 when none did); ``detail`` is the extracted answer.
@@ -54,9 +56,10 @@ class Extraction:
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)[\s:*]*([^\n]*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is\b|:)[\s:*]*([^\n]*)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
-_LAST_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# A "-" is a sign only where no word or ")" precedes it: "pages 10-12" ends in 12, not -12.
+_LAST_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)")
 
 
 def _brace_content(text: str, start: int) -> str | None:

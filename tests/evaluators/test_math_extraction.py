@@ -27,6 +27,9 @@ from evaluators.math import EXTRACTORS, Extraction, as_plain_number, clean_answe
         ("2 + 3 = 5, so 5 + 1,000 = 1,005 apples.", Extraction("last_number", "1,005")),
         ("The temperature fell to -3.", Extraction("last_number", "-3")),
         ("It is .5", Extraction("last_number", ".5")),
+        ("Read pages 10-12", Extraction("last_number", "12")),
+        ("f(2)-3 is it", Extraction("last_number", "3")),
+        ("The answer isn't obvious; try 6", Extraction("last_number", "6")),
     ],
 )
 def test_extractors(response: str, expected: Extraction) -> None:
