@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from exitagent.errors import ConfigError
+from exitagent.log import configure
 from exitagent.prompts import step_messages
 from exitagent.store import STORE_FILENAME, Buffer, CurriculumStore, SQLiteStore
 from exitagent.types import (
@@ -391,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("run_dir", type=Path)
     show.add_argument("--plot", type=Path, default=None, help="write curriculum plots to this PNG")
     args = parser.parse_args(argv)
+    configure(level="warning")
     path = args.run_dir / STORE_FILENAME
     if not path.exists():  # opening would create an empty store
         print(f"no curriculum store at {path}", file=sys.stderr)

@@ -258,7 +258,7 @@ class _SqlBuffer:
             f"INSERT INTO entries ({_ENTRY_COLUMNS.removeprefix('id, ')}, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.key, entry.task_id, messages_to_json(entry.prefix), entry.iterate, entry.depth, entry.start_turn,
-             entry.parent_id, entry.version.step, entry.version.name, entry.score, entry.reward, entry.prev_reward,
+             entry.parent_id, entry.version.step, str(entry.version), entry.score, entry.reward, entry.prev_reward,
              int(entry.errored), entry.step_kind.value, entry.group_id, time.time()),
         )
         assert cursor.lastrowid is not None

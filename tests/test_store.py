@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,7 @@ def test_schema_version_checks(tmp_path: Path) -> None:
 # --- several processes ----------------------------------------------------------------------------
 
 WRITER = r"""
-import random, sys, time
+import os, random, sys, time
 from exitagent.curriculum import Curriculum, CurriculumConfig, apply_update, plan_update
 from exitagent.log import configure
 from exitagent.store import SQLiteStore
@@ -180,6 +181,9 @@ path, name, count, n_tokens, slow = sys.argv[1], sys.argv[2], int(sys.argv[3]), 
 tasks = [Task(f"t{i}", "math", f"q{i}") for i in range(5)]
 cfg = CurriculumConfig(capacity=16, min_buffer=4, group_size=4)
 curriculum, store = Curriculum(cfg, tasks, random.Random(name)), SQLiteStore(path)
+print("ready", flush=True)
+while not os.path.exists(path + ".go"):  # a start line, so concurrent writers really overlap
+    time.sleep(0.005)
 n = 0
 while count < 0 or n < count:
     with store.view() as buffer:
@@ -230,10 +234,12 @@ def assert_consistent(path: Path, group_size: int = 4) -> None:
 
 def test_sigkill_mid_transaction_leaves_no_partial_group(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
+    Path(f"{path}.go").touch()
     fast = writer(path, "a", 6)
     assert fast.wait(timeout=30) == 0
     slow = writer(path, "b", -1, slow=True)
-    assert slow.stdout is not None and slow.stdout.readline().strip() == "inside"
+    assert slow.stdout is not None and slow.stdout.readline().strip() == "ready"
+    assert slow.stdout.readline().strip() == "inside"
     os.kill(slow.pid, signal.SIGKILL)  # children inserted, group row not yet: all must vanish
     slow.wait(timeout=10)
     assert_consistent(path)
@@ -243,7 +249,8 @@ def test_sigkill_mid_transaction_leaves_no_partial_group(tmp_path: Path) -> None
     # Kills at arbitrary moments, with large rollouts so a kill often lands inside a write.
     for delay in (0.15, 0.4):
         big = writer(path, f"c{delay}", -1, n_tokens=20000)
-        assert big.stdout is not None and big.stdout.readline().startswith("recorded")
+        assert big.stdout is not None and big.stdout.readline().strip() == "ready"
+        assert big.stdout.readline().startswith("recorded")
         time.sleep(delay)
         os.kill(big.pid, signal.SIGKILL)
         big.wait(timeout=10)
@@ -255,7 +262,9 @@ def test_sigkill_mid_transaction_leaves_no_partial_group(tmp_path: Path) -> None
 def test_concurrent_writers_trainer_and_viewer(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     SQLiteStore(path).close()
-    writers = [writer(path, name, 25) for name in ("w1", "w2")]
+    writers = [writer(path, name, 40) for name in ("w1", "w2")]
+    assert all(w.stdout is not None and w.stdout.readline().strip() == "ready" for w in writers)
+    Path(f"{path}.go").touch()
     consumed: list[str] = []
     step = 0
     with SQLiteStore(path) as store:
@@ -273,7 +282,9 @@ def test_concurrent_writers_trainer_and_viewer(tmp_path: Path) -> None:
             time.sleep(0.01)
         groups = store.groups()
     assert [w.returncode for w in writers] == [0, 0]
-    assert sorted(consumed) == sorted(f"{w}-{n}" for w in ("w1", "w2") for n in range(25))
-    assert all(g.consumed_by_step is not None for g in groups) and len(groups) == 50
-    assert step > 1
+    assert sorted(consumed) == sorted(f"{w}-{n}" for w in ("w1", "w2") for n in range(40))
+    assert all(g.consumed_by_step is not None for g in groups) and len(groups) == 80
+    writer_order = [g.id.split("-")[0] for g in groups]
+    switches = sum(a != b for a, b in pairwise(writer_order))
+    assert step > 1 and switches >= 2  # the two writers' transactions interleaved
     assert_consistent(path)
