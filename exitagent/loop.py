@@ -1,0 +1,98 @@
+"""The agent loop: one episode of a task against a policy, with tools, under limits.
+
+``run_episode`` is the whole loop; ``run_group`` starts G episodes from one prompt with a single
+``n=G`` request and lets each continue on its own. Model mistakes (bad calls, failing code) are fed
+back as tool messages and counted; the episode always ends with a ``StopReason``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import anyio
+
+from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
+from exitagent.records import token_sequences
+from exitagent.tools import Toolbox, parse_action
+from exitagent.types import Episode, Message, Sample, StopReason, Task, Turn
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    """Bounds of one episode (the per-turn token cap is ``SamplingParams.max_tokens``)."""
+
+    max_turns: int = 10
+    max_total_tokens: int = 4096  # completion tokens over the whole episode
+    wall_s: float = 600.0
+    min_turn_tokens: int = 16  # stop rather than ask for a turn shorter than this
+
+
+async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], *,
+                      limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS,
+                      first: Sample | None = None) -> Episode:
+    """Run until the model answers without a tool call, writes a stop marker, or a limit is hit."""
+    history, turns, errors = list(messages), list[Turn](), Counter[str]()
+    deadline, spent, stop = time.monotonic() + limits.wall_s, 0, StopReason.MAX_TURNS
+    # exact after each turn (the server's token ids), estimated only for the new tool messages
+    context = sum(policy.estimate_tokens(m.content) for m in history)
+    while len(turns) < limits.max_turns:
+        room, left = policy.max_context - context, limits.max_total_tokens - spent
+        budget = min(params.max_tokens, room, left)
+        # If this turn gets cut off, say which limit cut it.
+        cut = StopReason.CONTEXT_FULL if budget == room else StopReason.MAX_TOKENS if budget == left \
+            else StopReason.TRUNCATED
+        if budget < limits.min_turn_tokens:
+            stop = cut
+            break
+        with anyio.move_on_after(deadline - time.monotonic()) as clock:
+            sample = first or (await policy.sample(history, params=replace(params, max_tokens=budget),
+                                                   tools=tools.schemas() or None))[0]
+            first, spent = None, spent + len(sample.completion_ids)
+            action = parse_action(sample.text, sample.tool_calls)
+            history.append(Message("assistant", sample.text, tool_calls=action.calls))
+            results = [Message("tool", f"error: {e}", name="parse_error") for e in action.parse_errors]
+            errors.update("bad_json" for _ in action.parse_errors)
+            for call in action.calls:
+                message, error = await tools.execute(call)
+                results.append(message)
+                errors.update([error] if error else [])
+            history += results
+            turns.append(Turn(sample, tuple(results)))
+            seen = len(sample.prompt_ids) + len(sample.completion_ids) if sample.prompt_ids else \
+                sum(policy.estimate_tokens(m.content) for m in history)  # a server without token ids
+            context = seen + sum(policy.estimate_tokens(m.content) for m in results)
+        if clock.cancelled_caught:
+            stop = StopReason.WALL_CLOCK
+            break
+        if sample.finish_reason == "length" and not results:
+            stop = cut
+            break
+        if action.gave_up or action.finished or not results:
+            stop = StopReason.GAVE_UP if action.gave_up else StopReason.FINISHED if action.finished \
+                else StopReason.ANSWERED
+            break
+    metrics = {"turns": float(len(turns)), "completion_tokens": float(spent),
+               "tool_calls": float(sum(len(parse_action(t.sample.text, t.sample.tool_calls).calls) for t in turns)),
+               **{f"tool_error_{kind}": float(count) for kind, count in errors.items()}}
+    return Episode(task, tuple(history), tuple(turns), stop, token_sequences(turns), metrics)
+
+
+async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
+                    limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
+    """G episodes from one prompt: the first turns come from one request with ``n=G``."""
+    budget = min(params.max_tokens, limits.max_total_tokens)
+    firsts = await policy.sample(messages, n=n, params=replace(params, max_tokens=budget),
+                                 tools=tools.schemas() or None)
+    episodes: list[Episode | None] = [None] * n
+
+    async def continue_one(index: int) -> None:
+        episodes[index] = await run_episode(task, policy, tools, messages, limits=limits, params=params,
+                                            first=firsts[index])
+
+    async with anyio.create_task_group() as group:
+        for index in range(n):
+            group.start_soon(continue_one, index)
+    return [episode for episode in episodes if episode is not None]
