@@ -46,7 +46,7 @@ def is_transient(error: BaseException) -> bool:
 def retrying(deadline_s: float) -> AsyncRetrying:
     return AsyncRetrying(
         retry=retry_if_exception(is_transient), stop=stop_after_delay(deadline_s),
-        wait=wait_exponential_jitter(initial=0.5, max=10.0), reraise=True,
+        wait=wait_exponential_jitter(multiplier=0.5, max=10.0), reraise=True,
         before_sleep=lambda state: log.warning("policy_call_retried", attempt=state.attempt_number,
                                                error=str(state.outcome.exception() if state.outcome else "")[:200]),
     )
@@ -68,13 +68,15 @@ class OpenAIPolicy:
 
     def __init__(self, base_url: str, *, model: str = "policy", api_key: str | None = None,
                  require_token_ids: bool = True, deadline_s: float = 300.0, request_timeout_s: float = 600.0,
-                 max_context: int = 2048, max_connections: int = 256) -> None:
+                 max_context: int = 2048, max_connections: int = 256,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.require_token_ids = require_token_ids
         self.deadline_s = deadline_s
         self.max_context = max_context
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0),
+        # ``transport`` is the test seam (httpx.MockTransport): everything else is the real client.
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0), transport=transport,
                                        limits=httpx.Limits(max_connections=max_connections,
                                                            max_keepalive_connections=max_connections))
         # openai 3.x is built on httpx2 but accepts an httpx client (openai/_httpx2.py adapts it), so

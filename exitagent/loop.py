@@ -49,7 +49,7 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
             break
         with anyio.move_on_after(deadline - time.monotonic()) as clock:
             sample = first or (await policy.sample(history, params=replace(params, max_tokens=budget),
-                                                   tools=tools.schemas() or None))[0]
+                                                   tools=tools.server_tools()))[0]
             first, spent = None, spent + len(sample.completion_ids)
             action = parse_action(sample.text, sample.tool_calls)
             history.append(Message("assistant", sample.text, tool_calls=action.calls))
@@ -85,7 +85,7 @@ async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequen
     """G episodes from one prompt: the first turns come from one request with ``n=G``."""
     budget = min(params.max_tokens, limits.max_total_tokens)
     firsts = await policy.sample(messages, n=n, params=replace(params, max_tokens=budget),
-                                 tools=tools.schemas() or None)
+                                 tools=tools.server_tools())
     episodes: list[Episode | None] = [None] * n
 
     async def continue_one(index: int) -> None:

@@ -84,13 +84,22 @@ def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> 
 
 @dataclass
 class Toolbox:
-    """The tools of an episode, by name."""
+    """The tools of an episode, by name.
+
+    ``native=False`` (the paper's setting): the tools are described in the system prompt and called
+    in the text. ``native=True``: their schemas go to the server as OpenAI ``tools`` (the server must
+    parse tool calls, e.g. vLLM's ``--enable-auto-tool-choice``); in-text calls still work.
+    """
 
     tools: Mapping[str, Tool] = field(default_factory=dict)
+    native: bool = False
 
     @classmethod
-    def of(cls, *tools: Tool) -> Toolbox:
-        return cls({tool.name: tool for tool in tools})
+    def of(cls, *tools: Tool, native: bool = False) -> Toolbox:
+        return cls({tool.name: tool for tool in tools}, native)
+
+    def server_tools(self) -> list[dict[str, Any]] | None:
+        return self.schemas() if self.native and self.tools else None
 
     def schemas(self) -> list[dict[str, Any]]:
         """OpenAI function-tool specs."""
