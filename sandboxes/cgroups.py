@@ -3,9 +3,9 @@ run was OOM-killed.
 
 RLIMIT_NPROC does nothing when the host user is root (dev and CI are), so a ``pids`` cgroup is the
 only reliable fork-bomb guard; a ``memory`` cgroup's ``oom_kill`` counter is the only reliable way
-to say "out of memory" rather than "killed by a signal". Each run gets fresh leaves under the
-cgroups this process already sits in (so any limit placed on us still applies), joined by the
-launcher before it execs the sandbox, and removed after the run.
+to say "out of memory" rather than "killed by a signal". Runs get leaves under the cgroups this
+process already sits in (so any limit placed on us still applies), joined by the launcher before it
+execs the sandbox, emptied after the run, reused by the sandbox's next run and removed on close.
 
 Where the hierarchy is missing or read-only (cgroup v2-only hosts, unprivileged users) the leaves
 are skipped with one logged warning per controller: the run still has its wall clock and rlimits.
@@ -63,45 +63,54 @@ def _own_cgroup_path(controller: str) -> str | None:
     return None
 
 
+_UNLIMITED = {"pids.max": "max", "memory.limit_in_bytes": "-1", "memory.memsw.limit_in_bytes": "-1"}
+
+
 @dataclass
 class RunCgroup:
-    """Fresh leaves for one run. ``procs_files`` are what the launcher writes its pid into."""
+    """Leaves (one per usable controller) that hold one run at a time. ``procs_files`` are what
+    the launcher writes its pid into."""
 
     leaves: dict[str, Path]
+    limits_memory: bool = False  # the current run has a memory cap here (so OOM is detectable)
+    _oom_base: int = 0
 
     @classmethod
-    def create(cls, max_processes: int | None, memory_bytes: int | None) -> RunCgroup:
+    def create(cls) -> RunCgroup:
         name = f"exitagent-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        leaves: dict[str, Path] = {}
-        settings = {
-            "pids": {"pids.max": max_processes},
-            # memsw too, or a host with swap would page the run out instead of stopping it.
-            "memory": {"memory.limit_in_bytes": memory_bytes, "memory.memsw.limit_in_bytes": memory_bytes},
-        }
+        cgroup = cls({})
         try:
             for controller in CONTROLLERS:
                 parent = usable_parent(controller)
-                wanted = {k: v for k, v in settings[controller].items() if v is not None}
-                if parent is None or not wanted:
-                    continue
-                leaf = parent / name
-                leaf.mkdir()
-                leaves[controller] = leaf
-                for knob, value in wanted.items():
-                    if (leaf / knob).exists():
-                        (leaf / knob).write_text(str(value))
+                if parent is not None:
+                    (parent / name).mkdir()
+                    cgroup.leaves[controller] = parent / name
         except OSError:
-            cls(leaves).remove_now()
+            cgroup.remove_now()
             raise
-        return cls(leaves)
+        return cgroup
+
+    def configure(self, max_processes: int | None, memory_bytes: int | None) -> None:
+        """Set this run's caps; ``None`` lifts one. Raises OSError if the kernel refuses."""
+        memory = "-1" if memory_bytes is None else str(memory_bytes)
+        knobs = [("pids", "pids.max", "max" if max_processes is None else str(max_processes))]
+        # memsw (memory+swap, so a host with swap cannot page the run out instead of stopping it)
+        # must stay >= the memory cap at every step: lift it, set the cap, then lower it to match.
+        knobs += [
+            ("memory", "memory.memsw.limit_in_bytes", "-1"),
+            ("memory", "memory.limit_in_bytes", memory),
+            ("memory", "memory.memsw.limit_in_bytes", memory),
+        ]
+        for controller, knob, value in knobs:
+            leaf = self.leaves.get(controller)
+            if leaf is not None and (leaf / knob).exists():
+                (leaf / knob).write_text(value)
+        self.limits_memory = "memory" in self.leaves and memory_bytes is not None
+        self._oom_base = self._oom_count()
 
     @property
     def procs_files(self) -> list[str]:
         return [str(leaf / "cgroup.procs") for leaf in self.leaves.values()]
-
-    @property
-    def limits_memory(self) -> bool:
-        return "memory" in self.leaves
 
     def members(self) -> set[int]:
         pids: set[int] = set()
@@ -123,19 +132,31 @@ class RunCgroup:
                     os.kill(pid, signal.SIGKILL)
         log.warning("sandbox_cgroup_not_emptied", leaves=[str(p) for p in self.leaves.values()])
 
+    async def empty(self) -> bool:
+        """Kill what is left and wait for it to go (SIGKILLed tasks take a moment to leave)."""
+        for _ in range(200):
+            self.kill_all()
+            if not self.members():
+                return True
+            await anyio.sleep(0.005)
+        return False
+
     def oom_killed(self) -> bool:
+        return self.limits_memory and self._oom_count() > self._oom_base
+
+    def _oom_count(self) -> int:
         leaf = self.leaves.get("memory")
         if leaf is None:
-            return False
+            return 0
         try:
             for line in (leaf / "memory.oom_control").read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
-                    return int(value) > 0
+                    return int(value)
             # Kernels before 4.13 have no oom_kill counter; hitting the cap is the next best sign.
-            return int((leaf / "memory.failcnt").read_text()) > 0
+            return int((leaf / "memory.failcnt").read_text())
         except (OSError, ValueError):
-            return False
+            return 0
 
     def remove_now(self) -> bool:
         """Try once to remove the leaves; ``False`` while a dying member still holds one."""
@@ -149,11 +170,33 @@ class RunCgroup:
             del self.leaves[controller]
         return not self.leaves
 
-    async def remove(self) -> None:
-        """Kill what is left and remove the leaves; SIGKILLed tasks take a moment to leave."""
-        for _ in range(200):
-            self.kill_all()
-            if self.remove_now():
-                return
-            await anyio.sleep(0.005)
-        log.warning("sandbox_cgroup_leaked", leaves=[str(p) for p in self.leaves.values()])
+
+class CgroupPool:
+    """Leaves for one sandbox, reused run after run: making and removing a memory cgroup costs
+    about 10 ms a run here, reusing one costs a few writes. Concurrent runs get separate leaves, so
+    a run's sweep never kills another run's processes. ``close`` removes them all."""
+
+    def __init__(self) -> None:
+        self._free: list[RunCgroup] = []
+        self._all: list[RunCgroup] = []
+
+    async def take(self, max_processes: int | None, memory_bytes: int | None) -> RunCgroup:
+        cgroup = self._free.pop() if self._free else None
+        if cgroup is None:
+            cgroup = RunCgroup.create()
+            self._all.append(cgroup)
+        cgroup.configure(max_processes, memory_bytes)
+        return cgroup
+
+    async def give_back(self, cgroup: RunCgroup) -> None:
+        if await cgroup.empty():
+            self._free.append(cgroup)
+        else:  # something will not die: never reuse it, let close() try again
+            log.warning("sandbox_cgroup_not_emptied", leaves=[str(p) for p in cgroup.leaves.values()])
+
+    async def close(self) -> None:
+        for cgroup in self._all:
+            if not (await cgroup.empty() and cgroup.remove_now()):
+                log.warning("sandbox_cgroup_leaked", leaves=[str(p) for p in cgroup.leaves.values()])
+        self._all.clear()
+        self._free.clear()

@@ -32,7 +32,7 @@ from anyio.lowlevel import RunVar
 
 from exitagent.errors import SandboxCrashed, SandboxUnavailable
 from sandboxes.base import ExecResult, Limits
-from sandboxes.cgroups import RunCgroup
+from sandboxes.cgroups import CgroupPool, RunCgroup
 
 log = structlog.get_logger(__name__)
 
@@ -150,21 +150,23 @@ async def run_limited(
     cwd: Path,
     env: Mapping[str, str],
     limits: Limits,
+    cgroups: CgroupPool,
     wall_s: float | None = None,
     stdin: bytes | None = None,
 ) -> ExecResult:
-    """Run ``argv`` to completion or to its wall clock, whichever first, with the tree reaped."""
+    """Run ``argv`` to completion or to its wall clock, whichever first, with the tree reaped.
+    ``cgroups`` is the calling sandbox's pool of run cgroups."""
     wall_s = wall_s if wall_s is not None else limits.wall_s
     async with run_limiter():
         try:
-            cgroup = RunCgroup.create(limits.max_processes, limits.memory_bytes)
+            cgroup = await cgroups.take(limits.max_processes, limits.memory_bytes)
         except OSError as err:
             raise SandboxCrashed(f"could not set up the run's cgroup: {err}") from err
         try:
             return await _run_in(argv, cgroup, cwd=cwd, env=env, limits=limits, wall_s=wall_s, stdin=stdin)
         finally:
             with anyio.CancelScope(shield=True):
-                await cgroup.remove()
+                await cgroups.give_back(cgroup)
 
 
 async def _run_in(

@@ -30,6 +30,7 @@ import structlog
 
 from exitagent.errors import SandboxError
 from sandboxes.base import ExecResult, SandboxSpec, sandbox_env, workspace_path
+from sandboxes.cgroups import CgroupPool
 from sandboxes.runner import run_limited
 
 log = structlog.get_logger(__name__)
@@ -46,6 +47,7 @@ class HostWorkspaceSandbox:
         self.host_workspace = root / "workspace"
         self.workdir = str(self.host_workspace)  # subclasses that remap it override this
         self.python = sys.executable  # the project's interpreter, with its packages
+        self._cgroups = CgroupPool()
         self._closed = False
 
     @classmethod
@@ -100,7 +102,15 @@ class HostWorkspaceSandbox:
         full_env.update(self.spec.env)
         full_env.update(env or {})
         argv = self._command(list(cmd), rel_cwd, full_env)
-        return await run_limited(argv, cwd=host_cwd, env=full_env, limits=self.limits, wall_s=wall_s, stdin=stdin)
+        return await run_limited(
+            argv,
+            cwd=host_cwd,
+            env=full_env,
+            limits=self.limits,
+            cgroups=self._cgroups,
+            wall_s=wall_s,
+            stdin=stdin,
+        )
 
     async def run_python(self, code: str, *, wall_s: float | None = None, filename: str = "runfile.py") -> ExecResult:
         await self.write_file(filename, code)
@@ -161,6 +171,7 @@ class HostWorkspaceSandbox:
         if self._closed:
             return
         self._closed = True
+        await self._cgroups.close()
         await anyio.to_thread.run_sync(shutil.rmtree, self.root, True)
         if self.root.exists():
             log.warning("sandbox_workdir_leaked", backend=self.backend, root=str(self.root))
