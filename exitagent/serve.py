@@ -15,6 +15,7 @@ Once the gateway answers, serve prints its base URL (``http://HOST:PORT/v1``) on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from collections.abc import Callable
@@ -58,6 +59,8 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     if cfg.weights_dir is not None and not cfg.weights_dir.is_dir():
         raise ExitAgentError(f"weights directory {cfg.weights_dir} does not exist (create it, or omit --weights-dir)")
     engine.check_port_free(cfg.host, cfg.port)
+    if cfg.weights_dir is not None:  # RUN/weights: the run directory keeps the config of each process
+        config.save(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None), cfg.weights_dir.parent, "serve")
     base_dir = models.resolve(cfg.model)
     reference = checkpoints.tensor_shapes(base_dir)
     port = cfg.engine_port or engine.free_port()

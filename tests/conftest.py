@@ -6,6 +6,8 @@ whole session (``served``); tests that change the served weights start their own
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,17 @@ def serve_factory():
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
-    """One real CPU vLLM server on the packaged model, shared by the session."""
+    """One real CPU vLLM server on the packaged model, shared by the session.
+
+    For quick local iterations, ``EXITAGENT_TEST_SERVE_DIR=DIR`` reuses a serve already running with
+    ``--weights-dir DIR/weights``, whose URL is in ``DIR/url`` (CI always starts its own).
+    """
+    reuse = os.environ.get("EXITAGENT_TEST_SERVE_DIR")
+    if reuse:
+        directory = Path(reuse)
+        url = (directory / "url").read_text().strip()
+        yield ServeProcess(subprocess.Popen(["true"], text=True), url, directory / "weights", directory / "log")
+        return
     server = start_serve(tmp_path_factory.mktemp("served"))
     yield server
     if server.process.poll() is None:
