@@ -139,14 +139,17 @@ class LocalSandbox(HostWorkspaceSandbox):
 
     def _command(self, argv: Sequence[str], cwd: PurePosixPath, env: Mapping[str, str]) -> list[str]:
         args = [bwrap_path(), *_jail_args()]
-        args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/tmp"]
+        for scratch in ("/tmp", "/dev/shm"):  # bounded; bwrap's /dev/shm would be RAM-sized
+            args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", scratch]
         args += ["--ro-bind", str(self.root / "passwd"), "/etc/passwd"]
         args += ["--ro-bind", str(self.root / "group"), "/etc/group"]
         args += ["--bind", str(self.host_workspace), SANDBOX_WORKDIR]
         for rel, host in self.spec.inputs.items():
             args += ["--ro-bind", str(host), f"{SANDBOX_WORKDIR}/{rel}"]
-        # bwrap's root is a scratch tmpfs: read-only too, or it is unbounded RAM to write into.
-        args += ["--remount-ro", "/", "--chdir", str(PurePosixPath(SANDBOX_WORKDIR) / cwd), "--clearenv"]
+        # bwrap's root and /dev are unbounded tmpfs: read-only, or they are RAM to fill. (Device
+        # nodes stay writable on a read-only mount.) Submounts such as /tmp are not affected.
+        args += ["--remount-ro", "/", "--remount-ro", "/dev", "--clearenv"]
+        args += ["--chdir", str(PurePosixPath(SANDBOX_WORKDIR) / cwd)]
         for key, value in env.items():
             args += ["--setenv", key, value]
         return [*args, "--", *argv]

@@ -214,9 +214,17 @@ async def test_planted_symlinks_do_not_reach_the_host(local_sandbox: Callable[..
     assert existing("/etc/exitagent-pwned") == []
 
 
-async def test_tmp_is_private_and_bounded(local_sandbox: Callable[..., Any]) -> None:
-    fill = "with open('/tmp/fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))\n"
+@pytest.mark.parametrize("scratch", ["/tmp", "/dev/shm"])
+async def test_scratch_space_is_private_and_bounded(local_sandbox: Callable[..., Any], scratch: str) -> None:
+    fill = f"with open('{scratch}/fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))\n"
     async with local_sandbox(Limits(wall_s=10, tmp_bytes=8 << 20)) as sbx:
         result = await sbx.run_python(fill)
     assert result.exit_code == 1 and "No space left" in result.stderr
-    assert existing("/tmp/fill") == []
+    assert existing(f"{scratch}/fill") == []
+
+
+async def test_root_and_dev_are_read_only_but_devices_work(local_sandbox: Callable[..., Any]) -> None:
+    probe = "for p in /x /dev/x /dev/null; do (echo x > $p) 2>/dev/null && echo $p ok || echo $p no; done"
+    async with local_sandbox() as sbx:
+        result = await sbx.exec(["sh", "-c", probe])
+    assert result.stdout.split("\n")[:3] == ["/x no", "/dev/x no", "/dev/null ok"]
