@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -284,7 +283,7 @@ def test_concurrent_writers_trainer_and_viewer(tmp_path: Path) -> None:
     assert [w.returncode for w in writers] == [0, 0]
     assert sorted(consumed) == sorted(f"{w}-{n}" for w in ("w1", "w2") for n in range(40))
     assert all(g.consumed_by_step is not None for g in groups) and len(groups) == 80
-    writer_order = [g.id.split("-")[0] for g in groups]
-    switches = sum(a != b for a, b in pairwise(writer_order))
-    assert step > 1 and switches >= 2  # the two writers' transactions interleaved
+    # (How the two writers' transactions interleave depends on the machine's load, so it is not
+    # asserted; that both finished with every group whole and consumed once is.)
+    assert step > 1
     assert_consistent(path)
