@@ -1,0 +1,405 @@
+"""Collect scored groups into a run's curriculum store: the ExIt loop of exit-spec.md section 2.
+
+    python -m exitagent.collect --run-dir runs/math --base-url http://127.0.0.1:8000/v1 \\
+        --domain math --variant exit --groups 1000 --group-size 8 --concurrency 8
+
+Each of ``--concurrency`` workers repeats: pass the staleness gate, choose a start (a base task,
+or once the buffer holds B_min entries and with probability p, a buffer entry with a replay,
+improve or divergence step), sample G responses in one request, score them, add the diversity
+multipliers (full ExIt), then record the group, its children and the refresh of its start in one
+store transaction (``Curriculum.record``). Per-group metrics go to ``RUN/metrics/collect.jsonl``,
+the config to ``RUN/config/collect.json`` and ``RUN/config/curriculum.json``.
+
+Staleness gate. A group is stale when it is more than ``--max-staleness`` policy versions older
+than the current policy, where "current" is the newest of: the version the server serves now, the
+highest trainer step that consumed a group, the newest version seen in a sample. Collection starts
+no new group while the store holds an unconsumed group that is already stale: the trainer is
+behind, and more groups would only wait longer and age further. It resumes once the trainer has
+consumed those groups (or dropped them, ``drop_stale``, which counts as consumed). With no trainer
+the version never moves, so standalone collection never pauses. The gate checks the store at most
+every ``--poll-s`` seconds.
+
+Stopping and resuming. SIGINT or SIGTERM: start no new group, finish the groups in flight, exit 0.
+A second signal: discard the groups in flight (nothing of them is written) and exit 130. A group is
+recorded in one transaction, so even ``kill -9`` leaves no partial group. ``--groups`` is the RUN's
+total: a rerun on the same run dir counts the groups already in the store and collects the rest
+(0: until stopped). Group ids carry a random per-invocation prefix, so reruns never collide.
+
+Exit codes: 0 done or stopped; 1 the server failed (after the client's retries); 2 bad
+configuration, or a store this version cannot read; 130 forced stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import secrets
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from tqdm import tqdm
+
+from evaluators.base import Evaluator
+from evaluators.math import MathEvaluator
+from exitagent.client import OpenAIPolicy
+from exitagent.config import add_arguments, from_args, save
+from exitagent.curriculum import Curriculum, CurriculumConfig, Start
+from exitagent.diversity import Embedder, MiniLMEmbedder
+from exitagent.errors import ConfigError, ExitAgentError, StoreError
+from exitagent.log import MetricsFile, configure
+from exitagent.policy import Policy, SamplingParams
+from exitagent.rollouts import GroupResult, roll_out
+from exitagent.store import CurriculumStore, SQLiteStore
+from exitagent.tasks import math_tasks
+from exitagent.types import StepKind, Task, Variant
+
+log = structlog.get_logger(__name__)
+
+MIN_ANSWER_TOKENS = 16  # a start whose prompt leaves less room than this is re-attempted as a base task
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    run_dir: Path = field(metadata={"help": "run directory (the store, metrics and config live here)"})
+    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
+    model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
+    domain: str = field(default="math", metadata={"help": "task domain (math for now)"})
+    variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
+    groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
+    task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
+    task_split: str = field(default="train", metadata={"help": "split of the task source"})
+    num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (arithmetic: 5000; files: all)"})
+    levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
+    group_size: int = field(default=8, metadata={"help": "G: responses per prompt (one request)"})
+    concurrency: int = field(default=8, metadata={"help": "groups in flight"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_tokens: int = field(default=1024, metadata={"help": "completion tokens per response"})
+    max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
+    max_staleness: int = field(default=2, metadata={"help": "pause while unconsumed groups are older than this"})
+    seed: int = field(default=0, metadata={"help": "seeds the task draw and the curriculum"})
+    capacity: int | None = field(default=None, metadata={"help": "buffer capacity N (domain default)"})
+    min_buffer: int | None = field(default=None, metadata={"help": "B_min (domain default)"})
+    p_buffer: float | None = field(default=None, metadata={"help": "p: chance to start from the buffer"})
+    p_diverge: float | None = field(default=None, metadata={"help": "p_div: chance of a divergence step"})
+    kappa: float | None = field(default=None, metadata={"help": "softmax temperature over buffer scores"})
+    eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
+    eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
+    server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
+    poll_s: float = field(default=2.0, metadata={"help": "staleness gate: seconds between store checks"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def __post_init__(self) -> None:
+        if self.domain != "math":
+            raise ConfigError(f"collect supports the math domain for now, not {self.domain!r}")
+        if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
+            raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
+        self.curriculum()  # its own checks, now rather than mid-run
+
+    def curriculum(self) -> CurriculumConfig:
+        names = ("capacity", "min_buffer", "p_buffer", "p_diverge", "kappa")
+        overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return CurriculumConfig.for_domain(self.domain, self.variant, group_size=self.group_size, **overrides)
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+
+
+@dataclass(frozen=True)
+class Summary:
+    groups: int  # recorded by this call
+    total_groups: int  # in the store when it ended
+    rollouts: int
+    failed_rollouts: int  # evaluator failures: kept out of training
+    from_buffer: int
+    shortened_starts: int  # buffer starts whose prompt did not fit, re-attempted as base tasks
+    paused_s: float
+    mean_reward: float | None
+    stopped: bool  # a stop was asked for before the --groups total was reached
+
+
+def load_tasks(cfg: CollectConfig) -> list[Task]:
+    levels = tuple(level.strip() for level in cfg.levels.split(",") if level.strip()) or None
+    n = cfg.num_tasks if cfg.num_tasks is not None or cfg.task_source != "arithmetic" else 5000
+    return math_tasks(cfg.task_source, cfg.task_split, n, cfg.seed, levels)
+
+
+class StalenessGate:
+    """The rule in the module docstring. ``current`` is the newest policy version known."""
+
+    def __init__(self, store: CurriculumStore, policy: Policy, max_staleness: int, poll_s: float) -> None:
+        self.store, self.policy, self.max_staleness, self.poll_s = store, policy, max_staleness, poll_s
+        self.current = 0
+        self.oldest_waiting: int | None = None
+        self.paused_s = 0.0
+        self._paused_since: float | None = None
+        self._checked_at = -math.inf
+
+    def observe(self, step: int) -> None:
+        self.current = max(self.current, step)
+
+    @property
+    def is_open(self) -> bool:
+        return self.oldest_waiting is None or self.current - self.oldest_waiting <= self.max_staleness
+
+    async def refresh(self) -> None:
+        probe = getattr(self.policy, "policy_version", None)  # exitagent.serve's /policy, when there is one
+        if probe is not None:
+            served = await probe()
+            self.observe(served.step if served.name != "unknown" else 0)
+        groups = self.store.groups()
+        self.observe(max((g.consumed_by_step or 0 for g in groups), default=0))
+        self.oldest_waiting = min((g.version.step for g in groups if g.consumed_by_step is None), default=None)
+        self._checked_at = time.monotonic()
+        if not self.is_open and self._paused_since is None:
+            self._paused_since = time.monotonic()
+            log.info("collect_paused", current=self.current, oldest_waiting=self.oldest_waiting,
+                     max_staleness=self.max_staleness)
+        elif self.is_open and self._paused_since is not None:
+            self.paused_s += time.monotonic() - self._paused_since
+            self._paused_since = None
+            log.info("collect_resumed", current=self.current, oldest_waiting=self.oldest_waiting)
+
+    def paused_total(self) -> float:
+        ongoing = time.monotonic() - self._paused_since if self._paused_since is not None else 0.0
+        return self.paused_s + ongoing
+
+    async def wait(self, stop: anyio.Event) -> None:
+        """Return once a new group may start, or ``stop`` is set."""
+        while not stop.is_set():
+            if time.monotonic() - self._checked_at >= self.poll_s:  # workers share one check per poll
+                await self.refresh()
+            if self.is_open:
+                return
+            with anyio.move_on_after(self.poll_s):
+                await stop.wait()
+
+
+@dataclass
+class _Run:
+    """What collect's workers share. Counters change only between awaits, so no lock."""
+
+    cfg: CollectConfig
+    policy: Policy
+    evaluator: Evaluator
+    store: CurriculumStore
+    curriculum: Curriculum
+    gate: StalenessGate
+    stop: anyio.Event
+    metrics: MetricsFile
+    bar: Any
+    embedder: Embedder | None
+    quota: int | None  # groups still to collect (None: until stopped)
+    session: str = field(default_factory=lambda: secrets.token_hex(4))
+    embed_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    started: int = 0
+    recorded: int = 0
+    rollouts: int = 0
+    failed: int = 0
+    from_buffer: int = 0
+    shortened: int = 0
+    rewards: list[float] = field(default_factory=list)
+
+    def more(self) -> bool:
+        return not self.stop.is_set() and (self.quota is None or self.started < self.quota)
+
+
+def _fit(run: _Run, start: Start) -> tuple[Start, SamplingParams]:
+    """Shorten max_tokens to the room the prompt leaves (vLLM rejects a request that overflows)."""
+    params = run.cfg.sampling()
+
+    def room(s: Start) -> int:
+        return run.policy.max_context - sum(run.policy.estimate_tokens(m.content) for m in s.messages())
+
+    if room(start) < MIN_ANSWER_TOKENS and start.entry is not None:
+        log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id, room=room(start))
+        run.shortened += 1
+        start = Start(start.task, StepKind.BASE)
+    if room(start) < MIN_ANSWER_TOKENS:
+        raise ConfigError(f"task {start.task.id} does not fit in a {run.policy.max_context}-token context")
+    return start, replace(params, max_tokens=min(params.max_tokens, room(start)))
+
+
+async def _one_group(run: _Run, group_id: str) -> None:
+    began = time.monotonic()
+    with run.store.view() as buffer:
+        start = run.curriculum.choose_start(buffer)
+    start, params = _fit(run, start)
+    result = await roll_out(start.task, start.messages(), run.policy, run.evaluator, group_size=run.cfg.group_size,
+                            params=params, embedder=run.embedder, embed_lock=run.embed_lock)
+    run.gate.observe(result.newest.step)
+    group = run.curriculum.group(start, group_id, result.version, result.rollouts)
+    update = run.curriculum.record(run.store, start, group)
+    rewards = [r.reward for r in group.rollouts if r.reward is not None]
+    run.recorded += 1
+    run.rollouts += len(group.rollouts)
+    run.failed += result.failures
+    run.from_buffer += start.entry is not None
+    run.rewards += rewards
+    _write_metrics(run, start, group_id, result, update.score, time.monotonic() - began)
+
+
+def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, score: float, seconds: float) -> None:
+    with run.store.view() as buffer:
+        scores = [s for _, s in buffer.scores()]
+    rewards = [r.reward for r in result.rollouts if r.reward is not None]
+    reward_mean = statistics.fmean(rewards) if rewards else None
+    run.metrics.write(
+        "group", group_id=group_id, task_id=start.task.id, step_kind=start.step_kind.value, depth=start.depth,
+        version=str(result.version), version_step=result.version.step,
+        staleness=run.gate.current - result.version.step, reward_mean=reward_mean, rewards_scored=len(rewards),
+        group_score=score, evaluator_failures=result.failures, evaluator_failures_total=run.failed,
+        buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
+        buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3), seconds=round(seconds, 3),
+    )
+    run.bar.set_postfix(reward=f"{reward_mean or 0:.2f}", buffer=len(scores), version=result.version.step,
+                        failed=run.failed, refresh=False)
+    run.bar.update(1)
+
+
+async def _worker(run: _Run) -> None:
+    while run.more():
+        await run.gate.wait(run.stop)
+        if not run.more():  # the gate may have waited out a stop, or others filled the quota
+            return
+        run.started += 1
+        await _one_group(run, f"{run.session}-{run.started:05d}")
+
+
+def _check_run(cfg: CollectConfig, store: CurriculumStore, tasks: list[Task]) -> int:
+    """Groups already in the run; refuse a run dir that this config would corrupt."""
+    groups = store.groups()
+    variants = {g.variant for g in groups} - {cfg.variant}
+    if variants:
+        raise ConfigError(f"{cfg.run_dir} holds groups of variant {sorted(v.value for v in variants)}, "
+                          f"not {cfg.variant.value}: use a new run dir per variant")
+    ids = {t.id for t in tasks}
+    missing = sorted({e.task_id for e in store.entries()} - ids)
+    if missing:
+        raise ConfigError(f"the buffer in {cfg.run_dir} has entries for {len(missing)} tasks not in this task set "
+                          f"(e.g. {missing[0]}): rerun with the run's own task flags and seed")
+    return len(groups)
+
+
+async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, store: CurriculumStore,
+                  tasks: list[Task], *, embedder: Embedder | None = None, stop: anyio.Event | None = None) -> Summary:
+    """Collect groups into ``store`` until the run holds ``cfg.groups`` (or ``stop`` is set).
+
+    ``embedder`` is used for the diversity bonus when the variant has it (full ExIt); the default
+    is the packaged MiniLM. Raises ``ServerError`` when the policy server is gone for good (groups
+    in flight are discarded; recorded ones stay), ``ConfigError`` for a run dir this config does not fit.
+    """
+    curriculum_cfg = cfg.curriculum()
+    existing = _check_run(cfg, store, tasks)
+    save(cfg, cfg.run_dir, "collect")
+    save(curriculum_cfg, cfg.run_dir, "curriculum")
+    if curriculum_cfg.diversity_bonus and embedder is None:
+        embedder = MiniLMEmbedder()
+        await anyio.to_thread.run_sync(embedder.embed, ["load the model now, not mid-run"])
+    rng = random.Random(f"exitagent-collect:{cfg.seed}:{existing}")  # a rerun does not replay the same draws
+    quota = max(cfg.groups - existing, 0) if cfg.groups else None
+    metrics = MetricsFile(cfg.run_dir / "metrics" / "collect.jsonl")
+    bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,
+               desc="groups", dynamic_ncols=True)
+    run = _Run(cfg, policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng),
+               StalenessGate(store, policy, cfg.max_staleness, cfg.poll_s), stop or anyio.Event(), metrics, bar,
+               embedder if curriculum_cfg.diversity_bonus else None, quota)
+    log.info("collect_started", session=run.session, variant=cfg.variant.value, existing=existing, quota=quota)
+    try:
+        async with anyio.create_task_group() as workers:
+            for _ in range(cfg.concurrency):
+                workers.start_soon(_worker, run)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+    finally:
+        bar.close()
+        metrics.close()
+    summary = Summary(
+        groups=run.recorded, total_groups=existing + run.recorded, rollouts=run.rollouts,
+        failed_rollouts=run.failed, from_buffer=run.from_buffer, shortened_starts=run.shortened,
+        paused_s=round(run.gate.paused_total(), 3), mean_reward=statistics.fmean(run.rewards) if run.rewards else None,
+        stopped=run.stop.is_set() and quota != run.recorded,
+    )
+    log.info("collect_finished", session=run.session, **{k: v for k, v in vars(summary).items()})
+    return summary
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception a caller should see: ours first (a dead server), else whatever came first."""
+    ours, _ = group.split(ExitAgentError)
+    error: BaseException = ours or group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+async def _watch_signals(stop: anyio.Event, work: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("collect_stopping", signal=signal.Signals(signum).name, hint="again to discard in-flight")
+                stop.set()
+            else:
+                log.warning("collect_aborted", signal=signal.Signals(signum).name)
+                work.cancel()
+
+
+async def _main(cfg: CollectConfig) -> int:
+    tasks = load_tasks(cfg)
+    with SQLiteStore.in_run(cfg.run_dir) as store:  # before anything is written: a newer schema stops here
+        policy = OpenAIPolicy(cfg.base_url, model=cfg.model, deadline_s=cfg.server_deadline_s,
+                              max_context=cfg.max_context)
+        async with policy, MathEvaluator(workers=cfg.eval_workers, timeout_s=cfg.eval_timeout_s) as evaluator:
+            stop, work, summary, error = anyio.Event(), anyio.CancelScope(), None, None
+            async with anyio.create_task_group() as group:
+                group.start_soon(_watch_signals, stop, work)
+                try:
+                    with work:
+                        summary = await collect(cfg, policy, evaluator, store, tasks, stop=stop)
+                except ExitAgentError as failure:
+                    error = failure
+                group.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if summary is None:
+        print("collect: stopped by a second signal; groups in flight were discarded", file=sys.stderr)
+        return 130
+    print(f"collect: {summary.groups} groups recorded ({summary.total_groups} in the run), "
+          f"{summary.failed_rollouts} evaluator failures, {summary.from_buffer} from the buffer"
+          f"{', stopped early' if summary.stopped else ''}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exitagent.collect", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, CollectConfig)
+    try:
+        cfg = from_args(CollectConfig, parser.parse_args(argv))
+        configure(level=cfg.log_level)
+        return anyio.run(_main, cfg)
+    except (ConfigError, StoreError) as error:
+        print(f"collect: {error}", file=sys.stderr)
+        return 2
+    except ExitAgentError as error:
+        print(f"collect: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a signal before the handlers are installed: nothing was started
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""One group of a collect run: G responses to one start, scored, tagged with the policy that made them.
+
+``roll_out`` is what the collector does for every start it chooses (exit-spec.md section 2, steps
+3 and 4, plus the diversity bonus of section 4)::
+
+    episodes = run_group(...)          # one request with n=G; math: one turn, no tools
+    version  = group_version(episodes) # the OLDEST policy version among the G samples
+    rollouts = score_rollouts(...)     # the evaluator's verdicts
+    rollouts = with_diversity(...)     # full ExIt only: advantage multipliers per response
+
+A wrong or truncated answer is the model's mistake and gets the evaluator's reward (usually 0).
+An evaluator that raises ``EvaluatorError`` (it crashed or ran out of time) marks its rollout
+failed: the rollout is kept for the record with ``reward=None``, counted, and left out of training
+and of the curriculum score; it is never turned into a 0.
+
+The store keeps no stop reason per rollout, so a ``truncated`` component (1.0 when the response
+hit its token limit or the context) is added to each score: the trainer's ``TrainItem.truncated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import anyio
+import structlog
+
+from evaluators.base import Evaluator
+from exitagent.diversity import Embedder, diversity_multipliers
+from exitagent.errors import EvaluatorError
+from exitagent.loop import EpisodeLimits, run_group
+from exitagent.policy import Policy, SamplingParams
+from exitagent.tools import Toolbox
+from exitagent.types import Episode, Message, PolicyVersion, Rollout, Score, StopReason, Task
+
+log = structlog.get_logger(__name__)
+
+CUT_OFF = (StopReason.TRUNCATED, StopReason.MAX_TOKENS, StopReason.CONTEXT_FULL)
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """G scored rollouts of one prompt, and what the collector's metrics need about them."""
+
+    version: PolicyVersion  # the oldest version that produced any token of the group
+    newest: PolicyVersion  # the newest: a lower bound on what the server serves now
+    rollouts: tuple[Rollout, ...]
+    failures: int  # rollouts whose evaluator failed
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: int
+
+
+def _versions(episodes: Sequence[Episode]) -> list[PolicyVersion]:
+    versions = [s.version for e in episodes for s in e.sequences]
+    return versions or [t.sample.version for e in episodes for t in e.turns]
+
+
+def group_version(episodes: Sequence[Episode]) -> PolicyVersion:
+    """The version a group is tagged with: the oldest among its samples (they share one request,
+    so they normally agree; if a reload landed in between, the group is as stale as its oldest)."""
+    versions = _versions(episodes)
+    if not versions:
+        raise ValueError("a group with no samples has no policy version")
+    return min(versions)
+
+
+async def score_rollouts(evaluator: Evaluator, task: Task, episodes: Sequence[Episode]) -> list[Rollout]:
+    """Each episode's final text scored; ``EvaluatorError`` makes a failed rollout, not a 0."""
+    rollouts: list[Rollout | None] = [None] * len(episodes)
+
+    async def score_one(index: int, episode: Episode) -> None:
+        try:
+            score = await evaluator.score(task, episode.final_text)
+        except EvaluatorError as error:
+            log.warning("rollout_evaluation_failed", task_id=task.id, index=index, error=str(error)[:200])
+            rollouts[index] = Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
+            return
+        cut = float(episode.stop_reason in CUT_OFF)
+        score = Score(score.total, {**score.components, "truncated": cut}, score.detail)
+        rollouts[index] = Rollout(episode, score, score.total)
+
+    async with anyio.create_task_group() as group:
+        for index, episode in enumerate(episodes):
+            group.start_soon(score_one, index, episode)
+    return [r for r in rollouts if r is not None]
+
+
+async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: anyio.Lock) -> list[Rollout]:
+    """Diversity multipliers over the group's scored responses (failed ones keep 1.0: they are
+    not trained on, so they must not move the centroid the others are measured from)."""
+    scored = [i for i, r in enumerate(rollouts) if r.reward is not None]
+    texts = [rollouts[i].episode.final_text for i in scored]
+    async with lock:  # one embedding at a time: the model is CPU-bound and loads on first use
+        values = await anyio.to_thread.run_sync(diversity_multipliers, embedder, texts)
+    out = list(rollouts)
+    for i, value in zip(scored, values, strict=True):
+        out[i] = replace(out[i], diversity=value)
+    return out
+
+
+async def roll_out(
+    task: Task, messages: Sequence[Message], policy: Policy, evaluator: Evaluator, *, group_size: int,
+    params: SamplingParams, embedder: Embedder | None = None, embed_lock: anyio.Lock | None = None,
+) -> GroupResult:
+    """G single-turn responses to ``messages`` (one request), scored, with diversity when asked."""
+    limits = EpisodeLimits(max_turns=1, max_total_tokens=params.max_tokens)
+    episodes = await run_group(task, policy, Toolbox(), messages, group_size, limits=limits, params=params)
+    rollouts = await score_rollouts(evaluator, task, episodes)
+    if embedder is not None:
+        rollouts = await with_diversity(embedder, rollouts, embed_lock or anyio.Lock())
+    samples = [t.sample for e in episodes for t in e.turns]
+    return GroupResult(
+        version=group_version(episodes), newest=max(_versions(episodes)), rollouts=tuple(rollouts),
+        failures=sum(r.reward is None for r in rollouts),
+        prompt_tokens=max((len(s.prompt_ids) for s in samples), default=0),
+        completion_tokens=sum(len(s.completion_ids) for s in samples),
+        truncated=sum(e.stop_reason in CUT_OFF for e in episodes),
+    )
