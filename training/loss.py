@@ -85,7 +85,7 @@ def token_logprobs(
     attention_BT: torch.Tensor,
     *,
     score_BT: torch.Tensor | None = None,
-    chunk: int = 1024,
+    chunk: int = 256,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(tokens[b, t] | tokens[b, :t]) for every position, aligned with ``tokens_BT``.
@@ -286,7 +286,7 @@ def micro_batch_loss(
     *,
     ref_model: Any = None,
     normaliser: float | None = None,
-    chunk: int = 1024,
+    chunk: int = 256,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Log-probabilities of ``model`` (and ``ref_model`` when beta > 0) on ``batch``, then the loss.
