@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from exitagent.errors import CheckpointError
+from exitagent.faults import crash_point
 
 READY = "READY"
 MANIFEST = "manifest.json"
@@ -208,6 +209,7 @@ def publish(weights_dir: Path, step: int, write: Callable[[Path], Canary], **man
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     canary = write(tmp)
+    crash_point("mid_publish", step)
     (tmp / CANARY).write_text(canary.to_json())
     write_manifest(tmp, step=step, **manifest_extra)
     for path in tmp.iterdir():

@@ -65,3 +65,13 @@ class EvaluatorError(ExitAgentError):
 
 class StoreError(ExitAgentError):
     pass
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The single error inside (nested) task-group exception groups, else ``error`` itself.
+
+    Entry points use it to print one clear line for an ``ExitAgentError`` raised inside a task group.
+    """
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

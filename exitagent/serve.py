@@ -28,7 +28,7 @@ import uvicorn
 
 from exitagent import checkpoints, config, engine, models
 from exitagent import log as logging_setup
-from exitagent.errors import ExitAgentError
+from exitagent.errors import ExitAgentError, unwrap
 from exitagent.gateway import Gate, create_app
 from exitagent.reload import Admin, Reloader, ServingState
 from exitagent.types import PolicyVersion
@@ -152,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     logging_setup.configure(json_lines=cfg.log_json or None)
     try:
         anyio.run(serve, cfg)
-    except ExitAgentError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         pass
+    except BaseException as raised:  # re-raised below unless it is ours
+        error = unwrap(raised)
+        if not isinstance(error, ExitAgentError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

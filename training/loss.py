@@ -285,6 +285,7 @@ def micro_batch_loss(
     config: LossConfig,
     *,
     ref_model: Any = None,
+    old_logprobs_BT: torch.Tensor | None = None,
     normaliser: float | None = None,
     chunk: int = 256,
     return_entropy: bool = False,
@@ -293,6 +294,9 @@ def micro_batch_loss(
 
     The caller calls ``backward()`` on the returned loss, once per micro-batch, and steps the
     optimiser after the last one, passing the same ``loss_normaliser(batches, config)`` to each.
+    For several epochs over one batch, compute ``old_logprobs_BT`` once before the first update
+    (``token_logprobs`` under ``torch.no_grad()``) and pass it on every epoch; otherwise the PPO
+    ratio is 1 and only the IS weight corrects off-policyness.
     """
     device = next(model.parameters()).device
     tokens_BT, attention_BT = batch.tokens_BT.to(device), batch.attention_BT.to(device)
@@ -304,7 +308,8 @@ def micro_batch_loss(
         with torch.no_grad():
             ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk)
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
-                     mask_BT, config, ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)
+                     mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
+                     ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)
 
 
 # --- the reference policy ------------------------------------------------------------------------

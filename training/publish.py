@@ -8,6 +8,8 @@ gives a fixed prompt, which the server compares with what vLLM serves after a re
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,32 @@ def compute_canary(model: Any, tokenizer: Any, tolerance: float = 0.1) -> Canary
         logits = model(input_ids=ids).logits.float()
     logprobs = torch.log_softmax(logits[0, :-1], dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     return Canary(tuple(token_ids), tuple(float(x) for x in logprobs.cpu()), tolerance)
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def publish_from(source: Path, weights_dir: Path, step: int, canary: Canary, *, keep: int = 3,
+                 **manifest_extra: Any) -> Path:
+    """Publish the checkpoint files in ``source`` (the trainer's saved state) as step ``step``.
+
+    Files are hard-linked, not copied: instant, no extra disk, and the published directory can be
+    pruned without touching the trainer's state. (Across filesystems it falls back to a copy.)
+    """
+
+    def write(directory: Path) -> Canary:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and (path.name in MODEL_FILES or path.suffix == ".safetensors"):
+                try:
+                    os.link(path, directory / path.name)
+                except OSError:
+                    shutil.copy2(path, directory / path.name)
+        return canary
+
+    published = checkpoints.publish(weights_dir, step, write, **manifest_extra)
+    checkpoints.prune(weights_dir, keep)
+    return published
 
 
 def publish_model(model: Any, tokenizer: Any, weights_dir: Path, step: int, *, keep: int = 3,

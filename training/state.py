@@ -1,0 +1,95 @@
+"""The trainer's durable state: everything needed to continue exactly where step N left off.
+
+``RUN/trainer/state-NNNNNN/`` holds the model as an ordinary checkpoint (the published
+checkpoint ``RUN/weights/step-NNNNNN`` is made of hard links to these files), the optimizer
+state, the reference policy's weights when they differ from the initial model, the RNG states
+and the step. It is written to a hidden temporary directory, fsynced, renamed, then marked
+``COMPLETE``; only marked directories are ever read. The newest two are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+
+
+@dataclass
+class TrainerState:
+    step: int
+    optimizer: dict[str, Any]
+    reference: dict[str, torch.Tensor] | None  # None: the reference is still the initial model
+    rng: dict[str, Any]
+    bad_steps: int = 0
+    history: list[list[Any]] = field(default_factory=list)  # [step, group ids] per update: the lineage
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep: int = 2) -> Path:
+    """Write ``directory/state-NNNNNN`` atomically and prune older complete states."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"state-{state.step:06d}"
+    tmp = directory / f".tmp-state-{state.step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
+    if state.reference is not None:
+        torch.save(state.reference, tmp / "reference.pt")
+    meta = {"step": state.step, "bad_steps": state.bad_steps, "history": state.history}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    for path in tmp.iterdir():
+        _fsync(path)
+    shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a crash at this step
+    os.rename(tmp, final)
+    (final / COMPLETE).touch()
+    _fsync(final)
+    _fsync(directory)
+    for old in complete_states(directory)[:-keep]:
+        shutil.rmtree(old)
+    for leftover in directory.glob(".tmp-state-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def complete_states(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("state-*") if (p / COMPLETE).is_file())
+
+
+def load_latest(directory: Path) -> tuple[Path, TrainerState] | None:
+    states = complete_states(directory)
+    if not states:
+        return None
+    path = states[-1]
+    meta = json.loads((path / "meta.json").read_text())
+    saved = torch.load(path / "optimizer.pt", weights_only=False)
+    reference = torch.load(path / "reference.pt") if (path / "reference.pt").exists() else None
+    return path, TrainerState(meta["step"], saved["optimizer"], reference, saved["rng"], meta.get("bad_steps", 0),
+                              meta.get("history", []))

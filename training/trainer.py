@@ -1,0 +1,179 @@
+"""The single-process trainer: one model, one optimizer, one GRPO step at a time.
+
+This is the seam a torch-distributed (FSDP, ``torchrun``) trainer replaces: ``training.update``
+only calls ``restore_or_start``, ``ensure_published``, ``train_step`` and ``save_and_publish``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from typing import Any
+
+import structlog
+import torch
+
+from exitagent import checkpoints, models
+from exitagent.errors import ExitAgentError, ModelError
+from exitagent.faults import crash_point
+from exitagent.store import CurriculumStore
+from exitagent.types import StoredGroup
+from training import state as trainer_state
+from training.config import UpdateConfig
+from training.data import TrainItem, make_micro_batches
+from training.loss import LossConfig, loss_normaliser, micro_batch_loss, reference_due, refresh_reference
+from training.publish import compute_canary, publish_from
+
+log = structlog.get_logger(__name__)
+
+
+def _load(directory: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:300]  # one line: entry points print it as the error line
+        raise ModelError(f"cannot load a model from {directory}: {reason}") from error
+    return model.to(device)  # type: ignore[arg-type]
+
+
+
+
+class Trainer:
+    def __init__(self, cfg: UpdateConfig, model: Any, tokenizer: Any, reference: Any, step: int) -> None:
+        self.cfg = cfg
+        self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.step = step
+        self.bad_steps = 0
+        self.history: list[list[Any]] = []  # [step, group ids] of every update in this model's lineage
+        self.reference_moved = False  # the reference differs from the initial model (must be saved)
+        self.loss_cfg = LossConfig(epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon, is_cap=cfg.is_cap,
+                                   beta=cfg.beta, aggregation=cfg.aggregation,  # type: ignore[arg-type]
+                                   drop_truncated=cfg.drop_truncated, drop_unparseable=cfg.drop_unparseable)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.device = next(model.parameters()).device
+
+    @property
+    def state_dir(self) -> Any:
+        return self.cfg.run_dir / "trainer"
+
+    @classmethod
+    def restore_or_start(cls, cfg: UpdateConfig) -> Trainer:
+        from transformers import AutoTokenizer
+
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if cfg.device == "auto" else cfg.device))
+        base = models.resolve(cfg.model)
+        saved = trainer_state.load_latest(cfg.run_dir / "trainer")
+        source = saved[0] if saved else base
+        model = _load(source, torch.float32, device)  # fp32 master weights; compute runs in bf16
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
+        reference = None
+        if cfg.beta > 0:
+            reference = _load(base, torch.float32, device).eval().requires_grad_(False)
+        trainer = cls(cfg, model, tokenizer, reference, step=saved[1].step if saved else 0)
+        if saved:
+            state = saved[1]
+            trainer.optimizer.load_state_dict(state.optimizer)
+            trainer.bad_steps = state.bad_steps
+            trainer.history = state.history
+            if state.reference is not None and reference is not None:
+                reference.load_state_dict(state.reference)
+                trainer.reference_moved = True
+            trainer_state.restore_rng(state.rng)
+            log.info("trainer_resumed", step=state.step, state=str(saved[0]))
+        else:
+            random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            log.info("trainer_started", model=str(base), device=str(device))
+        return trainer
+
+    def ensure_published(self) -> None:
+        """Publish the saved state's weights if a crash came between saving and publishing."""
+        if self.step == 0:
+            return
+        weights = self.cfg.run_dir / "weights"
+        if any(step == self.step for step, _ in checkpoints.ready_checkpoints(weights)):
+            return
+        self._publish()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def train_step(self, items: list[TrainItem], groups: list[StoredGroup],
+                   store: CurriculumStore) -> dict[str, float] | None:
+        """One update on ``items``; ``groups`` are marked consumed by it first (see update.py).
+
+        Returns None, without an update, when no group carried a learning signal: the groups are
+        still consumed (by the next step, so a crash before it is saved releases them again).
+        """
+        started = time.perf_counter()
+        try:
+            batches = make_micro_batches(items, vocab_size=self.model.config.vocab_size,
+                                         token_budget=self.cfg.token_budget,
+                                         pad_id=self.tokenizer.pad_token_id or 0)
+        except ValueError as error:
+            raise ExitAgentError(f"cannot train on the stored groups: {error}") from error
+        store.mark_consumed([g.id for g in groups], self.step + 1)
+        self.history.append([self.step + 1, [g.id for g in groups]])
+        crash_point("after_consume", self.step + 1)
+        if not batches:
+            return None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        normaliser = loss_normaliser(batches, self.loss_cfg)
+        totals: dict[str, float] = {}
+        tokens = 0
+        for batch in batches:
+            with self._autocast():
+                loss, metrics = micro_batch_loss(self.model, batch, self.loss_cfg, ref_model=self.reference,
+                                                 normaliser=normaliser, chunk=self.cfg.logprob_chunk)
+            loss.backward()
+            weight = batch.num_tokens
+            tokens += int(batch.attention_BT.sum())
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * (1.0 if key == "loss" else weight)
+        trained = sum(b.num_tokens for b in batches) or 1
+        result = {k: (v if k == "loss" else v / trained) for k, v in totals.items()}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        if not (math.isfinite(result.get("loss", 0.0)) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            log.error("update_skipped_non_finite", step=self.step + 1, loss=result.get("loss"), grad_norm=grad_norm)
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                raise ExitAgentError(f"{self.bad_steps} non-finite updates in a row: stopping (lower --lr?)")
+        else:
+            self.optimizer.step()
+            self.bad_steps = 0
+        self.step += 1
+        if reference_due(self.step, self.cfg.ref_every) and self.reference is not None:
+            refresh_reference(self.model, self.reference, self.cfg.ref_alpha)
+            self.reference_moved = True
+        rewards = [r.reward for g in groups for r in g.rollouts if r.reward is not None]
+        seconds = time.perf_counter() - started
+        return {**result, "grad_norm": grad_norm, "sequences": float(len(items)), "tokens": float(tokens),
+                "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": float(self.bad_steps > 0),
+                "reward_mean": sum(rewards) / max(1, len(rewards))}
+
+    def save_and_publish(self) -> None:
+        reference = self.reference.state_dict() if self.reference is not None and self.reference_moved else None
+        saved = trainer_state.TrainerState(self.step, self.optimizer.state_dict(), reference,
+                                           trainer_state.rng_state(), self.bad_steps, self.history)
+        trainer_state.save(self.state_dir, saved, self.model, self.tokenizer)
+        crash_point("before_publish", self.step)
+        self._publish()
+
+    def _publish(self) -> None:
+        directory = self.state_dir / f"state-{self.step:06d}"
+        self.model.eval()
+        canary = compute_canary(self.model, self.tokenizer)
+        path = publish_from(directory, self.cfg.run_dir / "weights", self.step, canary, keep=self.cfg.keep)
+        log.info("checkpoint_published", step=self.step, path=str(path))

@@ -1,0 +1,155 @@
+"""GRPO updates from the curriculum store; every K updates a checkpoint the server hot-reloads.
+
+    python -m training.update --run-dir RUN --model smollm2-135m [--steps N]
+
+Without ``--steps`` it follows the store until stopped (SIGINT/SIGTERM finish the current step).
+
+Crash safety (a ``kill -9`` at any point, then a restart, neither loses nor double-trains a
+group). Three records are tied together by the step number N:
+
+1. the store marks the groups of update N with ``consumed_by_step = N`` in one transaction,
+   just before the optimizer step;
+2. every K updates the trainer saves its complete state (model, optimizer, reference, RNG) as
+   ``RUN/trainer/state-N`` (write, fsync, rename, then COMPLETE marker);
+3. only then is the model published as ``RUN/weights/step-N`` (hard links to the state's files).
+
+On start, the trainer loads the newest complete state S (or the initial model, S = 0), tells the
+store to forget consumption by any step > S (those updates died with the process, so their groups
+are trained again, once), and publishes step S if the crash came between 2 and 3. So every group
+is either in the saved weights exactly once, or unconsumed and waiting.
+
+The single-process ``Trainer`` below is the seam for a torch-distributed trainer: the loop only
+calls ``train_step``, ``save`` and ``publish`` on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import signal
+import sys
+import time
+
+import anyio
+import structlog
+from tqdm import tqdm
+
+from exitagent import config
+from exitagent import log as logging_setup
+from exitagent.errors import ExitAgentError, unwrap
+from exitagent.log import MetricsFile
+from exitagent.store import SQLiteStore
+from exitagent.types import StoredGroup, Variant
+from training.advantage import group_advantages
+from training.config import UpdateConfig
+from training.data import TrainItem
+from training.trainer import Trainer
+
+log = structlog.get_logger(__name__)
+
+
+def items_from(groups: list[StoredGroup], cfg: UpdateConfig) -> tuple[list[TrainItem], dict[str, float]]:
+    """Training items with their group-relative advantages; groups with no signal contribute none."""
+    items: list[TrainItem] = []
+    counts = {"groups": float(len(groups)), "groups_no_signal": 0.0, "rollouts_failed": 0.0}
+    for group in groups:
+        scored = [r for r in group.rollouts if r.reward is not None]
+        counts["rollouts_failed"] += len(group.rollouts) - len(scored)
+        if len(scored) < 2 or len({r.reward for r in scored}) == 1:
+            counts["groups_no_signal"] += 1
+            continue
+        multipliers = [r.diversity for r in scored] if group.variant is Variant.EXIT and cfg.diversity else None
+        advantages = group_advantages([float(r.reward) for r in scored], scale_by_std=not cfg.dr_grpo,  # type: ignore[arg-type]
+                                      multipliers_G=multipliers)
+        for rollout, advantage in zip(scored, advantages.tolist(), strict=True):
+            for sequence in rollout.sequences:
+                items.append(TrainItem(sequence, advantage, truncated=rollout.components.get("truncated", 0) > 0,
+                                       unparseable=rollout.components.get("unparseable", 0) > 0,
+                                       label=f"group {group.id} rollout {rollout.index}"))
+    return items, counts
+
+
+def gather(store: SQLiteStore, trainer: Trainer, cfg: UpdateConfig, metrics: MetricsFile) -> list[StoredGroup]:
+    """Up to ``groups_per_step`` fresh groups; stale ones are dropped (and counted) first."""
+    min_version = max(0, trainer.step - cfg.max_staleness)
+    dropped = store.drop_stale(min_version, trainer.step + 1)
+    if dropped:
+        log.warning("stale_groups_dropped", count=dropped, min_version=min_version)
+        metrics.write("stale_dropped", step=trainer.step, count=dropped)
+    return store.fetch_groups(min_version=min_version, limit=cfg.groups_per_step)
+
+
+async def run(cfg: UpdateConfig) -> int:
+    trainer = Trainer.restore_or_start(cfg)
+    with SQLiteStore.in_run(cfg.run_dir) as store:
+        released = store.unconsume(trainer.step + 1)
+        if released:
+            log.warning("consumption_rolled_back", groups=released, resumed_at=trainer.step)
+        trainer.ensure_published()
+        metrics = MetricsFile(cfg.run_dir / "metrics" / "update.jsonl")
+        target = cfg.steps or None  # absolute: rerunning the same command after a crash finishes the run
+        bar = tqdm(total=cfg.steps or None, initial=trainer.step, desc="update", unit="step", file=sys.stderr,
+                   disable=cfg.quiet)
+        idle_since = time.monotonic()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            stop = anyio.Event()
+
+            async def watch() -> None:
+                async for _ in signals:
+                    log.info("update_stopping")
+                    stop.set()
+                    return
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch)
+                while not stop.is_set() and (target is None or trainer.step < target):
+                    groups = gather(store, trainer, cfg, metrics)
+                    if len(groups) < cfg.groups_per_step and not (groups and cfg.partial_batches):
+                        if cfg.idle_timeout_s and time.monotonic() - idle_since > cfg.idle_timeout_s:
+                            print(f"error: no groups to train on in {cfg.run_dir} for {cfg.idle_timeout_s:.0f} s "
+                                  f"(is collect running?)", file=sys.stderr)
+                            tasks.cancel_scope.cancel()
+                            return 3
+                        with anyio.move_on_after(cfg.poll_s):
+                            await stop.wait()
+                        continue
+                    idle_since = time.monotonic()
+                    items, counts = items_from(groups, cfg)
+                    result = await anyio.to_thread.run_sync(trainer.train_step, items, groups, store)
+                    if result is None:
+                        metrics.write("no_signal", step=trainer.step, **counts)
+                        continue
+                    staleness = [trainer.step - 1 - g.version.step for g in groups]
+                    row = {**result, **counts, "staleness_mean": sum(staleness) / len(staleness),
+                           "staleness_max": float(max(staleness)),
+                           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+                    metrics.write("update", step=trainer.step, **row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row.get('loss', 0):.4f}", reward=f"{row.get('reward_mean', 0):.2f}")
+                    if trainer.step % cfg.publish_every == 0:
+                        await anyio.to_thread.run_sync(trainer.save_and_publish)
+                tasks.cancel_scope.cancel()
+        bar.close()
+        metrics.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.update", description=__doc__.split("\n\n")[0])
+    config.add_arguments(parser, UpdateConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.from_args(UpdateConfig, args)
+        logging_setup.configure(json_lines=cfg.log_json or None)
+        config.save(cfg, cfg.run_dir, "update")
+        return anyio.run(run, cfg)
+    except BaseException as raised:  # re-raised below unless it is ours
+        error = unwrap(raised)
+        if not isinstance(error, ExitAgentError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
