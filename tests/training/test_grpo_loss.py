@@ -207,3 +207,14 @@ def test_reference_refresh(tiny_model) -> None:
     assert not reference_due(0, 100) and not reference_due(5, 0)
     with pytest.raises(ValueError):
         refresh_reference(tiny_model, reference, alpha=1.5)
+
+
+def test_old_logprobs_from_an_earlier_epoch_reach_the_clip(tiny_model, make_sequence) -> None:
+    (batch,) = make_micro_batches([(make_sequence(3, 5), 1.0), (make_sequence(3, 6), 2.0)], vocab_size=1000)
+    with torch.no_grad():
+        current_BT, _ = token_logprobs(tiny_model, batch.tokens_BT, batch.attention_BT, score_BT=batch.mask_BT > 0)
+    # pi / pi_old = 1.5 everywhere, A > 0: every token is clipped and nothing moves the model.
+    loss, metrics = micro_batch_loss(tiny_model, batch, LossConfig(), old_logprobs_BT=current_BT - math.log(1.5))
+    loss.backward()
+    assert metrics["clip_high_frac"] == 1.0
+    assert all(float(p.grad.abs().sum()) == 0 for p in tiny_model.parameters() if p.grad is not None)
