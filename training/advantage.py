@@ -6,7 +6,8 @@ relative to its group, the same value for every token of the response:
     A_i = (r_i - mean(r)) / (std(r) + eps)          (``scale_by_std=False``: Dr. GRPO, no division)
 
 A group whose rewards are all equal carries no signal and gets all-zero advantages. Full ExIt then
-multiplies A_i by the diversity multiplier d_i of response i (``diversity_multipliers``).
+multiplies A_i by the diversity multiplier d_i of response i (computed at collection time by
+``exitagent.diversity`` and stored with the rollout).
 
 Pure torch, no I/O: the caller passes rewards and embeddings, and gets tensors back.
 """
@@ -52,24 +53,3 @@ def group_advantages(
             )
         advantages_G = advantages_G * multipliers_G
     return advantages_G
-
-
-def diversity_multipliers(embeddings_GD: torch.Tensor | npt.ArrayLike) -> torch.Tensor:
-    """The diversity bonus d_i of each of G responses from their embeddings, shape (G,), float32.
-
-    d_i = ||e_i - centroid|| / (max_j d_j - min_j d_j), with Euclidean distance to the group
-    centroid; all ones when the range is 0 (identical distances, or a group of one). The spec
-    divides by the range, not the max, so values above 1 are expected: the response closest to the
-    centroid gets min/range, the farthest max/range. Normalise the embeddings first if the model's
-    norms are not meaningful (sentence-transformers usually are normalised already).
-    """
-    embeddings_GD = torch.as_tensor(embeddings_GD, dtype=torch.float32)
-    if embeddings_GD.ndim != 2 or embeddings_GD.shape[0] == 0:
-        raise ValueError(f"embeddings_GD must be (G, D) with G >= 1, got shape {tuple(embeddings_GD.shape)}")
-    centroid_D = embeddings_GD.mean(dim=0)
-    distances_G = torch.linalg.vector_norm(embeddings_GD - centroid_D, dim=1)
-    spread = distances_G.max() - distances_G.min()
-    # A range at float32 rounding level is "0": dividing by it would turn noise into huge weights.
-    if spread <= 1e-6 * max(float(distances_G.max()), 1.0):
-        return torch.ones_like(distances_G)
-    return distances_G / spread
