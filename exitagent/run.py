@@ -1,48 +1,167 @@
-"""The main job on the embedded default (the README's run command calls this).
+"""The main job: a short, real ExIt training run on the embedded default, measured and reported.
 
-    python -m exitagent.run [--run-dir runs/demo]
+    python -m exitagent.run [--run-dir runs/demo] [--train-minutes 18] [--variant exit]
 
-For now it starts ``serve`` on the packaged model, asks it one question through the OpenAI API,
-prints the answer with the policy version that produced it, and stops the server again. The
-full ExIt training run (serve + collect + update, evaluation and report) replaces this body.
+What happens (each part is also a command of its own, started here as a child process):
+
+1. ``exitagent.serve`` serves the packaged 135M model on the CPU;
+2. ``exitagent.evaluate`` measures the base policy on held-out arithmetic: accuracy at every
+   self-improvement step k = 0..K;
+3. ``exitagent.collect`` (ExIt curriculum, rollouts, rewards, the store) and ``training.update``
+   (GRPO, checkpoints) run side by side for ``--train-minutes``; the server hot-reloads every
+   checkpoint, and a progress line shows the trainer's step, the served version and the reward;
+4. the trained policy is evaluated the same way, and ``RUN/report.md`` (with PNG plots) compares
+   the two.
+
+Ctrl-C stops every child cleanly; running the same command again continues the run (the store,
+the trainer state and finished evaluations are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import httpx
-
-from exitagent import launch
+from exitagent import checkpoints, config, launch
 from exitagent import log as logging_setup
 from exitagent.errors import ExitAgentError
+from exitagent.report import write_report
+from exitagent.types import Variant
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: Path = field(default=Path("runs/demo"), metadata={"help": "where everything of this run goes"})
+    variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
+    train_minutes: float = field(default=18.0, metadata={"help": "wall-clock budget of collect + update"})
+    seed: int = field(default=0, metadata={"help": "seed of tasks, curriculum and trainer"})
+    levels: str = field(default="add1,add2,sub1,sub2,mul1,word", metadata={"help": "arithmetic levels"})
+    group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
+    groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
+    lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
+    max_tokens: int = field(default=96, metadata={"help": "new tokens per response"})
+    eval_tasks: int = field(default=60, metadata={"help": "held-out tasks per evaluation"})
+    eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
+    eval_samples: int = field(default=2, metadata={"help": "n: samples per task (avg@n)"})
+    port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
+
+
+def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
+    log_path = cfg.run_dir / "logs" / f"{name}.log"
+    with log_path.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def evaluate(cfg: RunConfig, base_url: str, name: str) -> dict[str, Any]:
+    """Held-out arithmetic, K self-improvement steps, avg@n; cached in RUN/eval/NAME.json."""
+    out = cfg.run_dir / "eval" / f"{name}.json"
+    if out.exists():
+        return dict(json.loads(out.read_text()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
+          f"n={cfg.eval_samples}) ...", flush=True)
+    command = [sys.executable, "-m", "exitagent.evaluate", "--base-url", base_url, "--domain", "math",
+               "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
+               "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
+               "--max-tokens", str(cfg.max_tokens), "--seed", str(cfg.seed), "--out", str(out)]
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    print(f"[run] {name}: accuracy by step {[round(a, 3) for a in result['accuracy_by_step']]}", flush=True)
+    return dict(result)
+
+
+def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool]) -> None:
+    """collect + update for ``train_minutes``, with a progress line every 15 s."""
+    run = str(cfg.run_dir)
+    collect = _child(cfg, "collect", "exitagent.collect", "--run-dir", run, "--base-url", server.base_url,
+                     "--variant", cfg.variant.value, "--levels", cfg.levels, "--group-size", str(cfg.group_size),
+                     "--max-tokens", str(cfg.max_tokens), "--concurrency", "4", "--min-buffer", "16",
+                     "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
+    update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
+                    "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
+                    "--quiet", "--log-json")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < cfg.train_minutes * 60 and not stop_requested[0]:
+            for process, name in ((collect, "collect"), (update, "update")):
+                if process.poll() is not None:
+                    raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
+            time.sleep(15)
+            print(f"[run] {(time.monotonic() - started) / 60:5.1f} min | {progress(cfg.run_dir, server)}", flush=True)
+    finally:
+        _stop(collect)
+        _stop(update, grace_s=300)  # lets the current step finish and publish
+
+
+def progress(run_dir: Path, server: launch.ServeProcess) -> str:
+    rewards = [row["reward_mean"] for row in _rows(run_dir / "metrics" / "collect.jsonl") if "reward_mean" in row]
+    updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
+    recent = rewards[-20:]
+    return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "
+            f"updates {len(updates):3d} | served {server.policy()['version']}")
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written right now
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, default=Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    parser.add_argument("--question", default="What is 12 + 7? Answer with the number only.")
-    args = parser.parse_args(argv)
+    config.add_arguments(parser, RunConfig)
+    cfg = config.from_args(RunConfig, parser.parse_args(argv))
     logging_setup.configure()
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"starting the server on the packaged model (logs in {args.run_dir}/logs) ...", flush=True)
+    (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    config.save(cfg, cfg.run_dir, "run")
+    stop_requested = [False]
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
+    print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
+    server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", *(["--port", str(cfg.port)] if cfg.port else []),
+                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     try:
-        server = launch.start_serve(args.run_dir, "--kv-cache-gib", "2")
-    except ExitAgentError as error:
+        base = evaluate(cfg, server.base_url, "base")
+        if not stop_requested[0]:
+            train(cfg, server, stop_requested)
+        if stop_requested[0]:
+            print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
+            return 130
+        published = checkpoints.ready_checkpoints(cfg.run_dir / "weights")
+        if published:
+            latest = published[-1][0]
+            server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
+        trained = evaluate(cfg, server.base_url, "trained")
+        report = write_report(cfg.run_dir, base, trained)
+        print(f"[run] report: {report}", flush=True)
+        print(report.read_text().split("\n## ")[1], flush=True)
+    except (ExitAgentError, subprocess.CalledProcessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        response = httpx.post(f"{server.base_url}/chat/completions", timeout=120, json={
-            "model": "policy", "messages": [{"role": "user", "content": args.question}],
-            "max_tokens": 64, "temperature": 0.0,
-        })
-        response.raise_for_status()
-        answer = response.json()["choices"][0]["message"]["content"]
-        print(f"server: {server.base_url}\npolicy: {response.headers.get('x-exitagent-policy-version')}\n"
-              f"question: {args.question}\nanswer: {answer}")
     finally:
         server.stop()
     return 0

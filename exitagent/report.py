@@ -1,0 +1,113 @@
+"""The run report: base vs trained self-improvement curves, the training curves, the curriculum.
+
+``write_report(run_dir, base, trained)`` writes ``RUN/report.md`` and the PNG plots it shows
+(``RUN/report/*.png``) from the two evaluation results and the run's metrics files and store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from exitagent import curriculum
+from exitagent.store import SQLiteStore
+
+
+def _rows(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def _accuracy_plot(base: dict[str, Any], trained: dict[str, Any], out: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, result in (("base", base), ("trained", trained)):
+        curve = [100 * a for a in result["accuracy_by_step"]]
+        axis.plot(range(len(curve)), curve, marker="o", label=name)
+    axis.set_xlabel("self-improvement step k")
+    axis.set_ylabel("held-out accuracy (%)")
+    axis.set_title("Inference-time self-improvement")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def _training_plot(run_dir: Path, out: Path) -> None:
+    collect = _rows(run_dir / "metrics" / "collect.jsonl")
+    updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rewards = [r["reward_mean"] for r in collect if "reward_mean" in r]
+    window = 16
+    smooth = [sum(rewards[max(0, i - window + 1): i + 1]) / len(rewards[max(0, i - window + 1): i + 1])
+              for i in range(len(rewards))]
+    left.plot(rewards, alpha=0.3, label="per group")
+    left.plot(smooth, label=f"mean of last {window}")
+    left.set_xlabel("group")
+    left.set_ylabel("training reward")
+    left.legend()
+    right.plot([u["step"] for u in updates], [u.get("loss", 0.0) for u in updates], label="loss")
+    right.set_xlabel("update")
+    right.set_ylabel("GRPO loss")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+def _line(name: str, result: dict[str, Any]) -> str:
+    curve = " → ".join(f"{100 * a:.1f}" for a in result["accuracy_by_step"])
+    return f"| {name} | {100 * result['accuracy_by_step'][0]:.1f} | {100 * result['delta_k']:+.1f} | " \
+           f"{result['net_corrections']:+d} | {curve} |"
+
+
+def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any]) -> Path:
+    figures = run_dir / "report"
+    figures.mkdir(parents=True, exist_ok=True)
+    _accuracy_plot(base, trained, figures / "accuracy.png")
+    _training_plot(run_dir, figures / "training.png")
+    with SQLiteStore.in_run(run_dir) as store:
+        groups, entries = store.groups(), store.entries()
+    curriculum.plot(groups, figures / "curriculum.png")
+    summary = curriculum.format_summary(curriculum.summarize(entries, groups))
+    updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
+    k = len(base["accuracy_by_step"]) - 1
+    gain = 100 * (trained["accuracy_by_step"][0] - base["accuracy_by_step"][0])
+    text = f"""# exitagent run: {run_dir.name}
+
+## Result
+
+| policy | accuracy at k=0 (%) | Δ_{k} (points) | net corrections | accuracy by step k = 0..{k} (%) |
+|---|---|---|---|---|
+{_line("base", base)}
+{_line("trained", trained)}
+
+Held-out arithmetic, avg@{base.get("config", {}).get("samples", "n")}; accuracy at k=0 changed by
+{gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
+
+![accuracy](report/accuracy.png)
+
+## Training
+
+![training](report/training.png)
+
+## Curriculum
+
+```
+{summary}
+```
+
+![curriculum](report/curriculum.png)
+"""
+    path = run_dir / "report.md"
+    path.write_text(text)
+    return path
