@@ -165,10 +165,11 @@ async def test_staleness_gate_pauses_until_the_trainer_catches_up(tmp_path: Path
             caught_up.append(time.time())
             store.drop_stale(min_version=1, step=3)
 
-        async with anyio.create_task_group() as group:
-            if pauses:
-                group.start_soon(trainer)
-            summary = await collect(replace(cfg, groups=6), policy, ExactMatchEvaluator(), store, TASKS)
+        with anyio.fail_after(10):  # a gate that never opens fails here rather than hanging
+            async with anyio.create_task_group() as group:
+                if pauses:
+                    group.start_soon(trainer)
+                summary = await collect(replace(cfg, groups=6), policy, ExactMatchEvaluator(), store, TASKS)
         new = store.groups()[3:]
     assert len(new) == summary.groups == 3
     if pauses:
