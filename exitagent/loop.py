@@ -83,7 +83,10 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
 async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
                     limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
     """G episodes from one prompt: the first turns come from one request with ``n=G``."""
-    budget = min(params.max_tokens, limits.max_total_tokens)
+    room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+    budget = min(params.max_tokens, limits.max_total_tokens, room)
+    if budget < limits.min_turn_tokens:  # not even one short answer fits: every episode stops at once
+        return [Episode(task, tuple(messages), (), StopReason.CONTEXT_FULL, ()) for _ in range(n)]
     firsts = await policy.sample(messages, n=n, params=replace(params, max_tokens=budget),
                                  tools=tools.server_tools())
     episodes: list[Episode | None] = [None] * n

@@ -67,7 +67,7 @@ class ScriptedPolicy:
         return [self._one(messages, params) for _ in range(n)]
 
     def estimate_tokens(self, text: str) -> int:
-        return len(text) + 16  # one token per character, plus the role tags
+        return len(text) + 40  # one token per character, plus role tags and the generation prompt (safe side)
 
     def _one(self, messages: Sequence[Message], params: SamplingParams) -> Sample:
         answer = self.script(messages) if callable(self.script) else self.script.pop(0)

@@ -45,7 +45,7 @@ def _training_plot(run_dir: Path, out: Path) -> None:
     collect = _rows(run_dir / "metrics" / "collect.jsonl")
     updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    rewards = [r["reward_mean"] for r in collect if "reward_mean" in r]
+    rewards = [r["reward_mean"] for r in collect if r.get("reward_mean") is not None]
     window = 16
     smooth = [sum(rewards[max(0, i - window + 1): i + 1]) / len(rewards[max(0, i - window + 1): i + 1])
               for i in range(len(rewards))]

@@ -113,7 +113,8 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
 
 
 def progress(run_dir: Path, server: launch.ServeProcess) -> str:
-    rewards = [row["reward_mean"] for row in _rows(run_dir / "metrics" / "collect.jsonl") if "reward_mean" in row]
+    rewards = [row["reward_mean"] for row in _rows(run_dir / "metrics" / "collect.jsonl")
+               if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
     updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
     recent = rewards[-20:]
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "

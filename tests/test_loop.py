@@ -156,3 +156,17 @@ def test_parse_action_formats() -> None:
     action = parse_action('a <tool>[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]</tool> <TASK_FINISHED>')
     assert [c.name for c in action.calls] == ["f", "g"] and action.finished and not action.parse_errors
     assert parse_action('<tool>{"arguments": {}}</tool>').parse_errors
+
+
+async def test_group_whose_prompt_leaves_no_room_stops_without_a_request() -> None:
+    policy = ScriptedPolicy(["never"], max_context=64)
+    episodes = await run_group(TASK, policy, toolbox()[0], [Message("user", "x" * 200)], n=3)
+    assert [e.stop_reason for e in episodes] == [StopReason.CONTEXT_FULL] * 3 and not policy.calls
+
+
+async def test_group_first_turn_is_capped_by_the_room_left() -> None:
+    policy = ScriptedPolicy(lambda messages: "y" * 500, max_context=300)
+    (episode,) = await run_group(TASK, policy, toolbox()[0], [Message("user", "x" * 100)], n=1)
+    sample = episode.turns[0].sample
+    assert len(sample.prompt_ids) + len(sample.completion_ids) <= 300
+    assert episode.stop_reason is StopReason.CONTEXT_FULL
