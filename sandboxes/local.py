@@ -60,6 +60,13 @@ def _jail_args() -> list[str]:
     for path in _ETC_FILES:
         if os.path.exists(path):
             args += ["--ro-bind", path, path]
+    return args
+
+
+def _python_binds() -> list[str]:
+    """This Python's prefix and virtual environment, read-only at their own paths. They go after the
+    scratch tmpfs mounts: a checkout under /tmp (CI clones) must not be hidden by the private /tmp."""
+    args: list[str] = []
     for prefix in dict.fromkeys([sys.base_prefix, sys.prefix]):
         if prefix != "/usr" and not prefix.startswith("/usr/"):
             args += ["--ro-bind", prefix, prefix]
@@ -84,7 +91,7 @@ def probe(bwrap: str) -> str | None:
         prlimit_path()
     except SandboxUnavailable as err:
         return str(err)
-    argv = [bwrap, *_jail_args(), "--", sys.executable, "-c", "pass"]
+    argv = [bwrap, *_jail_args(), *_python_binds(), "--", sys.executable, "-c", "pass"]
     try:
         done = subprocess.run(argv, capture_output=True, env={}, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -141,6 +148,7 @@ class LocalSandbox(HostWorkspaceSandbox):
         args = [bwrap_path(), *_jail_args()]
         for scratch in ("/tmp", "/dev/shm"):  # bounded; bwrap's /dev/shm would be RAM-sized
             args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", scratch]
+        args += _python_binds()
         args += ["--ro-bind", str(self.root / "passwd"), "/etc/passwd"]
         args += ["--ro-bind", str(self.root / "group"), "/etc/group"]
         args += ["--bind", str(self.host_workspace), SANDBOX_WORKDIR]

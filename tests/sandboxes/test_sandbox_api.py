@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
@@ -201,3 +202,14 @@ async def test_launcher_refuses_to_run_outside_its_cgroup(tmp_path: Path) -> Non
     done = await anyio.run_process(argv, check=False)
     assert done.returncode == LAUNCHER_FAILED and done.stdout == b""
     assert done.stderr.startswith(b"mark-123:") and b"cannot join" in done.stderr
+
+
+async def test_the_interpreter_is_bound_after_the_private_tmp() -> None:
+    # A checkout (and its .venv) under /tmp, as CI clones are, must stay visible inside the jail:
+    # the read-only bind of the interpreter has to come after the private /tmp mount.
+    async with open_sandbox("local") as sandbox:
+        argv = sandbox._command(["python", "-c", "pass"], PurePosixPath("."), {})  # type: ignore[attr-defined]
+    tmpfs = argv.index("/tmp", argv.index("--tmpfs"))
+    binds = [i for i, arg in enumerate(argv) if arg == sys.prefix and argv[i - 2] == "--ro-bind"]
+    assert binds and all(i > tmpfs for i in binds)
+
