@@ -1,0 +1,131 @@
+"""The paper's five variants side by side: same budget, same seeds, one Table-1-style comparison.
+
+    python -m exitagent.variants --out-dir runs/variants --seeds 0,1 --train-minutes 10
+
+Each (variant, seed) is one ``exitagent.run`` in ``OUT/<variant>-s<seed>`` (its own server,
+store, trainer and report), so a finished pair is skipped when the command is run again. The
+comparison goes to ``OUT/table.md`` and ``OUT/table.json``: accuracy after K self-improvement
+steps and Delta_K, mean and spread (population standard deviation) over seeds, plus the base
+policy's row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve. Each run's
+curriculum plots (sample depth, "sampled from iteration", start turn) are in its own report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from exitagent.types import Variant
+
+ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]
+LABELS = {Variant.GRPO: "GRPO", Variant.CURRICULUM: "+ curriculum", Variant.IMPROVE: "+ improve",
+          Variant.DIVERGE: "+ diverge", Variant.EXIT: "full ExIt"}
+
+
+def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> Path:
+    run_dir = out_dir / f"{variant.value}-s{seed}"
+    if (run_dir / "eval" / "trained.json").exists():
+        return run_dir
+    print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
+    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), "--variant", variant.value,
+               "--seed", str(seed), *passthrough]
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    return run_dir
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: dict[Variant, list[Path]]) -> dict[str, Any]:
+    """Per variant: mean and spread over seeds of accuracy after K steps and of Delta_K."""
+    table: dict[str, Any] = {"variants": {}, "base": {}}
+    bases: list[dict[str, Any]] = []
+    for variant, directories in runs.items():
+        results = [json.loads((d / "eval" / "trained.json").read_text()) for d in directories]
+        bases += [json.loads((d / "eval" / "base.json").read_text()) for d in directories]
+        table["variants"][variant.value] = _row(results)
+    table["base"] = _row(bases)
+    return table
+
+
+def _row(results: list[dict[str, Any]]) -> dict[str, Any]:
+    final = [r["accuracy_by_step"][-1] for r in results]
+    delta = [r["delta_k"] for r in results]
+    curves = [r["accuracy_by_step"] for r in results]
+    return {"seeds": len(results), "accuracy_after_k": _spread(final), "delta_k": _spread(delta),
+            "curve": [statistics.fmean(step) for step in zip(*curves, strict=True)]}
+
+
+def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
+    k = len(table["base"]["curve"]) - 1
+    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) |", "|---|---|---|---|"]
+
+    def line(name: str, row: dict[str, Any]) -> str:
+        (acc, acc_sd), (delta, delta_sd) = row["accuracy_after_k"], row["delta_k"]
+        return (f"| {name} | {row['seeds']} | {100 * acc:.1f} ± {100 * acc_sd:.1f} | "
+                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} |")
+
+    lines.append(line("base model", table["base"]))
+    for variant in ORDER:
+        if variant.value in table["variants"]:
+            lines.append(line(LABELS[variant], table["variants"][variant.value]))
+    text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
+        "\n\nMean ± population standard deviation over seeds.\n\n![curves](curves.png)\n"
+    (out_dir / "table.md").write_text(text)
+    (out_dir / "table.json").write_text(json.dumps(table, indent=2))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([100 * a for a in table["base"]["curve"]], "k--", label="base model")
+    for variant in ORDER:
+        if variant.value in table["variants"]:
+            axis.plot([100 * a for a in table["variants"][variant.value]["curve"]], marker="o", label=LABELS[variant])
+    axis.set_xlabel("self-improvement step k")
+    axis.set_ylabel("held-out accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "curves.png", dpi=120)
+    plt.close(figure)
+    return out_dir / "table.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exitagent.variants", description=__doc__.split("\n\n")[0],
+                                     epilog="Other flags are passed to every `python -m exitagent.run`.")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
+    args, passthrough = parser.parse_known_args(argv)
+    try:
+        variants = [Variant(v) for v in args.variants.split(",") if v]
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[Variant, list[Path]] = {}
+    try:
+        for seed in seeds:  # seeds outermost: an interrupted sweep has every variant at the first seed
+            for variant in variants:
+                runs.setdefault(variant, []).append(run_one(args.out_dir, variant, seed, passthrough))
+    except subprocess.CalledProcessError as error:
+        print(f"error: a run failed ({error}); finished runs are kept, run the command again to continue",
+              file=sys.stderr)
+        return 2
+    table = write_table(args.out_dir, summarise(runs))
+    print(table.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
