@@ -1,0 +1,26 @@
+"""exitagent: train language-model agents to improve their own work at inference time (ExIt).
+
+The embedding API is ``from exitagent import SelfImprovingAgent`` (see ``exitagent.agent``). It is
+imported on first use, so ``import exitagent`` stays light: entry points such as
+``python -m exitagent.serve`` do not pay for the OpenAI client they never use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exitagent.agent import Improvement, Iterate, SelfImprovingAgent
+
+__all__ = ["Improvement", "Iterate", "SelfImprovingAgent"]
+
+_LAZY = {name: "exitagent.agent" for name in __all__}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'exitagent' has no attribute {name!r}")

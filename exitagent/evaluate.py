@@ -1,0 +1,413 @@
+"""K-step inference-time self-improvement evaluation (exit-spec.md section 7).
+
+    python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 --domain math \\
+        --source arithmetic --split heldout --n-tasks 100 --steps 16 --samples 8 --out eval/base.json
+    python -m exitagent.evaluate --base-url URL --tasks problems.jsonl --steps 4 --samples 4 --out eval/mine.json
+
+For each task and each of the n ``--samples`` trajectories: y^0 answers the plain request (one
+request with ``n=samples`` per task), then ``--steps`` K improve steps, each a separate request that
+sees ONLY the request and the latest iterate, through the prompt training uses
+(``agent.iterate_messages``, i.e. ``prompts.step_messages``: the request, then the improve
+instruction with the request and the current response). No correctness feedback. Every iterate is
+scored.
+
+Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
+
+- ``accuracy_by_step[k]``, k = 0..K: the mean score of the k-th iterates over tasks and samples
+  (avg@n). Sampling is at ``--temperature`` 1.0 by default, the temperature training samples at,
+  as the paper's avg@8; ``--temperature 0 --samples 1`` is a greedy run.
+- ``delta_k`` = accuracy[K] - accuracy[0], and ``net_corrections`` = (wrong -> right) - (right ->
+  wrong) between y^0 and y^K of the same trajectory; ``corrections_by_step`` the same between
+  steps k-1 and k. "Right" means a score of ``RIGHT_AT`` (math: correct).
+- Evaluator failures (``EvaluatorError``) are counted per step and the iterate is left out of the
+  averages and of every transition it is part of: never scored 0. So each step's mean is over
+  ``scored_by_step[k]`` iterates, and equals avg@n whenever nothing failed.
+- A step whose prompt would not fit ``--max-context`` keeps the latest iterate (no room to revise
+  it): ``context_full_by_step``. Answers cut off at ``--max-tokens``: ``truncated_by_step``.
+- ``policy_versions``: each version the server tagged a sample with, and how many (``unknown``
+  for servers other than ``exitagent.serve``). More than one means the weights changed mid-run.
+
+``--concurrency`` is the number of tasks in flight; each runs its n trajectories at once, so up to
+``concurrency x samples`` answers are generated together. Exit codes: 0 done, 1 the server failed,
+2 bad configuration. Other domains plug in through ``Domain`` (tool use and MLE are not built yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from evaluators.base import Evaluator
+from exitagent.agent import iterate_messages, sample_step
+from exitagent.config import add_arguments, from_args, to_json
+from exitagent.errors import ConfigError, EvaluatorError, ExitAgentError, ServerError
+from exitagent.log import configure
+from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
+from exitagent.tasks import MATH_BENCHMARKS, math_tasks
+from exitagent.types import Sample, StepKind, Task
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = "exitagent.evaluate/1"
+RIGHT_AT = 1.0  # a score at least this is "right" for corrections (math scores are 0 or 1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    out: Path = field(metadata={"help": "result JSON (the curve goes next to it as .png)"})
+    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
+    model: str = field(default="policy", metadata={"help": "served model name"})
+    api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
+    domain: str = field(default="math", metadata={"help": "task domain (math for now)"})
+    source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
+    split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)"})
+    tasks: Path | None = field(default=None, metadata={"help": "a .jsonl of {id, problem, answer} (beats --source)"})
+    n_tasks: int | None = field(default=None, metadata={"help": "tasks to evaluate (arithmetic: 100; files: all)"})
+    levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
+    seed: int = field(default=0, metadata={"help": "seeds the task draw"})
+    steps: int = field(default=4, metadata={"help": "K: improve steps after the first attempt"})
+    samples: int = field(default=4, metadata={"help": "n: trajectories per task (avg@n)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1.0: as in training)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_tokens: int = field(default=1024, metadata={"help": "completion tokens per iterate"})
+    max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
+    concurrency: int = field(default=8, metadata={"help": "tasks in flight (each runs its n trajectories at once)"})
+    eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
+    eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
+    server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
+    keep_texts: bool = field(default=False, metadata={"help": "write every iterate's text into the JSON"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ConfigError(f"evaluate supports the domains {sorted(DOMAINS)} for now, not {self.domain!r}")
+        if self.steps < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
+            raise ConfigError("steps must be >= 0; samples, concurrency and max-tokens >= 1")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+
+    def as_json(self) -> dict[str, Any]:
+        values = json.loads(to_json(self))
+        values["api_key"] = "(set)" if self.api_key else None  # a secret never goes into a result file
+        return dict(values)
+
+
+# --- the domain seam ------------------------------------------------------------------------------
+
+# One step of a trajectory: n answers to the task given the latest iterate (None: the first
+# attempt), or None when the prompt would not fit the context.
+Attempt = Callable[[Policy, Task, str | None, int, SamplingParams], Awaitable[list[Sample] | None]]
+
+
+async def single_turn_attempt(policy: Policy, task: Task, current: str | None, n: int,
+                              params: SamplingParams) -> list[Sample] | None:
+    """Math: the plain request, or an improve step on the latest iterate (one request for ``n``)."""
+    return await sample_step(policy, iterate_messages(StepKind.IMPROVE, task.prompt, current), params, n=n)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What evaluation needs from a domain. Tool use would bring an ``attempt`` that runs an episode
+    with tools (the iterate of the turn being revised); MLE a sandboxed evaluator and debug steps."""
+
+    load_tasks: Callable[[EvalConfig], list[Task]]
+    open_evaluator: Callable[[EvalConfig], AbstractAsyncContextManager[Evaluator]]
+    attempt: Attempt = single_turn_attempt
+
+
+def _math_tasks(cfg: EvalConfig) -> list[Task]:
+    source = str(cfg.tasks) if cfg.tasks is not None else cfg.source
+    split = cfg.split
+    if split == "heldout" and source in (*MATH_BENCHMARKS, "gsm8k"):  # a benchmark's held-out split is its own
+        split = "test" if source == "gsm8k" else MATH_BENCHMARKS[source]
+    levels = tuple(level.strip() for level in cfg.levels.split(",") if level.strip()) or None
+    n = cfg.n_tasks if cfg.n_tasks is not None or source != "arithmetic" else 100
+    return math_tasks(source, split, n, cfg.seed, levels)
+
+
+def _math_evaluator(cfg: EvalConfig) -> AbstractAsyncContextManager[Evaluator]:
+    from evaluators.math import MathEvaluator  # math-verify: only where math is evaluated
+
+    return MathEvaluator(workers=cfg.eval_workers, timeout_s=cfg.eval_timeout_s)
+
+
+DOMAINS: dict[str, Domain] = {"math": Domain(_math_tasks, _math_evaluator)}
+
+
+# --- running trajectories -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One iterate of a trajectory. ``score`` None: the evaluator failed on it."""
+
+    text: str
+    score: float | None
+    version: str
+    truncated: bool = False
+    context_full: bool = False  # not generated: ``text`` is the previous iterate, carried over
+    failure: str = ""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A task's n trajectories, each K + 1 steps."""
+
+    task: Task
+    trajectories: tuple[tuple[Step, ...], ...]
+
+
+async def _score(evaluator: Evaluator, task: Task, sample: Sample) -> Step:
+    try:
+        score: float | None = (await evaluator.score(task, sample.text)).total
+        failure = ""
+    except EvaluatorError as error:
+        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
+        score, failure = None, str(error)[:300] or type(error).__name__
+    return Step(sample.text, score, str(sample.version), sample.finish_reason == "length", failure=failure)
+
+
+async def _trajectory(policy: Policy, evaluator: Evaluator, attempt: Attempt, task: Task, first: Step,
+                      steps: int, params: SamplingParams, tick: Callable[[int], object]) -> tuple[Step, ...]:
+    out = [first]
+    for _ in range(steps):
+        samples = await attempt(policy, task, out[-1].text, 1, params)
+        if samples is None:  # no room to revise: the latest iterate stands (and keeps its score)
+            out.append(Step(out[-1].text, out[-1].score, "", context_full=True, failure=out[-1].failure))
+        else:
+            out.append(await _score(evaluator, task, samples[0]))
+        tick(1)
+    return tuple(out)
+
+
+async def _run_task(policy: Policy, evaluator: Evaluator, attempt: Attempt, task: Task, steps: int, samples: int,
+                    params: SamplingParams, tick: Callable[[int], object]) -> TaskResult:
+    firsts = await attempt(policy, task, None, samples, params)
+    while firsts is not None and len(firsts) < samples:  # some compatible servers ignore n and answer once
+        more = await attempt(policy, task, None, samples - len(firsts), params)
+        if not more:
+            raise ServerError(f"the policy server returned no answer for task {task.id}")
+        firsts = [*firsts, *more]
+    if firsts is None:
+        raise ConfigError(f"task {task.id}: the request alone does not fit the context; raise --max-context")
+    trajectories: list[tuple[Step, ...]] = [()] * samples
+
+    async def one(index: int) -> None:
+        first = await _score(evaluator, task, firsts[index])
+        tick(1)
+        trajectories[index] = await _trajectory(policy, evaluator, attempt, task, first, steps, params, tick)
+
+    async with anyio.create_task_group() as group:
+        for index in range(samples):
+            group.start_soon(one, index)
+    log.debug("task_evaluated", task_id=task.id, scores=[[s.score for s in t] for t in trajectories])
+    return TaskResult(task, tuple(trajectories))
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The metrics of the module docstring, plus each task's trajectories."""
+
+    steps: int
+    samples: int
+    accuracy_by_step: tuple[float | None, ...]  # None only when no iterate of that step was scored
+    delta_k: float | None
+    net_corrections: int
+    corrections: dict[str, int]  # y^0 -> y^K: wrong_to_right, right_to_wrong, net
+    corrections_by_step: tuple[dict[str, int], ...]  # step k-1 -> k, for k = 1..K
+    scored_by_step: tuple[int, ...]
+    failures_by_step: tuple[int, ...]
+    truncated_by_step: tuple[int, ...]
+    context_full_by_step: tuple[int, ...]
+    policy_versions: dict[str, int]
+    tasks: tuple[TaskResult, ...]
+    elapsed_s: float = 0.0
+
+    def to_json(self, *, keep_texts: bool = False) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "tasks"}
+        out["num_tasks"] = len(self.tasks)
+        out["num_trajectories"] = sum(len(t.trajectories) for t in self.tasks)
+        out["evaluator_failures"] = sum(self.failures_by_step)
+        out["per_task"] = [_task_json(t, keep_texts) for t in self.tasks]
+        return out
+
+
+def _task_json(result: TaskResult, keep_texts: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": result.task.id, "answer": result.task.answer,
+                           "scores": [[s.score for s in t] for t in result.trajectories]}
+    if keep_texts:
+        row["texts"] = [[s.text for s in t] for t in result.trajectories]
+    return row
+
+
+def _transitions(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str, int]:
+    scored = [(a >= RIGHT_AT, b >= RIGHT_AT) for a, b in pairs if a is not None and b is not None]
+    up = sum(not a and b for a, b in scored)
+    down = sum(a and not b for a, b in scored)
+    return {"wrong_to_right": up, "right_to_wrong": down, "net": up - down}
+
+
+def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s: float = 0.0) -> EvalResult:
+    """Accuracy per step, Delta_K and corrections over every trajectory of ``results``."""
+    runs = [t for r in results for t in r.trajectories]
+    accuracy: list[float | None] = []
+    for k in range(steps + 1):
+        scores = [s for t in runs if (s := t[k].score) is not None]
+        accuracy.append(sum(scores) / len(scores) if scores else None)
+    first, last = accuracy[0], accuracy[-1]
+    overall = _transitions([(t[0].score, t[steps].score) for t in runs])
+    versions = Counter(s.version for t in runs for s in t if not s.context_full)
+    return EvalResult(
+        steps=steps, samples=samples, accuracy_by_step=tuple(accuracy),
+        delta_k=None if first is None or last is None else last - first,
+        net_corrections=overall["net"], corrections=overall,
+        corrections_by_step=tuple(_transitions([(t[k - 1].score, t[k].score) for t in runs])
+                                  for k in range(1, steps + 1)),
+        scored_by_step=tuple(sum(t[k].score is not None for t in runs) for k in range(steps + 1)),
+        failures_by_step=tuple(sum(t[k].score is None for t in runs) for k in range(steps + 1)),
+        truncated_by_step=tuple(sum(t[k].truncated for t in runs) for k in range(steps + 1)),
+        context_full_by_step=tuple(sum(t[k].context_full for t in runs) for k in range(steps + 1)),
+        policy_versions=dict(sorted(versions.items())), tasks=tuple(results), elapsed_s=round(elapsed_s, 3),
+    )
+
+
+async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], steps: int, samples: int, *,
+                   params: SamplingParams = DEFAULT_PARAMS, concurrency: int = 8,
+                   attempt: Attempt = single_turn_attempt,
+                   on_progress: Callable[[int], object] | None = None) -> EvalResult:
+    """y^0 then ``steps`` improve steps for ``samples`` trajectories of every task, scored; the metrics.
+
+    ``concurrency`` tasks run at once. ``on_progress(k)`` is called as k more iterates are scored
+    (there are ``len(tasks) * samples * (steps + 1)``). Raises ``ServerError`` when the policy
+    server fails (after its client's retries); an evaluator failure is data (module docstring).
+    """
+    start, limiter = time.monotonic(), anyio.CapacityLimiter(concurrency)
+    results: list[TaskResult | None] = [None] * len(tasks)
+    tick = on_progress or (lambda _: None)
+
+    async def run(index: int) -> None:
+        async with limiter:
+            results[index] = await _run_task(policy, evaluator, attempt, tasks[index], steps, samples, params, tick)
+
+    log.info("evaluation_started", tasks=len(tasks), steps=steps, samples=samples, concurrency=concurrency)
+    try:
+        async with anyio.create_task_group() as group:
+            for index in range(len(tasks)):
+                group.start_soon(run, index)
+    except BaseExceptionGroup as errors:  # callers see the ServerError itself, not a task-group wrapper
+        ours, _ = errors.split(ExitAgentError)
+        raise _first_leaf(ours or errors) from None
+    result = summarize([r for r in results if r is not None], steps, samples, time.monotonic() - start)
+    if len(result.policy_versions) > 1:
+        log.warning("policy_changed_during_evaluation", versions=result.policy_versions)
+    log.info("evaluation_finished", accuracy_by_step=result.accuracy_by_step, delta_k=result.delta_k,
+             net_corrections=result.net_corrections, evaluator_failures=sum(result.failures_by_step),
+             elapsed_s=result.elapsed_s)
+    return result
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# --- output and the command line ------------------------------------------------------------------
+
+
+def plot_curve(result: EvalResult, path: Path, title: str) -> None:
+    """Accuracy at every step k as a PNG (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(k, a) for k, a in enumerate(result.accuracy_by_step) if a is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([k for k, _ in points], [a for _, a in points], marker="o")
+    ax.set_xlabel("self-improvement step k")
+    ax.set_ylabel(f"accuracy (avg@{result.samples})")
+    delta = "n/a" if result.delta_k is None else f"{result.delta_k:+.3f}"
+    ax.set_title(f"{title}\nDelta_{result.steps} = {delta}, net corrections {result.net_corrections:+d}", fontsize=9)
+    if result.steps <= 20:
+        ax.set_xticks(range(result.steps + 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(cfg: EvalConfig, result: EvalResult) -> None:
+    """``cfg.out`` (JSON) and the same stem's ``.png``, each written completely before it appears."""
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    body = {"schema": SCHEMA, "domain": cfg.domain, "config": cfg.as_json(),
+            **result.to_json(keep_texts=cfg.keep_texts)}
+    tmp = cfg.out.with_name(cfg.out.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, cfg.out)
+    source = cfg.tasks.name if cfg.tasks is not None else f"{cfg.source}/{cfg.split}"
+    plot_curve(result, cfg.out.with_suffix(".png"), f"{cfg.domain}: {source}, {len(result.tasks)} tasks")
+
+
+async def _main(cfg: EvalConfig) -> EvalResult:
+    from tqdm import tqdm
+
+    from exitagent.client import OpenAIPolicy
+
+    domain = DOMAINS[cfg.domain]
+    tasks = domain.load_tasks(cfg)
+    policy = OpenAIPolicy(cfg.base_url, model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
+                          deadline_s=cfg.server_deadline_s, max_context=cfg.max_context)
+    bar = tqdm(total=len(tasks) * cfg.samples * (cfg.steps + 1), unit="iterate", file=sys.stderr,
+               disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
+    try:
+        async with policy, domain.open_evaluator(cfg) as evaluator:
+            result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
+                                    concurrency=cfg.concurrency, attempt=domain.attempt, on_progress=bar.update)
+    finally:
+        bar.close()
+    write_report(cfg, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exitagent.evaluate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, EvalConfig)
+    try:
+        cfg = from_args(EvalConfig, parser.parse_args(argv))
+        configure(level=cfg.log_level)
+        result = anyio.run(_main, cfg)
+    except ExitAgentError as error:
+        print(f"evaluate: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    accuracy = ", ".join("n/a" if a is None else f"{a:.3f}" for a in result.accuracy_by_step)
+    print(f"evaluate: accuracy by step [{accuracy}], Delta_{result.steps} "
+          f"{'n/a' if result.delta_k is None else f'{result.delta_k:+.3f}'}, net corrections "
+          f"{result.net_corrections:+d}, {sum(result.failures_by_step)} evaluator failures -> {cfg.out}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
