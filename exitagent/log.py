@@ -18,13 +18,15 @@ import structlog
 
 
 def configure(*, json_lines: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
-    """Set up structlog for a process. ``json_lines=None`` picks JSON when stderr is not a terminal."""
-    stream = stream or sys.stderr
+    """Set up structlog for a process. ``json_lines=None`` picks JSON when stderr is not a terminal.
+
+    Without ``stream``, each event goes to whatever ``sys.stderr`` is when it is logged (not when
+    this was called), so a replaced or captured stderr (pytest) never gets a stale handle.
+    """
     if json_lines is None:
-        json_lines = not stream.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
+        json_lines = not (stream or sys.stderr).isatty()
+    colors = not json_lines and (stream or sys.stderr).isatty()
+    renderer: Any = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=colors)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,7 +36,8 @@ def configure(*, json_lines: bool | None = None, level: str = "info", stream: Te
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=(structlog.PrintLoggerFactory(stream) if stream else
+                        lambda *_: structlog.PrintLogger(sys.stderr)),
         cache_logger_on_first_use=False,
     )
 
