@@ -7,12 +7,11 @@ microseconds; anything else goes to math-verify (gold first) in a worker process
 
 Why worker processes: math-verify's own timeouts use ``signal.alarm``, which works only in the
 main thread, and sympy can spin for ever on inputs like ``9^{9^{9^{9}}}``. So math-verify runs
-with its timeouts off inside ``VerifierPool``, whose workers are spawned processes; a call past
-its deadline kills its worker (the next call starts a fresh one) and raises ``EvaluatorError``.
-The pool is synchronous and thread-safe; ``MathEvaluator.score`` reaches it through
-``anyio.to_thread.run_sync`` so many anyio tasks can score at once. Workers are spawned, so a
-script that scores must keep its entry point under ``if __name__ == "__main__":`` (each worker
-imports the main module, as multiprocessing's spawn always does).
+with its timeouts off inside ``VerifierPool``, whose workers are separate Python processes; a
+call past its deadline kills its worker (the next call starts a fresh one) and raises
+``EvaluatorError``. The pool is synchronous and thread-safe; ``MathEvaluator.score`` reaches it
+through ``anyio.to_thread.run_sync`` so many anyio tasks can score at once. Workers are plain
+subprocesses, so scoring works from any script (no ``__main__`` guard needed).
 
 Score: ``total`` 1.0 or 0.0; ``components`` hold ``correct`` and one ``extractor_<name>`` flag per
 extractor (1.0 for the one that fired, all 0.0 when none did); ``detail`` is the extracted answer.
@@ -21,8 +20,10 @@ extractor (1.0 for the one that fired, all 0.0 when none did); ``detail`` is the
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,33 +183,50 @@ def math_verify_equivalent(gold: str, answer: str) -> bool:
     return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
-def _serve(conn: Connection) -> None:
+def _serve(inbox: Connection, outbox: Connection) -> None:
     """Worker process main loop: import the heavy modules once, say ready, then answer calls."""
     import math_verify  # noqa: F401  (import before "ready" so no call's deadline pays for it)
 
     # It warns once that its timeouts are off; that is deliberate here, the pool enforces them.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    conn.send(("ready", None))
+    outbox.send(("ready", None))
     while True:
         try:
-            function, args = conn.recv()
+            function, args = inbox.recv()
         except EOFError:  # the pool closed its end
             return
         try:
-            conn.send(("ok", function(*args)))
+            outbox.send(("ok", function(*args)))
         except Exception as error:
-            conn.send(("error", f"{type(error).__name__}: {error}"))
+            outbox.send(("error", f"{type(error).__name__}: {error}"))
+
+
+def _serve_fds(inbox_fd: int, outbox_fd: int) -> None:
+    """Entry point of a worker process started by ``_Worker`` (two pipe descriptors)."""
+    _serve(Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False))
+
+
+_WORKER_CODE = "import sys; from evaluators.math import _serve_fds; _serve_fds(int(sys.argv[1]), int(sys.argv[2]))"
 
 
 class _Worker:
-    """One spawned process and its pipe."""
+    """One worker process and its two pipes.
+
+    A plain subprocess rather than multiprocessing: multiprocessing's spawn re-imports the
+    caller's ``__main__`` in the child, which breaks any user script without an
+    ``if __name__ == "__main__"`` guard (and fork is unsafe in a process with threads).
+    """
 
     def __init__(self, start_timeout_s: float) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork: callers have threads and loops
-        self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn,), daemon=True, name="exitagent-math")
-        self.process.start()
-        child_conn.close()
+        child_in, parent_out = os.pipe()
+        parent_in, child_out = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(child_in), str(child_out)],
+                                        pass_fds=(child_in, child_out), stdin=subprocess.DEVNULL, env=env)
+        os.close(child_in)
+        os.close(child_out)
+        self.to_worker = Connection(parent_out, readable=False)
+        self.conn = Connection(parent_in, writable=False)
         if not self.conn.poll(start_timeout_s):
             self.kill()
             raise EvaluatorError(f"math worker did not start within {start_timeout_s:.0f} s")
@@ -216,10 +234,10 @@ class _Worker:
             self.conn.recv()
         except EOFError as error:
             self.kill()
-            raise EvaluatorError(f"math worker died while starting (exit code {self.process.exitcode})") from error
+            raise EvaluatorError(f"math worker died while starting (exit code {self.process.poll()})") from error
 
     def call(self, function: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
-        self.conn.send((function, args))
+        self.to_worker.send((function, args))
         if not self.conn.poll(timeout_s):
             raise TimeoutError
         status, value = self.conn.recv()  # EOFError when the process died mid-call
@@ -229,12 +247,13 @@ class _Worker:
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join()
+        self.process.wait()
         self.conn.close()
+        self.to_worker.close()
 
 
 class VerifierPool:
-    """Up to ``workers`` spawned processes running picklable functions, each call with a deadline.
+    """Up to ``workers`` worker processes running picklable functions, each call with a deadline.
 
     ``run`` blocks (call it from a worker thread in async code) and is safe from many threads.
     A call past ``timeout_s`` kills its worker and raises ``EvaluatorError``; so does a worker that
