@@ -79,6 +79,9 @@ def _command(spec: EngineSpec) -> list[str]:
         "--host", "127.0.0.1", "--port", str(spec.port),
         "--dtype", spec.dtype, "--max-model-len", str(spec.max_model_len),
         "--generation-config", "vllm",  # sampling defaults from the request, not generation_config.json
+        # Behaviour log-probabilities of the distribution actually sampled from (after temperature),
+        # which is what the trainer computes too (training.loss.token_logprobs(temperature=...)).
+        "--logprobs-mode", "processed_logprobs",
     ]
     if build() == "gpu":
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]

@@ -30,6 +30,7 @@ class UpdateConfig:
     ref_alpha: float = field(default=1.0, metadata={"help": "reference refresh factor (MLE: 0.5)"})
     dr_grpo: bool = field(default=False, metadata={"help": "no std division of advantages (Dr. GRPO)"})
     diversity: bool = field(default=True, metadata={"help": "apply stored diversity multipliers (full ExIt)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature collect used (same value)"})
     aggregation: str = field(default="token", metadata={"help": "loss averaging: token or sequence"})
     drop_truncated: bool = field(default=False, metadata={"help": "leave truncated responses out of the loss"})
     drop_unparseable: bool = field(default=False, metadata={"help": "leave unparseable responses out"})

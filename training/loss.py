@@ -38,9 +38,10 @@ from training.data import MicroBatch
 
 
 def _head_logprobs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None,
-                   targets_N: torch.Tensor, want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   targets_N: torch.Tensor, want_entropy: bool,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(target) (and entropy) of N positions: one (N, V) logits block, in float32."""
-    logits_NV = F.linear(hidden_NH, weight_VH, bias_V).float()
+    logits_NV = F.linear(hidden_NH, weight_VH, bias_V).float() / temperature
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     logprobs_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
     if not want_entropy:
@@ -51,9 +52,9 @@ def _head_logprobs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: tor
 
 
 def _logits_logprobs(logits_NV: torch.Tensor, targets_N: torch.Tensor,
-                     want_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     want_entropy: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The fallback's chunk: the logits exist already, only log_softmax is chunked."""
-    logits_NV = logits_NV.float()
+    logits_NV = logits_NV.float() / temperature
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     logprobs_N = logits_NV.gather(-1, targets_N[:, None]).squeeze(-1) - lse_N
     entropy_N = torch.zeros_like(logprobs_N)
@@ -87,8 +88,13 @@ def token_logprobs(
     score_BT: torch.Tensor | None = None,
     chunk: int = 256,
     return_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(tokens[b, t] | tokens[b, :t]) for every position, aligned with ``tokens_BT``.
+
+    ``temperature`` divides the logits: the policy whose log-probabilities these are is the one the
+    samples were drawn from (vLLM reports them the same way with ``--logprobs-mode
+    processed_logprobs``, which ``exitagent.serve`` sets).
 
     Returns ``(logprobs_BT, entropy_BT or None)`` in float32; position 0 (no context) and positions
     outside ``score_BT`` (default: every real token) are 0.0. Pass the loss mask as ``score_BT`` to
@@ -113,13 +119,13 @@ def token_logprobs(
 
         def run(lo: int, hi: int) -> Any:
             return checkpoint(_head_logprobs, inputs_N[lo:hi], head.weight, head.bias, targets_N[lo:hi],
-                              return_entropy, use_reentrant=False)
+                              return_entropy, temperature, use_reentrant=False)
     else:
         logits_BTV = model(input_ids=tokens_BT, attention_mask=attention_BT).logits
         inputs_N = logits_BTV[:, :-1][picked_BT]
 
         def run(lo: int, hi: int) -> Any:
-            return checkpoint(_logits_logprobs, inputs_N[lo:hi], targets_N[lo:hi], return_entropy,
+            return checkpoint(_logits_logprobs, inputs_N[lo:hi], targets_N[lo:hi], return_entropy, temperature,
                               use_reentrant=False)
 
     pieces = [run(lo, min(lo + chunk, len(targets_N))) for lo in range(0, len(targets_N), chunk)]
@@ -156,11 +162,13 @@ class LossConfig:
     kl_ratio_weight: bool = True  # TRL's use_bias_correction_kl
     drop_truncated: bool = False  # leave responses that hit their token limit out of the loss
     drop_unparseable: bool = False  # leave responses with no extractable answer out of the loss
+    temperature: float = 1.0  # the sampling temperature of the stored responses
 
     def __post_init__(self) -> None:
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
-        if self.is_cap <= 0 or self.beta < 0 or not 0 <= self.epsilon_low < 1 or self.epsilon_high < 0:
+        if (self.is_cap <= 0 or self.beta < 0 or self.temperature <= 0 or not 0 <= self.epsilon_low < 1
+                or self.epsilon_high < 0):
             raise ValueError(f"invalid loss settings: {self}")
 
 
@@ -302,11 +310,13 @@ def micro_batch_loss(
     tokens_BT, attention_BT = batch.tokens_BT.to(device), batch.attention_BT.to(device)
     mask_BT = effective_mask(batch, config).to(device)
     logprobs_BT, entropy_BT = token_logprobs(model, tokens_BT, attention_BT, score_BT=mask_BT > 0,
-                                             chunk=chunk, return_entropy=return_entropy)
+                                             chunk=chunk, return_entropy=return_entropy,
+                                             temperature=config.temperature)
     ref_BT = None
     if config.beta > 0 and ref_model is not None:
         with torch.no_grad():
-            ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk)
+            ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
+                                       temperature=config.temperature)
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
                      mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
                      ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)

@@ -52,7 +52,8 @@ class Trainer:
         self.reference_moved = False  # the reference differs from the initial model (must be saved)
         self.loss_cfg = LossConfig(epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon, is_cap=cfg.is_cap,
                                    beta=cfg.beta, aggregation=cfg.aggregation,  # type: ignore[arg-type]
-                                   drop_truncated=cfg.drop_truncated, drop_unparseable=cfg.drop_unparseable)
+                                   drop_truncated=cfg.drop_truncated, drop_unparseable=cfg.drop_unparseable,
+                                   temperature=cfg.temperature)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.device = next(model.parameters()).device
 

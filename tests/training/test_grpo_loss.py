@@ -218,3 +218,15 @@ def test_old_logprobs_from_an_earlier_epoch_reach_the_clip(tiny_model, make_sequ
     loss.backward()
     assert metrics["clip_high_frac"] == 1.0
     assert all(float(p.grad.abs().sum()) == 0 for p in tiny_model.parameters() if p.grad is not None)
+
+
+def test_temperature_scales_the_logits_before_the_softmax(tiny_model) -> None:
+    tokens_BT = torch.randint(0, tiny_model.config.vocab_size, (2, 7))
+    attention_BT = torch.ones_like(tokens_BT)
+    with torch.no_grad():
+        hot, _ = token_logprobs(tiny_model, tokens_BT, attention_BT, temperature=0.5)
+        logits_BTV = tiny_model(input_ids=tokens_BT).logits.float() / 0.5
+        cold, _ = token_logprobs(tiny_model, tokens_BT, attention_BT)
+    expected = torch.log_softmax(logits_BTV[:, :-1], -1).gather(-1, tokens_BT[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(hot[:, 1:], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hot, cold)
