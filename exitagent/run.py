@@ -47,10 +47,12 @@ class RunConfig:
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
-    max_tokens: int = field(default=96, metadata={"help": "new tokens per response"})
-    eval_tasks: int = field(default=60, metadata={"help": "held-out tasks per evaluation"})
+    max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of training rollouts"})
+    eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
-    eval_samples: int = field(default=2, metadata={"help": "n: samples per task (avg@n)"})
+    eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
+    eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (n=1 is enough)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
 
 
@@ -82,7 +84,8 @@ def evaluate(cfg: RunConfig, base_url: str, name: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "exitagent.evaluate", "--base-url", base_url, "--domain", "math",
                "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
-               "--max-tokens", str(cfg.max_tokens), "--seed", str(cfg.seed), "--out", str(out)]
+               "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
+               "--seed", str(cfg.seed), "--out", str(out)]
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
     result = json.loads(out.read_text())
     print(f"[run] {name}: accuracy by step {[round(a, 3) for a in result['accuracy_by_step']]}", flush=True)
@@ -94,10 +97,12 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
     run = str(cfg.run_dir)
     collect = _child(cfg, "collect", "exitagent.collect", "--run-dir", run, "--base-url", server.base_url,
                      "--variant", cfg.variant.value, "--levels", cfg.levels, "--group-size", str(cfg.group_size),
-                     "--max-tokens", str(cfg.max_tokens), "--concurrency", "4", "--min-buffer", "16",
+                     "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.temperature),
+                     "--concurrency", "4", "--min-buffer", "16",
                      "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
+                    "--temperature", str(cfg.temperature),
                     "--quiet", "--log-json")
     started = time.monotonic()
     try:
