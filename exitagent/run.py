@@ -54,6 +54,7 @@ class RunConfig:
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (n=1 is enough)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
+    serve_flags: str = field(default="", metadata={"help": "extra flags for exitagent.serve, e.g. --enforce-eager"})
 
 
 def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
     print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
     server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", *(["--port", str(cfg.port)] if cfg.port else []),
+                                *cfg.serve_flags.split(),
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     try:
         base = evaluate(cfg, server.base_url, "base")

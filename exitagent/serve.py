@@ -47,6 +47,7 @@ class ServeConfig:
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     kv_cache_gib: int = field(default=4, metadata={"help": "KV cache size on the CPU (GiB)"})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "fraction of GPU memory for vLLM"})
+    enforce_eager: bool = field(default=False, metadata={"help": "no graph compilation (fast start, slower)"})
     engine_port: int = field(default=0, metadata={"help": "loopback port of the vLLM engine (0: any free)"})
     poll_s: float = field(default=1.0, metadata={"help": "how often to look for new checkpoints (s)"})
     startup_timeout_s: float = field(default=900.0, metadata={"help": "how long vLLM may take to start (s)"})
@@ -72,6 +73,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
         return engine.EngineSpec(
             model_dir=directory, served_name=cfg.served_model_name, port=port, max_model_len=cfg.max_model_len,
             kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, log_file=log_file,
+            enforce_eager=cfg.enforce_eager,
         )
 
     vllm = engine.Engine(spec_for(base_dir))

@@ -1,0 +1,29 @@
+"""The five variants end to end at a tiny budget: five real runs (serve, evaluate, collect, update)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_variants_command_writes_a_table_for_all_five(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "exitagent.variants", "--out-dir", str(tmp_path), "--seeds", "0",
+               "--train-minutes", "0.5", "--eval-tasks", "3", "--eval-steps", "1", "--group-size", "2",
+               "--groups-per-step", "2", "--max-tokens", "24", "--serve-flags=--enforce-eager"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert set(table["variants"]) == {"grpo", "curriculum", "improve", "diverge", "exit"}
+    for row in [table["base"], *table["variants"].values()]:
+        assert row["seeds"] >= 1 and len(row["curve"]) == 2
+        assert 0.0 <= row["accuracy_after_k"][0] <= 1.0 and -1.0 <= row["delta_k"][0] <= 1.0
+    assert "full ExIt" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    for variant in table["variants"]:  # every run left its own report with curriculum plots
+        assert (tmp_path / f"{variant}-s0" / "report" / "curriculum.png").exists()
