@@ -16,8 +16,10 @@ highest trainer step that consumed a group, the newest version seen in a sample.
 no new group while the store holds an unconsumed group that is already stale: the trainer is
 behind, and more groups would only wait longer and age further. It resumes once the trainer has
 consumed those groups (or dropped them, ``drop_stale``, which counts as consumed). With no trainer
-the version never moves, so standalone collection never pauses. The gate checks the store at most
-every ``--poll-s`` seconds.
+the version never moves, so standalone collection never pauses. With ``--max-unconsumed N`` it
+also pauses while N recorded groups are waiting for the trainer: on a shared machine (two CPU
+cores running vLLM and the trainer) running far ahead only takes CPU from the trainer and makes
+groups that will be stale. The gate checks the store at most every ``--poll-s`` seconds.
 
 Stopping and resuming. SIGINT or SIGTERM: start no new group, finish the groups in flight, exit 0.
 A second signal: discard the groups in flight (nothing of them is written) and exit 130. A group is
@@ -94,6 +96,7 @@ class CollectConfig:
     eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
     eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
+    max_unconsumed: int = field(default=0, metadata={"help": "pause while this many groups wait for the trainer"})
     poll_s: float = field(default=2.0, metadata={"help": "staleness gate: seconds between store checks"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
@@ -136,9 +139,12 @@ def load_tasks(cfg: CollectConfig) -> list[Task]:
 class StalenessGate:
     """The rule in the module docstring. ``current`` is the newest policy version known."""
 
-    def __init__(self, store: CurriculumStore, policy: Policy, max_staleness: int, poll_s: float) -> None:
+    def __init__(self, store: CurriculumStore, policy: Policy, max_staleness: int, poll_s: float,
+                 max_unconsumed: int = 0) -> None:
         self.store, self.policy, self.max_staleness, self.poll_s = store, policy, max_staleness, poll_s
+        self.max_unconsumed = max_unconsumed
         self.current = 0
+        self.waiting = 0
         self.oldest_waiting: int | None = None
         self.paused_s = 0.0
         self._paused_since: float | None = None
@@ -149,6 +155,8 @@ class StalenessGate:
 
     @property
     def is_open(self) -> bool:
+        if self.max_unconsumed and self.waiting >= self.max_unconsumed:
+            return False
         return self.oldest_waiting is None or self.current - self.oldest_waiting <= self.max_staleness
 
     async def refresh(self) -> None:
@@ -158,7 +166,8 @@ class StalenessGate:
             self.observe(served.step if served.name != "unknown" else 0)
         groups = self.store.groups()
         self.observe(max((g.consumed_by_step or 0 for g in groups), default=0))
-        self.oldest_waiting = min((g.version.step for g in groups if g.consumed_by_step is None), default=None)
+        waiting = [g.version.step for g in groups if g.consumed_by_step is None]
+        self.waiting, self.oldest_waiting = len(waiting), min(waiting, default=None)
         self._checked_at = time.monotonic()
         if not self.is_open and self._paused_since is None:
             self._paused_since = time.monotonic()
@@ -312,9 +321,9 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
     metrics = MetricsFile(cfg.run_dir / "metrics" / "collect.jsonl")
     bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,
                desc="groups", dynamic_ncols=True)
-    run = _Run(cfg, policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng),
-               StalenessGate(store, policy, cfg.max_staleness, cfg.poll_s), stop or anyio.Event(), metrics, bar,
-               embedder if curriculum_cfg.diversity_bonus else None, quota)
+    gate = StalenessGate(store, policy, cfg.max_staleness, cfg.poll_s, cfg.max_unconsumed)
+    run = _Run(cfg, policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng), gate, stop or anyio.Event(),
+               metrics, bar, embedder if curriculum_cfg.diversity_bonus else None, quota)
     log.info("collect_started", session=run.session, variant=cfg.variant.value, existing=existing, quota=quota)
     try:
         async with anyio.create_task_group() as workers:

@@ -100,6 +100,8 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
                      "--variant", cfg.variant.value, "--levels", cfg.levels, "--group-size", str(cfg.group_size),
                      "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.temperature),
                      "--concurrency", "4", "--min-buffer", "16",
+                     # two batches ahead of the trainer at most: the CPU is shared with it
+                     "--max-unconsumed", str(2 * cfg.groups_per_step),
                      "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),

@@ -297,3 +297,23 @@ def test_cli_bad_configuration_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(cli(tmp_path, "--levels", "add9")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "math domain" in err[0] and "p_buffer" in err[1] and "add9" in err[2]
+
+
+async def test_collect_pauses_while_enough_groups_wait_for_the_trainer(tmp_path: Path) -> None:
+    cfg = config(tmp_path, variant=Variant.GRPO, groups=2, max_unconsumed=2, concurrency=1)
+    policy = ServedPolicy(answers())
+    with SQLiteStore.in_run(tmp_path) as store:
+        await collect(cfg, policy, ExactMatchEvaluator(), store, TASKS)  # two groups waiting: the bound
+        consumed_at = []
+
+        async def trainer() -> None:
+            await anyio.sleep(0.4)
+            consumed_at.append(time.time())
+            store.mark_consumed([g.id for g in store.fetch_groups()], 1)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(trainer)
+                summary = await collect(replace(cfg, groups=3), policy, ExactMatchEvaluator(), store, TASKS)
+        new = store.groups()[2:]
+    assert len(new) == 1 and summary.paused_s >= 0.3 and new[0].created >= consumed_at[0]
