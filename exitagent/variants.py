@@ -50,12 +50,14 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def summarise(runs: dict[Variant, list[Path]]) -> dict[str, Any]:
     """Per variant: mean and spread over seeds of accuracy after K steps and of Delta_K."""
     table: dict[str, Any] = {"variants": {}, "base": {}}
-    bases: list[dict[str, Any]] = []
+    bases: dict[str, dict[str, Any]] = {}  # one base evaluation per seed: every variant measured the same policy
     for variant, directories in runs.items():
         results = [json.loads((d / "eval" / "trained.json").read_text()) for d in directories]
-        bases += [json.loads((d / "eval" / "base.json").read_text()) for d in directories]
+        for directory in directories:
+            seed = directory.name.rsplit("-s", 1)[1]
+            bases.setdefault(seed, json.loads((directory / "eval" / "base.json").read_text()))
         table["variants"][variant.value] = _row(results)
-    table["base"] = _row(bases)
+    table["base"] = _row(list(bases.values()))
     return table
 
 
