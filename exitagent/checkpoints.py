@@ -188,7 +188,8 @@ def verify(candidate: Path, reference: dict[str, tuple[str, tuple[int, ...]]]) -
 # --- publishing ---------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk (a directory: so a rename in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -213,19 +214,19 @@ def publish(weights_dir: Path, step: int, write: Callable[[Path], Canary], **man
     (tmp / CANARY).write_text(canary.to_json())
     write_manifest(tmp, step=step, **manifest_extra)
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync(path)
+    fsync(tmp)
     if final.exists():  # an unmarked leftover of a crashed publish of this step
         if (final / READY).exists():
             raise CheckpointError(f"{final} is already published")
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(weights_dir)
+    fsync(weights_dir)
     marker = final / (READY + ".tmp")
     marker.write_text(json.dumps({"step": step}) + "\n")
-    _fsync(marker)
+    fsync(marker)
     os.rename(marker, final / READY)
-    _fsync(final)
+    fsync(final)
     return final
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from exitagent import checkpoints
+
 COMPLETE = "COMPLETE"
 
 
@@ -41,14 +43,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep: int = 2) -> Path:
     """Write ``directory/state-NNNNNN`` atomically and prune older complete states."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,12 +58,12 @@ def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep:
     meta = {"step": state.step, "bad_steps": state.bad_steps, "history": state.history}
     (tmp / "meta.json").write_text(json.dumps(meta))
     for path in tmp.iterdir():
-        _fsync(path)
+        checkpoints.fsync(path)
     shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a crash at this step
     os.rename(tmp, final)
     (final / COMPLETE).touch()
-    _fsync(final)
-    _fsync(directory)
+    checkpoints.fsync(final)
+    checkpoints.fsync(directory)
     for old in complete_states(directory)[:-keep]:
         shutil.rmtree(old)
     for leftover in directory.glob(".tmp-state-*"):
