@@ -50,22 +50,19 @@ import structlog
 from tqdm import tqdm
 
 from evaluators.base import Evaluator
-from evaluators.math import MathEvaluator
 from exitagent.client import OpenAIPolicy
 from exitagent.config import add_arguments, from_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.diversity import Embedder, MiniLMEmbedder
+from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
 from exitagent.log import MetricsFile, configure
 from exitagent.policy import Policy, SamplingParams
-from exitagent.rollouts import GroupResult, roll_out
+from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.store import CurriculumStore, SQLiteStore
-from exitagent.tasks import math_tasks
-from exitagent.types import StepKind, Task, Variant
+from exitagent.types import Task, Variant
 
 log = structlog.get_logger(__name__)
-
-MIN_ANSWER_TOKENS = 16  # a start whose prompt leaves less room than this is re-attempted as a base task
 
 
 @dataclass(frozen=True)
@@ -73,12 +70,12 @@ class CollectConfig:
     run_dir: Path = field(metadata={"help": "run directory (the store, metrics and config live here)"})
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
-    domain: str = field(default="math", metadata={"help": "task domain (math for now)"})
+    domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
     task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
     task_split: str = field(default="train", metadata={"help": "split of the task source"})
-    num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (arithmetic: 5000; files: all)"})
+    num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (domain default; files: all)"})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     group_size: int = field(default=8, metadata={"help": "G: responses per prompt (one request)"})
     concurrency: int = field(default=8, metadata={"help": "groups in flight"})
@@ -95,6 +92,9 @@ class CollectConfig:
     kappa: float | None = field(default=None, metadata={"help": "softmax temperature over buffer scores"})
     eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
     eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
+    sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
+    memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
+    max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
     max_unconsumed: int = field(default=0, metadata={"help": "pause while this many groups wait for the trainer"})
     poll_s: float = field(default=2.0, metadata={"help": "staleness gate: seconds between store checks"})
@@ -102,8 +102,7 @@ class CollectConfig:
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def __post_init__(self) -> None:
-        if self.domain != "math":
-            raise ConfigError(f"collect supports the math domain for now, not {self.domain!r}")
+        get_domain(self.domain)
         if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
             raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
@@ -115,6 +114,14 @@ class CollectConfig:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+
+    def task_spec(self) -> TaskSpec:
+        levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
+        return TaskSpec(self.task_source, self.task_split, self.num_tasks, self.seed, levels)
+
+    def settings(self) -> DomainSettings:
+        return DomainSettings(eval_workers=self.eval_workers, eval_timeout_s=self.eval_timeout_s, sandbox=self.sandbox,
+                              memory_mb=self.memory_mb, max_turns=self.max_turns, max_context=self.max_context)
 
 
 @dataclass(frozen=True)
@@ -131,9 +138,7 @@ class Summary:
 
 
 def load_tasks(cfg: CollectConfig) -> list[Task]:
-    levels = tuple(level.strip() for level in cfg.levels.split(",") if level.strip()) or None
-    n = cfg.num_tasks if cfg.num_tasks is not None or cfg.task_source != "arithmetic" else 5000
-    return math_tasks(cfg.task_source, cfg.task_split, n, cfg.seed, levels)
+    return get_domain(cfg.domain).load_tasks(cfg.task_spec())
 
 
 class StalenessGate:
@@ -198,6 +203,7 @@ class _Run:
     """What collect's workers share. Counters change only between awaits, so no lock."""
 
     cfg: CollectConfig
+    domain: Domain
     policy: Policy
     evaluator: Evaluator
     store: CurriculumStore
@@ -222,32 +228,19 @@ class _Run:
         return not self.stop.is_set() and (self.quota is None or self.started < self.quota)
 
 
-def _fit(run: _Run, start: Start) -> tuple[Start, SamplingParams]:
-    """Shorten max_tokens to the room the prompt leaves (vLLM rejects a request that overflows)."""
-    params = run.cfg.sampling()
-
-    def room(s: Start) -> int:
-        return run.policy.max_context - sum(run.policy.estimate_tokens(m.content) for m in s.messages())
-
-    if room(start) < MIN_ANSWER_TOKENS and start.entry is not None:
-        log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id, room=room(start))
-        run.shortened += 1
-        start = Start(start.task, StepKind.BASE)
-    if room(start) < MIN_ANSWER_TOKENS:
-        raise ConfigError(f"task {start.task.id} does not fit in a {run.policy.max_context}-token context")
-    return start, replace(params, max_tokens=min(params.max_tokens, room(start)))
-
-
 async def _one_group(run: _Run, group_id: str) -> None:
     began = time.monotonic()
     with run.store.view() as buffer:
         start = run.curriculum.choose_start(buffer)
-    start, params = _fit(run, start)
-    result = await roll_out(start.task, start.messages(), run.policy, run.evaluator, group_size=run.cfg.group_size,
-                            params=params, embedder=run.embedder, embed_lock=run.embed_lock)
+    rolled = await run.domain.roll_out(start, run.policy, run.evaluator, group_size=run.cfg.group_size,
+                                       params=run.cfg.sampling(), settings=run.cfg.settings())
+    run.shortened += rolled.start != start
+    start, result = rolled.start, rolled.result
+    if run.embedder is not None:
+        result = replace(result, rollouts=tuple(await with_diversity(run.embedder, result.rollouts, run.embed_lock)))
     run.gate.observe(result.newest.step)
     group = run.curriculum.group(start, group_id, result.version, result.rollouts)
-    update = run.curriculum.record(run.store, start, group)
+    update = run.curriculum.record(run.store, start, group, rolled.histories)
     rewards = [r.reward for r in group.rollouts if r.reward is not None]
     run.recorded += 1
     run.rollouts += len(group.rollouts)
@@ -322,8 +315,8 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
     bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,
                desc="groups", dynamic_ncols=True)
     gate = StalenessGate(store, policy, cfg.max_staleness, cfg.poll_s, cfg.max_unconsumed)
-    run = _Run(cfg, policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng), gate, stop or anyio.Event(),
-               metrics, bar, embedder if curriculum_cfg.diversity_bonus else None, quota)
+    run = _Run(cfg, get_domain(cfg.domain), policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng), gate,
+               stop or anyio.Event(), metrics, bar, embedder if curriculum_cfg.diversity_bonus else None, quota)
     log.info("collect_started", session=run.session, variant=cfg.variant.value, existing=existing, quota=quota)
     try:
         async with anyio.create_task_group() as workers:
@@ -372,7 +365,7 @@ async def _main(cfg: CollectConfig) -> int:
     with SQLiteStore.in_run(cfg.run_dir) as store:  # before anything is written: a newer schema stops here
         policy = OpenAIPolicy(cfg.base_url, model=cfg.model, deadline_s=cfg.server_deadline_s,
                               max_context=cfg.max_context)
-        async with policy, MathEvaluator(workers=cfg.eval_workers, timeout_s=cfg.eval_timeout_s) as evaluator:
+        async with policy, get_domain(cfg.domain).open_evaluator(cfg.settings()) as evaluator:
             stop, work, summary, error = anyio.Event(), anyio.CancelScope(), None, None
             async with anyio.create_task_group() as group:
                 group.start_soon(_watch_signals, stop, work)

@@ -29,7 +29,9 @@ Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
 ``--concurrency`` is the number of tasks in flight; each runs its n trajectories at once, so up to
 ``concurrency x samples`` answers are generated together. Exit codes: 0 done, 1 the server failed,
-2 bad configuration. Other domains plug in through ``Domain`` (tool use and MLE are not built yet).
+2 bad configuration. ``--domain`` picks the task domain (``exitagent.domains``): it loads the
+tasks, opens the evaluator and runs each task's trajectories; its extras (``TaskResult.metrics``)
+are averaged into ``domain_metrics``.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,13 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent.agent import iterate_messages, sample_step
 from exitagent.config import add_arguments, from_args, to_json
-from exitagent.errors import ConfigError, EvaluatorError, ExitAgentError, ServerError
+from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
+from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.log import configure
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
-from exitagent.tasks import MATH_BENCHMARKS, math_tasks
-from exitagent.types import Sample, StepKind, Task
+from exitagent.trajectories import TaskResult
+from exitagent.types import Task
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +71,7 @@ class EvalConfig:
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
     model: str = field(default="policy", metadata={"help": "served model name"})
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
-    domain: str = field(default="math", metadata={"help": "task domain (math for now)"})
+    domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
     source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
     split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)"})
     tasks: Path | None = field(default=None, metadata={"help": "a .jsonl of {id, problem, answer} (beats --source)"})
@@ -86,136 +87,35 @@ class EvalConfig:
     concurrency: int = field(default=8, metadata={"help": "tasks in flight (each runs its n trajectories at once)"})
     eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
     eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
+    sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
+    memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
+    max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
     keep_texts: bool = field(default=False, metadata={"help": "write every iterate's text into the JSON"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def __post_init__(self) -> None:
-        if self.domain not in DOMAINS:
-            raise ConfigError(f"evaluate supports the domains {sorted(DOMAINS)} for now, not {self.domain!r}")
+        get_domain(self.domain)
         if self.steps < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
             raise ConfigError("steps must be >= 0; samples, concurrency and max-tokens >= 1")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
 
+    def task_spec(self) -> TaskSpec:
+        levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
+        source = str(self.tasks) if self.tasks is not None else self.source
+        return TaskSpec(source, self.split, self.n_tasks, self.seed, levels)
+
+    def settings(self) -> DomainSettings:
+        return DomainSettings(eval_workers=self.eval_workers, eval_timeout_s=self.eval_timeout_s, sandbox=self.sandbox,
+                              memory_mb=self.memory_mb, max_turns=self.max_turns, max_context=self.max_context)
+
     def as_json(self) -> dict[str, Any]:
         values = json.loads(to_json(self))
         values["api_key"] = "(set)" if self.api_key else None  # a secret never goes into a result file
         return dict(values)
-
-
-# --- the domain seam ------------------------------------------------------------------------------
-
-# One step of a trajectory: n answers to the task given the latest iterate (None: the first
-# attempt), or None when the prompt would not fit the context.
-Attempt = Callable[[Policy, Task, str | None, int, SamplingParams], Awaitable[list[Sample] | None]]
-
-
-async def single_turn_attempt(policy: Policy, task: Task, current: str | None, n: int,
-                              params: SamplingParams) -> list[Sample] | None:
-    """Math: the plain request, or an improve step on the latest iterate (one request for ``n``)."""
-    return await sample_step(policy, iterate_messages(StepKind.IMPROVE, task.prompt, current), params, n=n)
-
-
-@dataclass(frozen=True)
-class Domain:
-    """What evaluation needs from a domain. Tool use would bring an ``attempt`` that runs an episode
-    with tools (the iterate of the turn being revised); MLE a sandboxed evaluator and debug steps."""
-
-    load_tasks: Callable[[EvalConfig], list[Task]]
-    open_evaluator: Callable[[EvalConfig], AbstractAsyncContextManager[Evaluator]]
-    attempt: Attempt = single_turn_attempt
-
-
-def _math_tasks(cfg: EvalConfig) -> list[Task]:
-    source = str(cfg.tasks) if cfg.tasks is not None else cfg.source
-    split = cfg.split
-    if split == "heldout" and source in (*MATH_BENCHMARKS, "gsm8k"):  # a benchmark's held-out split is its own
-        split = "test" if source == "gsm8k" else MATH_BENCHMARKS[source]
-    levels = tuple(level.strip() for level in cfg.levels.split(",") if level.strip()) or None
-    n = cfg.n_tasks if cfg.n_tasks is not None or source != "arithmetic" else 100
-    return math_tasks(source, split, n, cfg.seed, levels)
-
-
-def _math_evaluator(cfg: EvalConfig) -> AbstractAsyncContextManager[Evaluator]:
-    from evaluators.math import MathEvaluator  # math-verify: only where math is evaluated
-
-    return MathEvaluator(workers=cfg.eval_workers, timeout_s=cfg.eval_timeout_s)
-
-
-DOMAINS: dict[str, Domain] = {"math": Domain(_math_tasks, _math_evaluator)}
-
-
-# --- running trajectories -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    """One iterate of a trajectory. ``score`` None: the evaluator failed on it."""
-
-    text: str
-    score: float | None
-    version: str
-    truncated: bool = False
-    context_full: bool = False  # not generated: ``text`` is the previous iterate, carried over
-    failure: str = ""
-
-
-@dataclass(frozen=True)
-class TaskResult:
-    """A task's n trajectories, each K + 1 steps."""
-
-    task: Task
-    trajectories: tuple[tuple[Step, ...], ...]
-
-
-async def _score(evaluator: Evaluator, task: Task, sample: Sample) -> Step:
-    try:
-        score: float | None = (await evaluator.score(task, sample.text)).total
-        failure = ""
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
-        score, failure = None, str(error)[:300] or type(error).__name__
-    return Step(sample.text, score, str(sample.version), sample.finish_reason == "length", failure=failure)
-
-
-async def _trajectory(policy: Policy, evaluator: Evaluator, attempt: Attempt, task: Task, first: Step,
-                      steps: int, params: SamplingParams, tick: Callable[[int], object]) -> tuple[Step, ...]:
-    out = [first]
-    for _ in range(steps):
-        samples = await attempt(policy, task, out[-1].text, 1, params)
-        if samples is None:  # no room to revise: the latest iterate stands (and keeps its score)
-            out.append(Step(out[-1].text, out[-1].score, "", context_full=True, failure=out[-1].failure))
-        else:
-            out.append(await _score(evaluator, task, samples[0]))
-        tick(1)
-    return tuple(out)
-
-
-async def _run_task(policy: Policy, evaluator: Evaluator, attempt: Attempt, task: Task, steps: int, samples: int,
-                    params: SamplingParams, tick: Callable[[int], object]) -> TaskResult:
-    firsts = await attempt(policy, task, None, samples, params)
-    while firsts is not None and len(firsts) < samples:  # some compatible servers ignore n and answer once
-        more = await attempt(policy, task, None, samples - len(firsts), params)
-        if not more:
-            raise ServerError(f"the policy server returned no answer for task {task.id}")
-        firsts = [*firsts, *more]
-    if firsts is None:
-        raise ConfigError(f"task {task.id}: the request alone does not fit the context; raise --max-context")
-    trajectories: list[tuple[Step, ...]] = [()] * samples
-
-    async def one(index: int) -> None:
-        first = await _score(evaluator, task, firsts[index])
-        tick(1)
-        trajectories[index] = await _trajectory(policy, evaluator, attempt, task, first, steps, params, tick)
-
-    async with anyio.create_task_group() as group:
-        for index in range(samples):
-            group.start_soon(one, index)
-    log.debug("task_evaluated", task_id=task.id, scores=[[s.score for s in t] for t in trajectories])
-    return TaskResult(task, tuple(trajectories))
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -239,6 +139,7 @@ class EvalResult:
     policy_versions: dict[str, int]
     tasks: tuple[TaskResult, ...]
     elapsed_s: float = 0.0
+    domain_metrics: dict[str, float] = field(default_factory=dict)  # each TaskResult.metrics key, mean over tasks
 
     def to_json(self, *, keep_texts: bool = False) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "tasks"}
@@ -252,6 +153,8 @@ class EvalResult:
 def _task_json(result: TaskResult, keep_texts: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"id": result.task.id, "answer": result.task.answer,
                            "scores": [[s.score for s in t] for t in result.trajectories]}
+    if result.metrics:
+        row["metrics"] = dict(result.metrics)
     if keep_texts:
         row["texts"] = [[s.text for s in t] for t in result.trajectories]
     return row
@@ -274,6 +177,10 @@ def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s
     first, last = accuracy[0], accuracy[-1]
     overall = _transitions([(t[0].score, t[steps].score) for t in runs])
     versions = Counter(s.version for t in runs for s in t if not s.context_full)
+    extras: dict[str, list[float]] = {}
+    for result in results:
+        for key, value in result.metrics.items():
+            extras.setdefault(key, []).append(value)
     return EvalResult(
         steps=steps, samples=samples, accuracy_by_step=tuple(accuracy),
         delta_k=None if first is None or last is None else last - first,
@@ -285,14 +192,17 @@ def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s
         truncated_by_step=tuple(sum(t[k].truncated for t in runs) for k in range(steps + 1)),
         context_full_by_step=tuple(sum(t[k].context_full for t in runs) for k in range(steps + 1)),
         policy_versions=dict(sorted(versions.items())), tasks=tuple(results), elapsed_s=round(elapsed_s, 3),
+        domain_metrics={k: sum(v) / len(v) for k, v in sorted(extras.items())},
     )
 
 
 async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], steps: int, samples: int, *,
-                   params: SamplingParams = DEFAULT_PARAMS, concurrency: int = 8,
-                   attempt: Attempt = single_turn_attempt,
+                   params: SamplingParams = DEFAULT_PARAMS, concurrency: int = 8, domain: Domain | None = None,
+                   settings: DomainSettings | None = None,
                    on_progress: Callable[[int], object] | None = None) -> EvalResult:
     """y^0 then ``steps`` improve steps for ``samples`` trajectories of every task, scored; the metrics.
+
+    ``domain`` runs each task's trajectories (default: math's first answer + K improve steps).
 
     ``concurrency`` tasks run at once. ``on_progress(k)`` is called as k more iterates are scored
     (there are ``len(tasks) * samples * (steps + 1)``). Raises ``ServerError`` when the policy
@@ -301,10 +211,12 @@ async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], 
     start, limiter = time.monotonic(), anyio.CapacityLimiter(concurrency)
     results: list[TaskResult | None] = [None] * len(tasks)
     tick = on_progress or (lambda _: None)
+    runner, knobs = domain or get_domain("math"), settings or DomainSettings(max_context=policy.max_context)
 
     async def run(index: int) -> None:
         async with limiter:
-            results[index] = await _run_task(policy, evaluator, attempt, tasks[index], steps, samples, params, tick)
+            results[index] = await runner.evaluate_task(policy, evaluator, tasks[index], steps=steps, samples=samples,
+                                                        params=params, settings=knobs, tick=tick)
 
     log.info("evaluation_started", tasks=len(tasks), steps=steps, samples=samples, concurrency=concurrency)
     try:
@@ -373,16 +285,17 @@ async def _main(cfg: EvalConfig) -> EvalResult:
 
     from exitagent.client import OpenAIPolicy
 
-    domain = DOMAINS[cfg.domain]
-    tasks = domain.load_tasks(cfg)
+    domain = get_domain(cfg.domain)
+    tasks = domain.load_tasks(cfg.task_spec())
     policy = OpenAIPolicy(cfg.base_url, model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
                           deadline_s=cfg.server_deadline_s, max_context=cfg.max_context)
     bar = tqdm(total=len(tasks) * cfg.samples * (cfg.steps + 1), unit="iterate", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
     try:
-        async with policy, domain.open_evaluator(cfg) as evaluator:
+        async with policy, domain.open_evaluator(cfg.settings()) as evaluator:
             result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
-                                    concurrency=cfg.concurrency, attempt=domain.attempt, on_progress=bar.update)
+                                    concurrency=cfg.concurrency, domain=domain, settings=cfg.settings(),
+                                    on_progress=bar.update)
     finally:
         bar.close()
     write_report(cfg, result)

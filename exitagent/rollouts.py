@@ -6,7 +6,7 @@
     episodes = run_group(...)          # one request with n=G; math: one turn, no tools
     version  = group_version(episodes) # the OLDEST policy version among the G samples
     rollouts = score_rollouts(...)     # the evaluator's verdicts
-    rollouts = with_diversity(...)     # full ExIt only: advantage multipliers per response
+    rollouts = with_diversity(...)     # collect, full ExIt only: advantage multipliers per response
 
 A wrong or truncated answer is the model's mistake and gets the evaluator's reward (usually 0).
 An evaluator that raises ``EvaluatorError`` (it crashed or ran out of time) marks its rollout
@@ -101,14 +101,13 @@ async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: 
 
 async def roll_out(
     task: Task, messages: Sequence[Message], policy: Policy, evaluator: Evaluator, *, group_size: int,
-    params: SamplingParams, embedder: Embedder | None = None, embed_lock: anyio.Lock | None = None,
+    params: SamplingParams,
 ) -> GroupResult:
-    """G single-turn responses to ``messages`` (one request), scored, with diversity when asked."""
+    """G single-turn responses to ``messages`` (one request), scored. (Collect adds the diversity
+    bonus, ``with_diversity``, for every domain alike.)"""
     limits = EpisodeLimits(max_turns=1, max_total_tokens=params.max_tokens)
     episodes = await run_group(task, policy, Toolbox(), messages, group_size, limits=limits, params=params)
     rollouts = await score_rollouts(evaluator, task, episodes)
-    if embedder is not None:
-        rollouts = await with_diversity(embedder, rollouts, embed_lock or anyio.Lock())
     samples = [t.sample for e in episodes for t in e.turns]
     return GroupResult(
         version=group_version(episodes), newest=max(_versions(episodes)), rollouts=tuple(rollouts),

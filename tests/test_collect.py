@@ -292,11 +292,11 @@ def test_cli_server_gone_exits_1_with_nothing_recorded(tmp_path: Path, capsys: p
 
 
 def test_cli_bad_configuration_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(cli(tmp_path, "--domain", "tool_use")) == 2
+    assert main(cli(tmp_path, "--domain", "chess")) == 2
     assert main(cli(tmp_path, "--p-buffer", "1.5")) == 2
     assert main(cli(tmp_path, "--levels", "add9")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "math domain" in err[0] and "p_buffer" in err[1] and "add9" in err[2]
+    assert len(err) == 3 and "unknown domain 'chess'" in err[0] and "p_buffer" in err[1] and "add9" in err[2]
 
 
 async def test_collect_pauses_while_enough_groups_wait_for_the_trainer(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ import structlog
 
 from evaluators.base import ExactMatchEvaluator
 from evaluators.math import MathEvaluator
-from exitagent.evaluate import DOMAINS, EvalConfig, EvalResult, evaluate, main, summarize, write_report
+from exitagent.domains import DOMAINS
+from exitagent.evaluate import EvalConfig, EvalResult, evaluate, main, summarize, write_report
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams, ScriptedPolicy
 from exitagent.prompts import IMPROVE_INSTRUCTION, step_messages
 from exitagent.types import Message, Sample, StepKind, Task
@@ -186,14 +187,16 @@ def test_task_sources(tmp_path: Path) -> None:
     problems = tmp_path / "mine.jsonl"
     rows = [{"id": "x1", "problem": "1 + 1?", "answer": "2"}, {"id": "x2", "problem": "2 + 2?", "answer": "4"}]
     problems.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    load = DOMAINS["math"].load_tasks
+    def load(cfg: EvalConfig) -> list[Task]:
+        return DOMAINS["math"].load_tasks(cfg.task_spec())
+
     assert [t.id for t in load(EvalConfig(out=tmp_path / "o.json", tasks=problems))] == ["x1", "x2"]
     assert len(load(EvalConfig(out=tmp_path / "o.json", source="math500", n_tasks=3))) == 3  # heldout -> test
     arithmetic = load(EvalConfig(out=tmp_path / "o.json", levels="add2,mul2"))
     assert len(arithmetic) == 100 and {t.metadata["split"] for t in arithmetic} == {"heldout"}
 
 
-@pytest.mark.parametrize("flags", [["--domain", "tool_use"], ["--steps", "-1"], ["--samples", "0"],
+@pytest.mark.parametrize("flags", [["--domain", "chess"], ["--steps", "-1"], ["--samples", "0"],
                                    ["--source", "nope"]])
 def test_command_line_rejects_bad_configuration(tmp_path: Path, flags: list[str]) -> None:
     assert main(["--out", str(tmp_path / "o.json"), "--no-progress", *flags]) == 2

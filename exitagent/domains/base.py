@@ -1,0 +1,95 @@
+"""The domain seam: what collect and evaluate need from a task domain (math, tool use, MLE).
+
+A domain owns everything that differs between the paper's three domains: where its tasks come
+from, how an answer is judged, what one group of rollouts looks like (single-turn text, a
+multi-turn tool-use episode, a program run in a sandbox), and what one evaluation trajectory is
+(K improve steps, or a greedy search). The ExIt loop itself (choosing starts, the buffer, the
+staleness gate, the diversity bonus, recording) stays in ``collect`` and ``curriculum``, the
+metrics in ``evaluate``. ``exitagent.domains.DOMAINS`` maps names to instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from evaluators.base import Evaluator
+from exitagent.curriculum import Start
+from exitagent.policy import Policy, SamplingParams
+from exitagent.rollouts import GroupResult
+from exitagent.trajectories import TaskResult
+from exitagent.types import Message, Task
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which tasks: the command line's ``--source``/``--split``/``--n-tasks``/``--seed``/``--levels``.
+
+    ``n`` None means the domain's default for the split (math's generated arithmetic: 5000 to
+    train on, 100 held out; files and benchmarks: all of them).
+    """
+
+    source: str
+    split: str
+    n: int | None = None
+    seed: int = 0
+    levels: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Knobs shared by collect and evaluate; a domain reads the ones it has a use for."""
+
+    eval_workers: int = 2  # evaluator worker processes (math) or concurrent sandbox runs (MLE)
+    eval_timeout_s: float = 5.0  # deadline to judge one answer (MLE: one program run)
+    sandbox: str = "local"  # where model-written code runs: local (bubblewrap), process, e2b, fake
+    memory_mb: int = 2048  # memory limit of one sandbox run
+    max_turns: int | None = None  # None: the domain's budget (tool use: 10 in training, 60 in evaluation)
+    max_context: int = 2048  # the served model's context length, in tokens
+    options: Mapping[str, str] = field(default_factory=dict)  # domain-specific extras (--domain-option K=V)
+
+
+@dataclass(frozen=True)
+class RolledGroup:
+    """What one group of a collect run produced.
+
+    ``start`` is the start actually rolled out: a domain may fall back to the base task when a
+    buffer start no longer fits the context. ``histories[i]`` is rollout i's conversation after the
+    request with earlier turns as ordinary history (multi-turn domains; every per-turn prefix
+    becomes a buffer entry); None for single-turn domains.
+    """
+
+    start: Start
+    result: GroupResult
+    histories: tuple[tuple[Message, ...], ...] | None = None
+
+
+class Domain(Protocol):
+    """One task domain. Implementations: ``math.MathDomain`` (more beside it)."""
+
+    name: str
+
+    def load_tasks(self, spec: TaskSpec) -> list[Task]:
+        """The tasks ``spec`` names; ``ConfigError`` for a source or split this domain lacks."""
+        ...
+
+    def open_evaluator(self, settings: DomainSettings) -> AbstractAsyncContextManager[Evaluator]:
+        """The evaluator that scores this domain's answers, as an async context manager."""
+        ...
+
+    async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
+                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+        """G rollouts from a curriculum start (one request for the first turn), scored.
+
+        ``rollout.reward`` is what training uses; ``rollout.score.total`` what a buffer child keeps
+        as its reward (the raw score). Collect adds the diversity bonus and records the group.
+        """
+        ...
+
+    async def evaluate_task(self, policy: Policy, evaluator: Evaluator, task: Task, *, steps: int, samples: int,
+                            params: SamplingParams, settings: DomainSettings,
+                            tick: Callable[[int], object]) -> TaskResult:
+        """``samples`` trajectories of ``steps + 1`` scored iterates; ``tick(k)`` as k more are scored."""
+        ...
