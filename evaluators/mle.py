@@ -30,18 +30,19 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 import anyio.to_thread
-import pandas as pd
 import structlog
 
 from exitagent.competitions import Competition, load_competition
-from exitagent.competitions.grading import InvalidSubmission, grade
 from exitagent.errors import ConfigError, EvaluatorError, SandboxError
 from exitagent.types import Score, Task
 from sandboxes.base import ExecResult, Limits, Sandbox, open_sandbox
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = structlog.get_logger(__name__)
 
@@ -163,6 +164,10 @@ class MLEEvaluator:
         return f"{head}\n{tail}" if tail else head
 
     def _grade(self, competition: Competition, submission: bytes | str) -> Verdict:
+        import pandas as pd  # here, not at import: the domains load without pandas
+
+        from exitagent.competitions.grading import InvalidSubmission, grade
+
         if isinstance(submission, str):
             return Verdict(None, submission)
         try:
@@ -182,6 +187,8 @@ class MLEEvaluator:
             raise EvaluatorError(f"grading {competition.id} failed: {type(error).__name__}: {error}") from error
 
     def _answers_of(self, competition: Competition) -> pd.DataFrame:
+        import pandas as pd
+
         if competition.answers_path not in self._answers:
             self._answers[competition.answers_path] = pd.read_csv(competition.answers_path)
         return self._answers[competition.answers_path]

@@ -34,12 +34,17 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from exitagent.competitions.catalog import CATALOG, LOWER_IS_BETTER, SPECS, Built, build
 from exitagent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from exitagent.competitions.catalog import Built
+
+# The catalog (numpy, pandas, scikit-learn) is imported where it is used: loading the domains for
+# math must not pay for it.
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +131,8 @@ def load_competition(path: Path) -> Competition:
 
 
 def _metadata(competition_id: str, built: Built, record: dict[str, Any] | None) -> dict[str, Any]:
+    from exitagent.competitions.catalog import LOWER_IS_BETTER, SPECS
+
     spec = SPECS[competition_id]
     return {
         "format": FORMAT, "id": competition_id, "metric": spec.metric, "split": spec.split,
@@ -156,6 +163,8 @@ def _current(target: Path, meta: dict[str, Any]) -> bool:
 
 def prepare_one(root: Path, competition_id: str, *, record: dict[str, Any] | None = None) -> Competition:
     """Prepare one catalog competition under ``root``; a no-op when it is there and unchanged."""
+    from exitagent.competitions.catalog import SPECS, build
+
     if competition_id not in SPECS:
         raise ConfigError(f"no offline competition {competition_id!r}: choose from {', '.join(SPECS)}")
     built = build(competition_id)
@@ -185,14 +194,16 @@ def prepare_one(root: Path, competition_id: str, *, record: dict[str, Any] | Non
 def prepare(root: Path | None = None, ids: Iterable[str] | None = None) -> list[Competition]:
     """Prepare catalog competitions (all, or ``ids``) under ``root`` (default ``default_root()``)."""
     root = root or default_root()
-    return [prepare_one(root, i) for i in (list(ids) if ids is not None else [s.id for s in CATALOG])]
+    return [prepare_one(root, i) for i in (list(ids) if ids is not None else catalog_ids())]
 
 
 def catalog_ids(split: str = "all") -> list[str]:
     """Catalog ids of a split: "train", "heldout" or "all"."""
+    from exitagent.competitions.catalog import CATALOG
+
     if split not in ("train", "heldout", "all"):
         raise ConfigError(f"offline competitions have the splits train, heldout and all, not {split!r}")
     return [s.id for s in CATALOG if split in ("all", s.split)]
 
 
-__all__ = ["CATALOG", "Competition", "catalog_ids", "default_root", "load_competition", "prepare", "prepare_one"]
+__all__ = ["Competition", "catalog_ids", "default_root", "load_competition", "prepare", "prepare_one"]
