@@ -28,6 +28,9 @@ class EpisodeLimits:
     max_total_tokens: int = 4096  # completion tokens over the whole episode
     wall_s: float = 600.0
     min_turn_tokens: int = 16  # stop rather than ask for a turn shorter than this
+    # One action per turn (tool use): only the LAST call of a message runs (a divergence answer
+    # ends with its new response, after quoting the old one); each earlier call gets an error.
+    calls_per_turn: int | None = None
 
 
 async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], *,
@@ -55,7 +58,14 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
             history.append(Message("assistant", sample.text, tool_calls=action.calls))
             results = [Message("tool", f"error: {e}", name="parse_error") for e in action.parse_errors]
             errors.update("bad_json" for _ in action.parse_errors)
-            for call in action.calls:
+            skipped = max(len(action.calls) - limits.calls_per_turn, 0) if limits.calls_per_turn else 0
+            for index, call in enumerate(action.calls):
+                if index < skipped:
+                    results.append(Message("tool", f"error: one action per turn: only the last {limits.calls_per_turn} "
+                                           "call(s) of a message run; this one did not", tool_call_id=call.id or None,
+                                           name=call.name))
+                    errors.update(["extra_call"])
+                    continue
                 message, error = await tools.execute(call)
                 results.append(message)
                 errors.update([error] if error else [])

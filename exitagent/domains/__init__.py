@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from exitagent.domains.base import Domain, DomainSettings, RolledGroup, TaskSpec
 from exitagent.domains.math import MathDomain
+from exitagent.domains.tool_use import ToolUseDomain
 from exitagent.errors import ConfigError
 
-DOMAINS: dict[str, Domain] = {"math": MathDomain()}
+DOMAINS: dict[str, Domain] = {"math": MathDomain(), "tool_use": ToolUseDomain()}
 
 
 def get_domain(name: str) -> Domain:

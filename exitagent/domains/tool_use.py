@@ -1,0 +1,290 @@
+"""Multi-turn tool use on BFCL v3: episodes of function calls, judged by BFCL's state and response checks.
+
+Tasks. One ``Task`` per entry (``Task.id`` is the entry id, ``prompt`` its first request). Sources:
+``bfcl`` or ``base`` (multi_turn_base), ``miss_func``, ``miss_param``, ``long_context``; splits
+``train`` / ``test`` (``heldout`` means test) / ``all``, by the fixed stratified split in
+``exitagent/data/bfcl``. ``--n-tasks`` draws a seeded subset.
+
+Collect (``roll_out``). Training uses the first user request with a 10-turn budget (a turn is one
+assistant action). A start at turn t restores the environment at the end of its prefix (a
+deep-copied snapshot taken during an earlier episode, else a replay of the prefix's calls), asks
+for G first actions in one request (a replay or base start: the ordinary history; an improve or
+divergence start: the iteration prompt on the latest iterate of turn t, earlier turns as ordinary
+history), then lets each continue with the ordinary history, the revised action in place of the
+old one, for the turns left (10 - t). Each rollout is scored by replaying its calls in the checker
+(``evaluators.tool_use``): 1 when the first request passes, else 0. ``histories`` are the
+conversations after the request, so every per-turn prefix becomes a buffer entry.
+
+Evaluate (``evaluate_task``). All requests, one after another as in the entry, up to 60 turns
+in all; ``miss_func`` entries show their withheld functions at the request that reveals them. An
+iterate is a whole episode: y^0 the plain one, y^k an improve step on the LAST action of the first
+request of y^(k-1) (the request that training practises), then the rest of the episode again. A
+step scores 1 when every request passed (BFCL's entry accuracy). ``TaskResult.metrics``:
+``first_request_accuracy`` and ``total_return`` (requests passed) of y^0, and of y^K (``_final``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, replace
+
+import anyio
+import structlog
+
+from evaluators.base import Evaluator
+from evaluators.tool_use import CallRecord, ToolUseEvaluator
+from exitagent.curriculum import Start, entry_key, render_iterate
+from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.environments.bfcl import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
+from exitagent.environments.bfcl_toolbox import BfclToolbox, executed_calls, replay, request_message, system_prompt
+from exitagent.errors import ConfigError, EvaluatorError
+from exitagent.loop import EpisodeLimits, run_episode
+from exitagent.policy import Policy, SamplingParams
+from exitagent.prompts import step_messages
+from exitagent.rollouts import CUT_OFF, GroupResult, group_version
+from exitagent.trajectories import Step, TaskResult
+from exitagent.types import Episode, Message, Rollout, Sample, Score, StepKind, StopReason, Task
+
+log = structlog.get_logger(__name__)
+
+TRAIN_TURNS = 10
+EVAL_TURNS = 60
+MIN_ANSWER_TOKENS = 16
+SNAPSHOTS_KEPT = 2048  # per-turn environment snapshots kept for buffer starts (a miss replays the prefix)
+ENDS_EPISODE = (StopReason.CONTEXT_FULL, StopReason.WALL_CLOCK, StopReason.MAX_TURNS, StopReason.MAX_TOKENS)
+
+
+def task_of(entry: Entry) -> Task:
+    return Task(entry.id, "tool_use", entry.requests[0],
+                metadata={"category": entry.category, "requests": len(entry.requests)})
+
+
+def _room(policy: Policy, messages: Sequence[Message]) -> int:
+    return policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+
+
+async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams) -> list[Sample] | None:
+    room = _room(policy, messages)
+    if room < MIN_ANSWER_TOKENS:
+        return None
+    return await policy.sample(messages, n=n, params=replace(params, max_tokens=min(params.max_tokens, room)))
+
+
+def _branch(toolbox: BfclToolbox) -> BfclToolbox:
+    return BfclToolbox(env=toolbox.env.copy(), request=toolbox.request, calls=[list(c) for c in toolbox.calls])
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One episode: the whole conversation (system message first), its turns, why it ended, its calls."""
+
+    history: tuple[Message, ...]
+    episodes: tuple[Episode, ...]
+    stop: StopReason
+    toolbox: BfclToolbox
+
+
+class ToolUseDomain:
+    name = "tool_use"
+
+    def __init__(self) -> None:
+        self._snapshots: OrderedDict[str, BfclToolbox] = OrderedDict()
+
+    def load_tasks(self, spec: TaskSpec) -> list[Task]:
+        category = "base" if spec.source == "bfcl" else spec.source
+        if category not in CATEGORIES:
+            raise ConfigError(f"tool_use tasks come from BFCL: --source bfcl, {', '.join(CATEGORIES)} "
+                              f"(not {spec.source!r})")
+        entries = split_entries(category, "test" if spec.split == "heldout" else spec.split)
+        if spec.n is not None and spec.n < len(entries):
+            entries = sorted(random.Random(spec.seed).sample(entries, spec.n), key=lambda e: e.index)
+        return [task_of(entry) for entry in entries]
+
+    def open_evaluator(self, settings: DomainSettings) -> AbstractAsyncContextManager[Evaluator]:
+        return ToolUseEvaluator(workers=settings.eval_workers)
+
+    # --- environments at a turn prefix -----------------------------------------------------------
+
+    async def toolbox_at(self, entry: Entry, prefix: Sequence[Message]) -> BfclToolbox:
+        """A toolbox whose environment is where ``prefix`` left it (snapshot, else replay)."""
+        key = entry_key(entry.id, prefix, None)
+        if key in self._snapshots:
+            self._snapshots.move_to_end(key)
+            return _branch(self._snapshots[key])
+        toolbox = BfclToolbox(env=BfclEnv.fresh(entry))
+        await replay(toolbox, prefix)
+        toolbox.snapshots.clear()
+        self._keep(key, toolbox)
+        return _branch(toolbox)
+
+    def _keep(self, key: str, toolbox: BfclToolbox) -> None:
+        self._snapshots[key] = toolbox
+        self._snapshots.move_to_end(key)
+        while len(self._snapshots) > SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)
+
+    def _keep_turns(self, entry: Entry, base: BfclToolbox, toolbox: BfclToolbox, history: Sequence[Message],
+                    start_turn_at: int) -> None:
+        """Snapshot of every new turn's prefix: the env after the calls of the turns before it."""
+        ran, done = len(base.calls[0]), 0
+        for index in range(start_turn_at, len(history)):
+            message = history[index]
+            if message.role != "assistant":
+                continue
+            env = toolbox.snapshots[done - 1] if done else base.env
+            self._keep(entry_key(entry.id, history[:index], None),
+                       BfclToolbox(env=env.copy(), calls=[toolbox.calls[0][: ran + done]]))
+            done += len(executed_calls(message))
+
+    # --- collect ---------------------------------------------------------------------------------
+
+    async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
+                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+        entry, budget = get_entry(start.task.id), settings.max_turns or TRAIN_TURNS
+        system = Message("system", system_prompt(entry))
+        if start.entry is not None and _room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
+            log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
+            start = Start(start.task, StepKind.BASE)
+        firsts = await _sample(policy, (system, *start.messages()), group_size, params)
+        if firsts is None:
+            raise ConfigError(f"task {start.task.id} does not fit in a {policy.max_context}-token context")
+        base = await self.toolbox_at(entry, start.prefix)
+        ordinary = (system, Message("user", start.task.prompt), *start.prefix)
+        turns_left = max(budget - start.start_turn, 1)
+        limits = EpisodeLimits(max_turns=turns_left, max_total_tokens=params.max_tokens * turns_left, calls_per_turn=1)
+        toolboxes = [_branch(base) for _ in firsts]
+        episodes: list[Episode | None] = [None] * len(firsts)
+
+        async def one(index: int) -> None:
+            episodes[index] = await run_episode(start.task, policy, toolboxes[index], ordinary, limits=limits,
+                                                params=params, first=firsts[index])
+
+        async with anyio.create_task_group() as group:
+            for index in range(len(firsts)):
+                group.start_soon(one, index)
+        done = [e for e in episodes if e is not None]
+        for episode, toolbox in zip(done, toolboxes, strict=True):
+            self._keep_turns(entry, base, toolbox, episode.messages[2:], len(start.prefix))
+        rollouts = [await _scored(evaluator, start.task, entry, e, t, requests=1) for e, t in zip(done, toolboxes,
+                                                                                                   strict=True)]
+        samples = [t.sample for e in done for t in e.turns]
+        result = GroupResult(
+            version=group_version(done), newest=max(s.version for s in samples), rollouts=tuple(rollouts),
+            failures=sum(r.reward is None for r in rollouts), prompt_tokens=max(len(s.prompt_ids) for s in samples),
+            completion_tokens=sum(len(s.completion_ids) for s in samples),
+            truncated=sum(e.stop_reason in CUT_OFF for e in done),
+        )
+        return RolledGroup(start, result, tuple(tuple(e.messages[2:]) for e in done))
+
+    # --- evaluate --------------------------------------------------------------------------------
+
+    async def run_requests(self, policy: Policy, entry: Entry, task: Task, toolbox: BfclToolbox,
+                           history: Sequence[Message], first: Sample | None, budget: int,
+                           params: SamplingParams) -> Attempt:
+        """Continue the current request from ``history``, then every later one, within ``budget`` turns."""
+        history, episodes, stop = tuple(history), list[Episode](), StopReason.FINISHED
+        while True:
+            left = budget - sum(m.role == "assistant" for m in history)
+            if left < 1:
+                stop = StopReason.MAX_TURNS
+                break
+            limits = EpisodeLimits(max_turns=left, max_total_tokens=params.max_tokens * left, calls_per_turn=1)
+            episode = await run_episode(task, policy, toolbox, history, limits=limits, params=params, first=first)
+            first, history, stop = None, episode.messages, episode.stop_reason
+            episodes.append(episode)
+            if stop in ENDS_EPISODE or toolbox.request + 1 >= len(entry.requests):
+                break
+            toolbox.begin_request(toolbox.request + 1)
+            history = (*history, request_message(entry, toolbox.request))
+        return Attempt(history, tuple(episodes), stop, toolbox)
+
+    async def _revise(self, policy: Policy, entry: Entry, task: Task, previous: Attempt, budget: int,
+                      params: SamplingParams) -> Attempt | None:
+        """An improve step on the last action of the first request; None when there is none or no room."""
+        history = previous.history
+        end = next((i for i in range(2, len(history)) if history[i].role == "user"), len(history))
+        actions = [i for i in range(2, end) if history[i].role == "assistant"]
+        if not actions:
+            return None
+        prefix, iterate = history[2:actions[-1]], render_iterate(history[actions[-1]])
+        prompt = (history[0], *step_messages(StepKind.IMPROVE, task.prompt, prefix, iterate))
+        samples = await _sample(policy, prompt, 1, params)
+        if samples is None:
+            return None
+        toolbox = await self.toolbox_at(entry, prefix)
+        return await self.run_requests(policy, entry, task, toolbox, history[:actions[-1]], samples[0], budget, params)
+
+    async def evaluate_task(self, policy: Policy, evaluator: Evaluator, task: Task, *, steps: int, samples: int,
+                            params: SamplingParams, settings: DomainSettings,
+                            tick: Callable[[int], object]) -> TaskResult:
+        entry, budget = get_entry(task.id), settings.max_turns or EVAL_TURNS
+        head = (Message("system", system_prompt(entry)), Message("user", task.prompt))
+        firsts = await _sample(policy, head, samples, params)
+        if firsts is None:
+            raise ConfigError(f"task {task.id}: the request alone does not fit the context; raise --max-context")
+        trajectories: list[tuple[Step, ...]] = [()] * len(firsts)
+        numbers: list[list[dict[str, float]]] = [[] for _ in firsts]
+
+        async def one(index: int) -> None:
+            toolbox = BfclToolbox(env=BfclEnv.fresh(entry))
+            attempt = await self.run_requests(policy, entry, task, toolbox, head, firsts[index], budget, params)
+            out = [await _step(evaluator, task, entry, attempt, numbers[index])]
+            tick(1)
+            for _ in range(steps):
+                revised = await self._revise(policy, entry, task, attempt, budget, params)
+                if revised is None:  # nothing to revise, or no room: the latest iterate stands
+                    out.append(replace(out[-1], version="", context_full=True))
+                    numbers[index].append(numbers[index][-1])
+                else:
+                    attempt = revised
+                    out.append(await _step(evaluator, task, entry, attempt, numbers[index]))
+                tick(1)
+            trajectories[index] = tuple(out)
+
+        async with anyio.create_task_group() as group:
+            for index in range(len(firsts)):
+                group.start_soon(one, index)
+        return TaskResult(task, tuple(trajectories), _metrics(numbers))
+
+
+def _metrics(numbers: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
+    def mean(at: int, key: str) -> float:
+        values = [run[at][key] for run in numbers if run and key in run[at]]
+        return sum(values) / len(values) if values else float("nan")
+
+    return {"first_request_accuracy": mean(0, "first_request"), "total_return": mean(0, "passed"),
+            "first_request_accuracy_final": mean(-1, "first_request"), "total_return_final": mean(-1, "passed")}
+
+
+async def _scored(evaluator: Evaluator, task: Task, entry: Entry, episode: Episode, toolbox: BfclToolbox, *,
+                  requests: int) -> Rollout:
+    """The rollout's first ``requests`` requests judged; an evaluator failure is a failed rollout, not a 0."""
+    record = CallRecord(entry.id, tuple(tuple(c) for c in toolbox.calls[:requests]))
+    try:
+        score = await evaluator.score(task, record.to_json())
+    except EvaluatorError as error:
+        log.warning("rollout_evaluation_failed", task_id=task.id, error=str(error)[:200])
+        return Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
+    score = Score(score.total, {**score.components, "truncated": float(episode.stop_reason in CUT_OFF)}, score.detail)
+    return Rollout(episode, score, score.total)
+
+
+async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt,
+                numbers: list[dict[str, float]]) -> Step:
+    """One evaluation iterate: 1.0 when every request was reached and passed."""
+    record = CallRecord(entry.id, tuple(tuple(c) for c in attempt.toolbox.calls))
+    version = str(attempt.episodes[0].turns[0].sample.version) if attempt.episodes and attempt.episodes[0].turns \
+        else ""
+    truncated = attempt.stop in CUT_OFF
+    try:
+        score = await evaluator.score(task, record.to_json())
+    except EvaluatorError as error:
+        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
+        numbers.append({})
+        return Step(record.to_json(), None, version, truncated, failure=str(error)[:300] or type(error).__name__)
+    numbers.append({"first_request": score.components["first_request"], "passed": score.components["passed"]})
+    complete = len(record.calls) == len(entry.requests)
+    return Step(record.to_json(), float(score.total == 1.0 and complete), version, truncated)
