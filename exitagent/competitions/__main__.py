@@ -42,7 +42,7 @@ async def reference_scores(root: Path, competition_id: str, time_limit_s: float,
             if verdict is None or verdict.raw is None:
                 reason = verdict.reason if verdict else result.stderr[-2000:]
                 raise ExitAgentError(f"{competition_id}: the {name} reference program failed: {reason}")
-            out[name] = round(verdict.raw, 6)
+            out[name] = verdict.raw  # unrounded: the reference itself must normalise to exactly 0 or 1
     meta = json.loads((competition.root / "competition.json").read_text(encoding="utf-8"))
     out["answers_sha256"] = meta["answers_sha256"]
     return out
