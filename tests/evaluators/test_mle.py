@@ -16,7 +16,7 @@ from evaluators.mle import MLEEvaluator, extract_program
 from exitagent.competitions import Competition, prepare_one
 from exitagent.competitions.references import baseline_program, strong_program
 from exitagent.errors import EvaluatorError, SandboxUnavailable
-from exitagent.types import Task
+from exitagent.types import Score, Task
 from sandboxes.local import bwrap_path, probe
 
 
@@ -157,7 +157,7 @@ time.sleep(1.5)
 test[['id']].assign(species='setosa').to_csv('submission.csv', index=False)
 """
     evaluator = MLEEvaluator(time_limit_s=20, workers=2, base_dir=tmp_path)
-    scores = []
+    scores: list[Score] = []
     started = time.monotonic()
     async with evaluator, anyio.create_task_group() as group:
         for _ in range(4):
@@ -165,11 +165,11 @@ test[['id']].assign(species='setosa').to_csv('submission.csv', index=False)
     elapsed = time.monotonic() - started
     assert len(scores) == 4 and all(s.components["valid_submission"] == 1.0 for s in scores)
     assert elapsed >= 3.0  # two at a time
-    assert list(tmp_path.iterdir()) == []  # every sandbox directory removed
+    assert os.listdir(tmp_path) == []  # every sandbox directory removed
     assert not _processes_with(marker)
 
 
-async def _collect(evaluator: MLEEvaluator, competition: Competition, program: str, into: list) -> None:
+async def _collect(evaluator: MLEEvaluator, competition: Competition, program: str, into: list[Score]) -> None:
     into.append(await evaluator.score_program(competition, program))
 
 
