@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from exitagent.domains.base import Domain, DomainSettings, RolledGroup, TaskSpec
 from exitagent.domains.math import MathDomain
+from exitagent.domains.mle import MLEDomain
 from exitagent.domains.tool_use import ToolUseDomain
 from exitagent.errors import ConfigError
 
-DOMAINS: dict[str, Domain] = {"math": MathDomain(), "tool_use": ToolUseDomain()}
+DOMAINS: dict[str, Domain] = {"math": MathDomain(), "mle": MLEDomain(), "tool_use": ToolUseDomain()}
 
 
 def get_domain(name: str) -> Domain:
