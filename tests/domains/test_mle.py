@@ -262,3 +262,35 @@ async def test_search_rules_without_a_sandbox() -> None:
     assert result.best_by_step == (0.4,) * 8
     assert result.nodes[5].failure and result.nodes[6].context_full
     assert next_step([], "T") == (StepKind.BASE, "T", "")
+
+
+@needs_bwrap
+@pytest.mark.anyio
+async def test_collect_records_mle_groups_and_debugs_crashed_entries(iris: Competition, tmp_path: Path) -> None:
+    """collect --domain mle with a scripted policy: a crashed first attempt enters the buffer with its
+    trace, and a later group started from it is a debug step whose prompt shows that trace."""
+    from exitagent.collect import CollectConfig, collect
+    from exitagent.store import SQLiteStore
+
+    prompts: list[str] = []
+
+    def answer(messages: Sequence[Message]) -> str:
+        prompts.append(messages[-1].content)
+        return _fenced(baseline_program(iris.id) if "crashed" in messages[-1].content else CRASH)
+
+    cfg = CollectConfig(run_dir=tmp_path, domain="mle", variant=Variant.IMPROVE, groups=3, group_size=2,
+                        concurrency=1, min_buffer=1, p_buffer=1.0, max_tokens=20_000, max_context=200_000,
+                        eval_timeout_s=30.0, progress=False)
+    policy = ScriptedPolicy(answer, max_context=200_000)
+    with SQLiteStore.in_run(tmp_path) as store:
+        async with get_domain("mle").open_evaluator(cfg.settings()) as evaluator:
+            summary = await collect(cfg, policy, evaluator, store, [_task(iris)])
+        groups, entries = store.groups(), store.entries()
+    assert summary.groups == 3 and summary.failed_rollouts == 0
+    assert [g.step_kind for g in groups][:2] == [StepKind.BASE, StepKind.DEBUG]
+    crashed = [e for e in entries if e.errored]
+    assert crashed and TRACE_MARK in crashed[0].iterate and "KeyError" in crashed[0].iterate
+    debug_prompts = [p for p in prompts if "Goal: The current solution.py below crashed" in p]
+    assert debug_prompts and all("no_such_column" in p for p in debug_prompts)  # the trace reached them
+    fixed = [e for e in entries if not e.errored]
+    assert fixed and fixed[0].step_kind is StepKind.DEBUG and fixed[0].reward == pytest.approx(0.0)
