@@ -9,7 +9,12 @@ the same random batch, with the same AdamW step:
   float32 cross-entropy, as a plain fine-tuning step would do;
 - ``chunked``: ``training.loss.micro_batch_loss`` (GRPO loss with the truncated IS weight),
   log-probabilities projected through ``lm_head`` in chunks and only on trainable tokens;
-- ``chunked+ckpt``: the same with the model's activation checkpointing on.
+- ``chunked+ckpt``: the same with the model's activation checkpointing on;
+- ``chunked+shared``: ``chunked`` with each group's prompt run once for its ``--group-size``
+  responses (``MicroBatch.prefix_len``), as the trainer does when checkpointing is off.
+
+Rows come in groups of ``--group-size`` that share their prompt, as a GRPO group's responses do;
+every variant runs the same micro-batches (one per group), only ``chunked+shared`` shares prompts.
 
 Peak memory is the child's RSS high-water mark (``ru_maxrss``, which includes loading the model)
 and, sampled every 2 ms by a psutil thread, the growth of RSS over the steps above the RSS just
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache/exitagent/models/SmolLM2-135M-Instruct"
-VARIANTS = ("hf", "chunked", "chunked+ckpt")
+VARIANTS = ("hf", "chunked", "chunked+ckpt", "chunked+shared")
 
 
 class PeakRss:
@@ -57,7 +62,8 @@ class PeakRss:
         self._thread.join()
 
 
-def _batch(args: argparse.Namespace, vocab_size: int):  # -> MicroBatch
+def _batches(args: argparse.Namespace, vocab_size: int):  # -> list[MicroBatch]
+    import dataclasses
     import random
 
     from exitagent.types import PolicyVersion, TrainingSequence
@@ -67,12 +73,16 @@ def _batch(args: argparse.Namespace, vocab_size: int):  # -> MicroBatch
     completion = args.seq - args.prompt
     items = []
     for i in range(args.batch):
-        tokens = tuple(rng.randrange(vocab_size) for _ in range(args.seq))
+        if i % args.group_size == 0:
+            prompt = tuple(rng.randrange(vocab_size) for _ in range(args.prompt))
+        tokens = prompt + tuple(rng.randrange(vocab_size) for _ in range(completion))
         mask = (0,) * args.prompt + (1,) * completion
         logprobs = (0.0,) * args.prompt + tuple(-rng.uniform(0.5, 4.0) for _ in range(completion))
         items.append((TrainingSequence(tokens, mask, logprobs, PolicyVersion.at_step(0)), 1.0 if i % 2 else -1.0))
-    (batch,) = make_micro_batches(items, vocab_size=vocab_size, token_budget=args.batch * args.seq)
-    return batch
+    batches = make_micro_batches(items, vocab_size=vocab_size, token_budget=args.group_size * args.seq)
+    if args.variant == "chunked+shared":
+        return batches
+    return [dataclasses.replace(b, prefix_len=0) for b in batches]  # every row run whole
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
@@ -89,17 +99,18 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batch = _batch(args, model.config.vocab_size)
-    labels_BT = batch.tokens_BT.masked_fill(batch.mask_BT == 0, -100)
+    batches = _batches(args, model.config.vocab_size)
     config = LossConfig()
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        if args.variant == "hf":
-            loss = model(input_ids=batch.tokens_BT, attention_mask=batch.attention_BT, labels=labels_BT).loss
-        else:
-            loss, _ = micro_batch_loss(model, batch, config, chunk=args.chunk)
-        loss.backward()
+        for batch in batches:
+            if args.variant == "hf":
+                labels_BT = batch.tokens_BT.masked_fill(batch.mask_BT == 0, -100)
+                loss = model(input_ids=batch.tokens_BT, attention_mask=batch.attention_BT, labels=labels_BT).loss
+            else:
+                loss, _ = micro_batch_loss(model, batch, config, chunk=args.chunk)
+            loss.backward()
         optimiser.step()
 
     times = []
@@ -112,7 +123,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     step_s = statistics.median(times[1:])
     return {
         "step_s": step_s,
-        "tokens_per_s": batch.tokens_BT.numel() / step_s,
+        "tokens_per_s": sum(b.tokens_BT.numel() for b in batches) / step_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_growth_mib": (rss.peak - before) / 2**20,
     }
@@ -124,6 +135,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=64, help="untrained prompt tokens per sequence")
+    parser.add_argument("--group-size", type=int, default=8, help="rows that share a prompt (G)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
     parser.add_argument("--chunk", type=int, default=256, help="positions per lm_head chunk")
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant here and print JSON")
@@ -138,22 +150,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     root = Path(__file__).resolve().parents[1]
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}", f"--prompt={args.prompt}",
-              f"--steps={args.steps}", f"--chunk={args.chunk}"]
+              f"--steps={args.steps}", f"--chunk={args.chunk}", f"--group-size={args.group_size}"]
     results = {}
     for variant in args.variants.split(","):
         out = subprocess.run([sys.executable, __file__, f"--variant={variant}", *common], cwd=root,
                              capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results.get("hf")
-    print(f"{args.batch} x {args.seq} tokens ({args.prompt} prompt), bf16, {args.steps} timed steps, "
+    print(f"{args.batch} x {args.seq} tokens ({args.prompt} prompt, groups of {args.group_size}), bf16, "
+          f"{args.steps} timed steps, "
           f"model {args.model.name}")
-    print(f"{'variant':<14}{'step s':>9}{'tokens/s':>10}{'speed':>8}{'peak RSS MiB':>14}{'x hf':>7}"
+    print(f"{'variant':<16}{'step s':>9}{'tokens/s':>10}{'speed':>8}{'peak RSS MiB':>14}{'x hf':>7}"
           f"{'step growth MiB':>17}{'x hf':>7}")
     for variant, r in results.items():
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         peak = r["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
         growth = r["step_growth_mib"] / base["step_growth_mib"] if base else float("nan")
-        print(f"{variant:<14}{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}{speed:>7.2f}x{r['peak_rss_mib']:>14.0f}"
+        print(f"{variant:<16}{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}{speed:>7.2f}x{r['peak_rss_mib']:>14.0f}"
               f"{peak:>6.2f}x{r['step_growth_mib']:>17.0f}{growth:>6.2f}x")
 
 

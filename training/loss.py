@@ -80,6 +80,27 @@ def _split_head(model: Any) -> tuple[Any, torch.nn.Module] | None:
     return backbone, head
 
 
+def _hidden_states(backbone: Any, tokens_BT: torch.Tensor, attention_BT: torch.Tensor, prefix_len: int) -> Any:
+    """The backbone's last hidden states; a prefix shared by every row is run once, for one row.
+
+    The prefix's keys and values are repeated to every row and the rest of each row attends to
+    them, exactly as if each row had been run whole (the same numbers in float32; tests check it).
+    Hugging Face's activation checkpointing silently drops a cache, so it rules sharing out.
+    """
+    rows = tokens_BT.shape[0]
+    if prefix_len < 1 or rows < 2 or getattr(backbone, "is_gradient_checkpointing", False):
+        return backbone(input_ids=tokens_BT, attention_mask=attention_BT, use_cache=False).last_hidden_state
+    from transformers import DynamicCache  # only the shared path needs it
+
+    cache = DynamicCache(config=backbone.config)
+    head = backbone(input_ids=tokens_BT[:1, :prefix_len], attention_mask=attention_BT[:1, :prefix_len],
+                    past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)  # differentiable: gradients flow back into the one prefix run
+    tail = backbone(input_ids=tokens_BT[:, prefix_len:], attention_mask=attention_BT, past_key_values=cache,
+                    use_cache=True).last_hidden_state
+    return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail], dim=1)
+
+
 def token_logprobs(
     model: Any,
     tokens_BT: torch.Tensor,
@@ -89,6 +110,7 @@ def token_logprobs(
     chunk: int = 256,
     return_entropy: bool = False,
     temperature: float = 1.0,
+    prefix_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(tokens[b, t] | tokens[b, :t]) for every position, aligned with ``tokens_BT``.
 
@@ -104,6 +126,9 @@ def token_logprobs(
     time, each chunk under activation checkpointing, so neither the (B, T, V) logits nor their
     log_softmax ever exist; the backward pass recomputes one chunk's logits at a time. Models with
     no ``.model``/``.lm_head`` pair fall back to their full logits, with only log_softmax chunked.
+
+    ``prefix_len``: the first ``prefix_len`` tokens are the same in every row (a group's prompt);
+    they are run through the backbone once (``_hidden_states``). Scores there must be off.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -114,7 +139,7 @@ def token_logprobs(
     parts = _split_head(model)
     if parts is not None:
         backbone, head = parts
-        hidden_BTH = backbone(input_ids=tokens_BT, attention_mask=attention_BT, use_cache=False).last_hidden_state
+        hidden_BTH = _hidden_states(backbone, tokens_BT, attention_BT, prefix_len)
         inputs_N = hidden_BTH[:, :-1][picked_BT]
 
         def run(lo: int, hi: int) -> Any:
@@ -311,12 +336,12 @@ def micro_batch_loss(
     mask_BT = effective_mask(batch, config).to(device)
     logprobs_BT, entropy_BT = token_logprobs(model, tokens_BT, attention_BT, score_BT=mask_BT > 0,
                                              chunk=chunk, return_entropy=return_entropy,
-                                             temperature=config.temperature)
+                                             temperature=config.temperature, prefix_len=batch.prefix_len)
     ref_BT = None
     if config.beta > 0 and ref_model is not None:
         with torch.no_grad():
             ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
-                                       temperature=config.temperature)
+                                       temperature=config.temperature, prefix_len=batch.prefix_len)
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
                      mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
                      ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)

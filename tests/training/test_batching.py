@@ -37,6 +37,24 @@ def test_packing_respects_the_token_budget(make_sequence) -> None:
     assert padding < 0.25 * sum(lengths)
 
 
+def test_a_groups_responses_share_one_micro_batch_and_its_prompt(make_sequence) -> None:
+    prompt = make_sequence(10, 0)
+    group = [type(prompt)(prompt.tokens + tuple(range(100, 100 + n)), prompt.mask + (1,) * n,
+                          prompt.logprobs + (-0.5,) * n, prompt.version) for n in (3, 8, 5, 6)]
+    strays = [make_sequence(4, 4), make_sequence(6, 2)]  # prompts seen once: pooled by length
+    items = [TrainItem(seq, 1.0, label=f"g{i}") for i, seq in enumerate(group)]
+    items += [TrainItem(seq, 1.0, label=f"s{i}") for i, seq in enumerate(strays)]
+    batches = make_micro_batches(items, vocab_size=1000, token_budget=10 + 4 * 8)
+    shared = [b for b in batches if b.labels[0].startswith("g")]
+    assert len(shared) == 1 and sorted(shared[0].labels) == ["g0", "g1", "g2", "g3"]
+    assert shared[0].prefix_len == 10  # the prompt runs once; answers differ from token 10 on
+    assert shared[0].tokens_BT.numel() > 10 + 4 * 8  # padded rows exceed the budget; the compute does not
+    assert [sorted(b.labels) for b in batches if b.labels[0].startswith("s")] == [["s0", "s1"]]
+    # One token smaller and the group no longer fits one micro-batch.
+    assert len([b for b in make_micro_batches(items, vocab_size=1000, token_budget=10 + 4 * 8 - 1)
+                if b.labels[0].startswith("g")]) == 2
+
+
 def test_a_sequence_longer_than_the_budget_gets_its_own_batch(make_sequence) -> None:
     items = [(make_sequence(2, 3), 1.0), (make_sequence(10, 90), 1.0)]
     batches = make_micro_batches(items, vocab_size=1000, token_budget=50)

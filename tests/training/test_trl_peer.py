@@ -34,7 +34,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from exitagent.types import PolicyVersion, TrainingSequence  # noqa: E402
 from training.advantage import group_advantages  # noqa: E402
 from training.data import TrainItem, make_micro_batches  # noqa: E402
-from training.loss import LossConfig, micro_batch_loss, token_logprobs  # noqa: E402
+from training.loss import LossConfig, loss_normaliser, micro_batch_loss, token_logprobs  # noqa: E402
 
 G, GROUPS, PROMPT_LEN, VOCAB = 4, 3, 6, 1000
 REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 0.25, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0]  # the last group: no signal
@@ -110,15 +110,21 @@ def test_loss_and_gradients_match_trl(tiny_path, beta, loss_type, aggregation) -
         sequence = TrainingSequence(tuple(prompt + completion), (0,) * PROMPT_LEN + (1,) * len(completion),
                                     (0.0,) * (PROMPT_LEN + len(completion)), PolicyVersion.at_step(0))
         items.append(TrainItem(sequence, 0.0, label=str(i)))
-    (batch,) = make_micro_batches(items, vocab_size=VOCAB)
-    with torch.no_grad():
-        current_BT, _ = token_logprobs(policy, batch.tokens_BT, batch.attention_BT, score_BT=batch.mask_BT > 0)
-    # Stale behaviour log-probabilities: pi_old / pi_behaviour spread around 1, some above the cap 2.
+    # One micro-batch per group, its prompt run once (``prefix_len``): the peer runs every row whole.
+    batches = make_micro_batches(items, vocab_size=VOCAB)
+    assert len(batches) == GROUPS and all(b.prefix_len == PROMPT_LEN for b in batches)
     gen = torch.Generator().manual_seed(2)
-    noisy_BT = (current_BT + 0.6 * torch.randn(current_BT.shape, generator=gen)) * batch.mask_BT
+    noisy: dict[str, list[float]] = {}
+    for batch in batches:
+        with torch.no_grad():
+            current_BT, _ = token_logprobs(policy, batch.tokens_BT, batch.attention_BT, score_BT=batch.mask_BT > 0,
+                                           prefix_len=batch.prefix_len)
+        # Stale behaviour log-probabilities: pi_old / pi_behaviour spread around 1, some above the cap 2.
+        noisy_BT = (current_BT + 0.6 * torch.randn(current_BT.shape, generator=gen)) * batch.mask_BT
+        for row, label in enumerate(batch.labels):
+            noisy[label] = noisy_BT[row].tolist()
     for i in range(len(items)):
-        row = batch.labels.index(str(i))
-        behaviour.append(noisy_BT[row, PROMPT_LEN:PROMPT_LEN + len(completions[i])].tolist())
+        behaviour.append(noisy[str(i)][PROMPT_LEN:PROMPT_LEN + len(completions[i])])
 
     inputs = trainer._generate_and_score_completions([{"prompt": "t5 t6"}] * (G * GROUPS))
     ours_A = torch.cat([group_advantages(REWARDS[g * G:(g + 1) * G]) for g in range(GROUPS)])
@@ -133,11 +139,20 @@ def test_loss_and_gradients_match_trl(tiny_path, beta, loss_type, aggregation) -
     scored = [TrainItem(TrainingSequence(item.sequence.tokens, item.sequence.mask,
                                          (0.0,) * PROMPT_LEN + tuple(behaviour[i]), item.sequence.version),
                         float(ours_A[i]), label=item.label) for i, item in enumerate(items)]
-    (ours_batch,) = make_micro_batches(scored, vocab_size=VOCAB)
+    ours_batches = make_micro_batches(scored, vocab_size=VOCAB)
     config = LossConfig(beta=beta, aggregation=aggregation, is_cap=2.0)
+    normaliser = loss_normaliser(ours_batches, config)
     policy.zero_grad()
-    ours_loss, metrics = micro_batch_loss(policy, ours_batch, config, ref_model=trainer.ref_model, chunk=16)
-    ours_loss.backward()
+    ours_loss, metrics, weight = torch.zeros(()), {"is_truncated_frac": 0.0, "is_weight_mean": 0.0, "kl": 0.0}, 0.0
+    for batch in ours_batches:
+        loss, batch_metrics = micro_batch_loss(policy, batch, config, ref_model=trainer.ref_model, chunk=16,
+                                               normaliser=normaliser)
+        loss.backward()
+        ours_loss = ours_loss + loss.detach()
+        weight += batch.num_tokens
+        for key in metrics:  # per-token means, weighted by each micro-batch's tokens as the trainer does
+            metrics[key] += batch_metrics.get(key, 0.0) * batch.num_tokens
+    metrics = {k: v / weight for k, v in metrics.items()}
 
     assert float(ours_loss.detach()) == pytest.approx(float(trl_loss.detach()), abs=LOSS_TOL)
     assert 0 < metrics["is_truncated_frac"] < 0.5  # the cap is exercised, not everywhere
