@@ -16,7 +16,7 @@ import anyio
 
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
 from exitagent.records import token_sequences
-from exitagent.tools import Toolbox, parse_action
+from exitagent.tools import FINISHED, GAVE_UP, Toolbox, parse_action
 from exitagent.types import Episode, Message, Sample, StopReason, Task, Turn
 
 
@@ -31,6 +31,13 @@ class EpisodeLimits:
     # One action per turn (tool use): only the LAST call of a message runs (a divergence answer
     # ends with its new response, after quoting the old one); each earlier call gets an error.
     calls_per_turn: int | None = None
+    # Every message must be an action (tool use): one with no call and no stop marker is answered
+    # with an error and the episode goes on, instead of ending as ANSWERED.
+    require_action: bool = False
+
+
+NO_ACTION = (f"error: no action: call a function in <tool>...</tool>, or write {FINISHED} when the request is "
+             f"done or {GAVE_UP} if it cannot be done")
 
 
 async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], *,
@@ -69,6 +76,9 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
                 message, error = await tools.execute(call)
                 results.append(message)
                 errors.update([error] if error else [])
+            if limits.require_action and not (results or action.finished or action.gave_up):
+                results.append(Message("tool", NO_ACTION, name="no_action"))
+                errors.update(["no_action"])
             history += results
             turns.append(Turn(sample, tuple(results)))
             seen = len(sample.prompt_ids) + len(sample.completion_ids) if sample.prompt_ids else \

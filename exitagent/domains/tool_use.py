@@ -25,6 +25,7 @@ step scores 1 when every request passed (BFCL's entry accuracy). ``TaskResult.me
 
 from __future__ import annotations
 
+import json
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -39,7 +40,14 @@ from evaluators.tool_use import CallRecord, ToolUseEvaluator
 from exitagent.curriculum import Start, entry_key, render_iterate
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.environments.bfcl import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
-from exitagent.environments.bfcl_toolbox import BfclToolbox, executed_calls, replay, request_message, system_prompt
+from exitagent.environments.bfcl_toolbox import (
+    BfclToolbox,
+    executed_calls,
+    replay,
+    request_message,
+    request_text,
+    system_prompt,
+)
 from exitagent.errors import ConfigError, EvaluatorError
 from exitagent.loop import EpisodeLimits, run_episode
 from exitagent.policy import Policy, SamplingParams
@@ -54,12 +62,18 @@ TRAIN_TURNS = 10
 EVAL_TURNS = 60
 MIN_ANSWER_TOKENS = 16
 SNAPSHOTS_KEPT = 2048  # per-turn environment snapshots kept for buffer starts (a miss replays the prefix)
-ENDS_EPISODE = (StopReason.CONTEXT_FULL, StopReason.WALL_CLOCK, StopReason.MAX_TURNS, StopReason.MAX_TOKENS)
+ENDS_EPISODE = (StopReason.CONTEXT_FULL, StopReason.WALL_CLOCK, StopReason.MAX_TOKENS)
 
 
 def task_of(entry: Entry) -> Task:
-    return Task(entry.id, "tool_use", entry.requests[0],
+    return Task(entry.id, "tool_use", request_text(entry.requests[0]),
                 metadata={"category": entry.category, "requests": len(entry.requests)})
+
+
+def _limits(turns: int, params: SamplingParams) -> EpisodeLimits:
+    """One call per message, and every message an action: a chatty message is told so and costs a turn."""
+    return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns, calls_per_turn=1,
+                         require_action=True)
 
 
 def _room(policy: Policy, messages: Sequence[Message]) -> int:
@@ -154,7 +168,7 @@ class ToolUseDomain:
         base = await self.toolbox_at(entry, start.prefix)
         ordinary = (system, Message("user", start.task.prompt), *start.prefix)
         turns_left = max(budget - start.start_turn, 1)
-        limits = EpisodeLimits(max_turns=turns_left, max_total_tokens=params.max_tokens * turns_left, calls_per_turn=1)
+        limits = _limits(turns_left, params)
         toolboxes = [_branch(base) for _ in firsts]
         episodes: list[Episode | None] = [None] * len(firsts)
 
@@ -184,18 +198,21 @@ class ToolUseDomain:
     async def run_requests(self, policy: Policy, entry: Entry, task: Task, toolbox: BfclToolbox,
                            history: Sequence[Message], first: Sample | None, budget: int,
                            params: SamplingParams) -> Attempt:
-        """Continue the current request from ``history``, then every later one, within ``budget`` turns."""
-        history, episodes, stop = tuple(history), list[Episode](), StopReason.FINISHED
-        while True:
-            left = budget - sum(m.role == "assistant" for m in history)
-            if left < 1:
-                stop = StopReason.MAX_TURNS
-                break
-            limits = EpisodeLimits(max_turns=left, max_total_tokens=params.max_tokens * left, calls_per_turn=1)
+        """Continue the current request from ``history``, then every later one: at most 10 turns a request
+        (the training budget; then the next request comes, as BFCL's harness force-quits a turn) and
+        ``budget`` in all."""
+        history, episodes = tuple(history), list[Episode]()
+
+        def left() -> int:
+            return budget - sum(m.role == "assistant" for m in history)
+
+        stop = StopReason.MAX_TURNS
+        while left() >= 1:
+            limits = _limits(min(left(), TRAIN_TURNS), params)
             episode = await run_episode(task, policy, toolbox, history, limits=limits, params=params, first=first)
             first, history, stop = None, episode.messages, episode.stop_reason
             episodes.append(episode)
-            if stop in ENDS_EPISODE or toolbox.request + 1 >= len(entry.requests):
+            if stop in ENDS_EPISODE or toolbox.request + 1 >= len(entry.requests) or left() < 1:
                 break
             toolbox.begin_request(toolbox.request + 1)
             history = (*history, request_message(entry, toolbox.request))
@@ -276,6 +293,8 @@ async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt
                 numbers: list[dict[str, float]]) -> Step:
     """One evaluation iterate: 1.0 when every request was reached and passed."""
     record = CallRecord(entry.id, tuple(tuple(c) for c in attempt.toolbox.calls))
+    actions = [m.content[:500] for m in attempt.history if m.role == "assistant"]
+    text = json.dumps({**json.loads(record.to_json()), "actions": actions})  # the record, and what the model wrote
     version = str(attempt.episodes[0].turns[0].sample.version) if attempt.episodes and attempt.episodes[0].turns \
         else ""
     truncated = attempt.stop in CUT_OFF
@@ -284,7 +303,7 @@ async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt
     except EvaluatorError as error:
         log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
         numbers.append({})
-        return Step(record.to_json(), None, version, truncated, failure=str(error)[:300] or type(error).__name__)
+        return Step(text, None, version, truncated, failure=str(error)[:300] or type(error).__name__)
     numbers.append({"first_request": score.components["first_request"], "passed": score.components["passed"]})
     complete = len(record.calls) == len(entry.requests)
-    return Step(record.to_json(), float(score.total == 1.0 and complete), version, truncated)
+    return Step(text, float(score.total == 1.0 and complete), version, truncated)

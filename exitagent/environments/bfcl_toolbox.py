@@ -26,6 +26,7 @@ from exitagent.types import Message, ToolCall
 
 # BFCL's own words when withheld functions appear (DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC).
 REVEAL = "I have updated some more functions you can choose from. What about now?"
+ACTION_REMINDER = f"Reply with one function call in <tool></tool>, or {FINISHED} when done."
 _SPLIT = "Tool description: "  # BFCL docs open with a sentence about their class, then this
 
 
@@ -51,14 +52,27 @@ def render_docs(entry: Entry, docs: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _example(docs: Sequence[Mapping[str, Any]]) -> str:
+    first = docs[0]
+    arguments = {name: "..." for name in first["parameters"].get("required", [])}
+    return "<tool>" + json.dumps({"name": first["name"], "arguments": arguments}) + "</tool>"
+
+
 def system_prompt(entry: Entry) -> str:
-    """The system message: the functions shown at the first request, and the action format."""
+    """The system message: the functions shown at the first request, the action format, an example."""
+    docs = entry_docs(entry, 0)
     return (
         "You help a user by calling functions. Each of your messages is exactly one action: either one "
         'function call written as <tool>{"name": "FUNCTION", "arguments": {...}}</tool>, after which you '
         f"get its result, or {FINISHED} when the user's request is done, or {GAVE_UP} when it cannot be "
-        "done with these functions.\n\nFunctions:\n" + render_docs(entry, entry_docs(entry, 0))
+        f"done with these functions.\n\nFunctions:\n{render_docs(entry, docs)}\n\nExample action: {_example(docs)}"
     )
+
+
+def request_text(text: str) -> str:
+    """A request as the model sees it: BFCL's words, then a one-line reminder of the action format
+    (as math prompts end with their \\boxed{} instruction; a 135M model ignores the system prompt's)."""
+    return f"{text}\n\n{ACTION_REMINDER}" if text else ACTION_REMINDER
 
 
 def request_message(entry: Entry, index: int) -> Message:
@@ -68,7 +82,7 @@ def request_message(entry: Entry, index: int) -> Message:
         shown = set(entry.missed[index])
         new = [d for d in entry_docs(entry, index) if d["name"] in shown]
         text = "\n\n".join(part for part in (render_docs(entry, new), REVEAL, text) if part)
-    return Message("user", text)
+    return Message("user", request_text(text))
 
 
 @dataclass

@@ -239,3 +239,19 @@ async def test_evaluation_budget_caps_turns_over_all_requests(entry: Entry) -> N
     record = json.loads(result.trajectories[0][0].text)
     assert len(record["calls"]) == 2 and result.trajectories[0][0].score == 0.0  # 4 turns, then 1 of request 2
     assert result.metrics["first_request_accuracy"] == 1.0
+
+
+@pytest.mark.anyio
+async def test_a_message_that_is_no_action_is_told_so_and_costs_a_turn(entry: Entry) -> None:
+    chatty = ScriptedPolicy(lambda _: "Sure, I can help with that.", max_context=BIG)
+    async with ToolUseEvaluator() as evaluator:
+        rolled = await ToolUseDomain().roll_out(Start(task_of(entry), StepKind.BASE), chatty, evaluator, group_size=1,
+                                                params=PARAMS, settings=settings(max_turns=3))
+        history = rolled.histories[0]
+        assert [m.role for m in history] == ["assistant", "tool"] * 3 and history[1].name == "no_action"
+        assert rolled.result.rollouts[0].episode.metrics["tool_error_no_action"] == 3
+
+        result = await ToolUseDomain().evaluate_task(chatty, evaluator, task_of(entry), steps=0, samples=1,
+                                                     params=PARAMS, settings=settings(), tick=lambda _: None)
+    record = json.loads(result.trajectories[0][0].text)
+    assert record["calls"] == [[], [], [], []] and len(record["actions"]) == 40  # 10 turns a request, then the next
