@@ -7,7 +7,9 @@ An iteration is what one GRPO step costs end to end: P prompts x G samples gener
 ``--max-tokens`` new tokens each), scored by the math evaluator, then one optimizer step on them.
 Both sides get the same P arithmetic prompts per iteration (``math_tasks("arithmetic", "train")``,
 same seed, same order), the same temperature, learning rate 1e-5, beta 0, fp32 weights with bf16
-autocast and activation checkpointing. Each side runs in a subprocess of its own, one after the
+autocast. Each side trains as it does by default in a run: TRL with its GRPOConfig defaults
+(activation checkpointing on), exitagent as ``exitagent.run`` starts ``training.update``
+(activation checkpointing off, so each group's prompt runs once for its G samples). Each side runs in a subprocess of its own, one after the
 other, so neither shares memory or cores with the other; each runs ``--warmup`` untimed iterations
 first (a process's first torch generate on this CPU was seen to take over a minute).
 
@@ -140,7 +142,7 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
 
     tasks = math_tasks("arithmetic", "train", n=args.prompts * (args.warmup + args.steps), seed=args.seed)
     cfg = UpdateConfig(run_dir=run_dir, lr=args.lr, beta=0.0, groups_per_step=args.prompts, seed=args.seed,
-                       quiet=True)
+                       activation_checkpointing=False, quiet=True)
     trainer = await anyio.to_thread.run_sync(Trainer.restore_or_start, cfg)
     rows = []
     async with OpenAIPolicy(server.base_url) as policy, MathEvaluator() as evaluator:

@@ -57,11 +57,18 @@ class RunConfig:
     serve_flags: str = field(default="", metadata={"help": "extra flags for exitagent.serve, e.g. --enforce-eager"})
 
 
+# collect and update share the CPU with vLLM. OpenMP's default lets idle worker threads spin, which
+# on an oversubscribed machine burns the cores the other processes need: one trainer step measured
+# 3-5x slower (benchmarks/trainer.py beside a busy vLLM). Passive waiting yields the core instead.
+SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
     log_path = cfg.run_dir / "logs" / f"{name}.log"
+    env = {**SHARED_CPU_ENV, **os.environ}  # a value the user set wins
     with log_path.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
 
 
 def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
@@ -106,7 +113,9 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
                     "--temperature", str(cfg.temperature),
-                    "--quiet", "--log-json")
+                    # no activation checkpointing: a 135M model fits, and without it each group's
+                    # prompt runs once for its G responses (training/loss.py, prefix sharing)
+                    "--no-activation-checkpointing", "--quiet", "--log-json")
     started = time.monotonic()
     try:
         while time.monotonic() - started < cfg.train_minutes * 60 and not stop_requested[0]:
