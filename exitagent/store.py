@@ -11,13 +11,10 @@ the SQL here only stores and fetches.
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import sys
 import threading
 import time
-from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -26,18 +23,23 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from exitagent.errors import StoreError
+from exitagent.store_rows import (
+    ENTRY_COLUMNS,
+    GROUP_SELECT,
+    MIGRATIONS,
+    ROLLOUT_SELECT,
+    SCHEMA,
+    entry_from_row,
+    entry_values,
+    group_from_row,
+    rollout_from_row,
+    rollout_row,
+)
 from exitagent.types import (
     BufferEntry,
     Group,
-    Message,
-    PolicyVersion,
-    Rollout,
-    StepKind,
     StoredGroup,
     StoredRollout,
-    ToolCall,
-    TrainingSequence,
-    Variant,
 )
 
 log = structlog.get_logger(__name__)
@@ -115,112 +117,6 @@ class MemoryBuffer:
         return True
 
 
-# --- encoding -----------------------------------------------------------------------------------
-
-
-def messages_to_json(messages: Sequence[Message]) -> str:
-    """Messages as canonical JSON (sorted keys): also what the dedup key hashes."""
-    return json.dumps(
-        [
-            {
-                "role": m.role, "content": m.content, "tool_call_id": m.tool_call_id, "name": m.name,
-                "tool_calls": [
-                    {"name": c.name, "arguments": dict(c.arguments), "id": c.id, "raw": c.raw} for c in m.tool_calls
-                ],
-            }
-            for m in messages
-        ],
-        sort_keys=True, default=str,
-    )
-
-
-def messages_from_json(text: str) -> tuple[Message, ...]:
-    return tuple(
-        Message(
-            role=m["role"], content=m["content"], tool_call_id=m["tool_call_id"], name=m["name"],
-            tool_calls=tuple(ToolCall(c["name"], c["arguments"], c["id"], c["raw"]) for c in m["tool_calls"]),
-        )
-        for m in json.loads(text)
-    )
-
-
-def _blob(values: Sequence[Any], code: str) -> bytes:
-    packed = array(code, values)
-    if sys.byteorder == "big":  # stored little-endian, so a store file moves between machines
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def _unblob(data: bytes, code: str) -> list[Any]:
-    packed = array(code)
-    packed.frombytes(data)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tolist()
-
-
-def _pack_sequences(seqs: Sequence[TrainingSequence]) -> tuple[bytes, bytes, bytes, str]:
-    """Concatenated int32 tokens, uint8 mask, float64 logprobs, and a layout to split them again."""
-    tokens = [t for s in seqs for t in s.tokens]
-    mask = [m for s in seqs for m in s.mask]
-    logprobs = [lp for s in seqs for lp in s.logprobs]
-    layout = json.dumps([[len(s.tokens), s.version.step, s.version.name] for s in seqs])
-    return _blob(tokens, "i"), _blob(mask, "B"), _blob(logprobs, "d"), layout
-
-
-def _unpack_sequences(tokens: bytes, mask: bytes, logprobs: bytes, layout: str) -> tuple[TrainingSequence, ...]:
-    all_tokens, all_mask, all_lp = _unblob(tokens, "i"), _unblob(mask, "B"), _unblob(logprobs, "d")
-    seqs, at = [], 0
-    for length, step, name in json.loads(layout):
-        cut = slice(at, at + length)
-        seqs.append(TrainingSequence(
-            tuple(all_tokens[cut]), tuple(all_mask[cut]), tuple(all_lp[cut]), PolicyVersion(step, name)
-        ))
-        at += length
-    return tuple(seqs)
-
-
-_SCHEMA = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE entries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, task_id TEXT NOT NULL,
-    prefix TEXT NOT NULL, iterate TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
-    parent_id INTEGER, version_step INTEGER NOT NULL, version_name TEXT NOT NULL, score REAL NOT NULL,
-    reward REAL, prev_reward REAL, errored INTEGER NOT NULL, step_kind TEXT NOT NULL,
-    group_id TEXT NOT NULL, created REAL NOT NULL, evicted REAL);
-CREATE INDEX entries_live_score ON entries(score, id) WHERE evicted IS NULL;
-CREATE INDEX entries_live_key ON entries(key) WHERE evicted IS NULL;
-CREATE TABLE groups (
-    id TEXT PRIMARY KEY, task_id TEXT NOT NULL, entry_id INTEGER, step_kind TEXT NOT NULL,
-    variant TEXT NOT NULL, version_step INTEGER NOT NULL, version_name TEXT NOT NULL,
-    depth INTEGER NOT NULL, start_turn INTEGER NOT NULL, created REAL NOT NULL,
-    consumed_by_step INTEGER, dropped INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX groups_consumed ON groups(consumed_by_step);
-CREATE TABLE rollouts (
-    group_id TEXT NOT NULL REFERENCES groups(id), idx INTEGER NOT NULL, tokens BLOB NOT NULL,
-    mask BLOB NOT NULL, logprobs BLOB NOT NULL, layout TEXT NOT NULL, reward REAL,
-    components TEXT NOT NULL, detail TEXT NOT NULL, failure TEXT NOT NULL, diversity REAL NOT NULL,
-    text TEXT NOT NULL, PRIMARY KEY (group_id, idx));
-"""
-
-# Migrations from version v to v + 1, as SQL scripts; none yet.
-_MIGRATIONS: dict[int, str] = {}
-
-_ENTRY_COLUMNS = (
-    "id, key, task_id, prefix, iterate, depth, start_turn, parent_id, version_step, version_name, "
-    "score, reward, prev_reward, errored, step_kind, group_id"
-)
-
-
-def _entry_from_row(row: Sequence[Any]) -> BufferEntry:
-    return BufferEntry(
-        id=row[0], key=row[1], task_id=row[2], prefix=messages_from_json(row[3]), iterate=row[4], depth=row[5],
-        start_turn=row[6], parent_id=row[7], version=PolicyVersion(row[8], row[9]), score=row[10],
-        reward=row[11], prev_reward=row[12], errored=bool(row[13]), step_kind=StepKind(row[14]), group_id=row[15],
-    )
-
-
 class _SqlBuffer:
     """``Buffer`` over one open transaction of a ``SQLiteStore``."""
 
@@ -239,9 +135,9 @@ class _SqlBuffer:
 
     def get(self, entry_id: int) -> BufferEntry | None:
         row = self._conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ? AND evicted IS NULL", (entry_id,)
+            f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ? AND evicted IS NULL", (entry_id,)
         ).fetchone()
-        return _entry_from_row(row) if row else None
+        return entry_from_row(row) if row else None
 
     def has_key(self, key: str) -> bool:
         row = self._conn.execute("SELECT 1 FROM entries WHERE key = ? AND evicted IS NULL", (key,)).fetchone()
@@ -255,11 +151,9 @@ class _SqlBuffer:
     def insert(self, entry: BufferEntry) -> int:
         self._check_writable()
         cursor = self._conn.execute(
-            f"INSERT INTO entries ({_ENTRY_COLUMNS.removeprefix('id, ')}, created) "
+            f"INSERT INTO entries ({ENTRY_COLUMNS.removeprefix('id, ')}, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.key, entry.task_id, messages_to_json(entry.prefix), entry.iterate, entry.depth, entry.start_turn,
-             entry.parent_id, entry.version.step, str(entry.version), entry.score, entry.reward, entry.prev_reward,
-             int(entry.errored), entry.step_kind.value, entry.group_id, time.time()),
+            entry_values(entry, time.time()),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -273,30 +167,6 @@ class _SqlBuffer:
         self._check_writable()
         cursor = self._conn.execute("UPDATE entries SET score = ? WHERE id = ? AND evicted IS NULL", (score, entry_id))
         return cursor.rowcount == 1
-
-
-_GROUP_SELECT = (
-    "SELECT g.id, g.task_id, g.step_kind, g.variant, g.version_step, g.version_name, g.depth, g.start_turn, "
-    "g.entry_id, g.created, g.consumed_by_step, e.version_step FROM groups g LEFT JOIN entries e ON e.id = g.entry_id"
-)
-
-
-def _group_from_row(row: Sequence[Any], rollouts: tuple[StoredRollout, ...] = ()) -> StoredGroup:
-    return StoredGroup(
-        id=row[0], task_id=row[1], step_kind=StepKind(row[2]), variant=Variant(row[3]),
-        version=PolicyVersion(row[4], row[5]), depth=row[6], start_turn=row[7], entry_id=row[8], created=row[9],
-        consumed_by_step=row[10], sampled_from=row[11], rollouts=rollouts,
-    )
-
-
-def _rollout_row(group_id: str, index: int, rollout: Rollout) -> tuple[Any, ...]:
-    tokens, mask, logprobs, layout = _pack_sequences(rollout.episode.sequences)
-    score = rollout.score
-    components: Mapping[str, float] = score.components if score else {}
-    return (
-        group_id, index, tokens, mask, logprobs, layout, rollout.reward, json.dumps(dict(components)),
-        score.detail if score else "", rollout.failure, rollout.diversity, rollout.episode.final_text,
-    )
 
 
 STORE_FILENAME = "store.sqlite"
@@ -371,7 +241,7 @@ class SQLiteStore:
         with self._tx(write=True) as conn:  # re-read under the write lock: another process may have won
             version = self._schema_version(conn)
             if version is None:
-                for statement in _SCHEMA.split(";"):
+                for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
@@ -387,12 +257,12 @@ class SQLiteStore:
     def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
         start = version
         while version < SCHEMA_VERSION:
-            if version not in _MIGRATIONS:
+            if version not in MIGRATIONS:
                 raise StoreError(
                     f"curriculum store {self.path} has schema version {version} and no migration to "
                     f"{SCHEMA_VERSION} exists: use a new run directory"
                 )
-            for statement in _MIGRATIONS[version].split(";"):
+            for statement in MIGRATIONS[version].split(";"):
                 if statement.strip():
                     conn.execute(statement)
             version += 1
@@ -419,7 +289,7 @@ class SQLiteStore:
             )
             conn.executemany(
                 "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_rollout_row(group.id, i, r) for i, r in enumerate(group.rollouts)],
+                [rollout_row(group.id, i, r) for i, r in enumerate(group.rollouts)],
             )
         log.debug("group_written", group_id=group.id, step_kind=group.step_kind.value, rollouts=len(group.rollouts))
         return result
@@ -430,23 +300,13 @@ class SQLiteStore:
         """Unconsumed groups produced by policy step >= ``min_version``, oldest first, with rollouts."""
         with self._tx(write=False) as conn:
             rows = conn.execute(
-                f"{_GROUP_SELECT} WHERE g.consumed_by_step IS NULL AND g.version_step >= ? ORDER BY g.rowid LIMIT ?",
+                f"{GROUP_SELECT} WHERE g.consumed_by_step IS NULL AND g.version_step >= ? ORDER BY g.rowid LIMIT ?",
                 (min_version, -1 if limit is None else limit),
             ).fetchall()
-            return [_group_from_row(row, self._rollouts(conn, row[0])) for row in rows]
+            return [group_from_row(row, self._rollouts(conn, row[0])) for row in rows]
 
     def _rollouts(self, conn: sqlite3.Connection, group_id: str) -> tuple[StoredRollout, ...]:
-        rows = conn.execute(
-            "SELECT idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "
-            "FROM rollouts WHERE group_id = ? ORDER BY idx", (group_id,),
-        )
-        return tuple(
-            StoredRollout(
-                index=r[0], sequences=_unpack_sequences(r[1], r[2], r[3], r[4]), reward=r[5], diversity=r[9],
-                text=r[10], components=json.loads(r[6]), detail=r[7], failure=r[8],
-            )
-            for r in rows
-        )
+        return tuple(rollout_from_row(r) for r in conn.execute(ROLLOUT_SELECT, (group_id,)))
 
     def mark_consumed(self, group_ids: Sequence[str], step: int) -> None:
         """Record that trainer step ``step`` consumed these groups; all or none (StoreError)."""
@@ -484,13 +344,13 @@ class SQLiteStore:
     def entries(self, *, live: bool = True) -> list[BufferEntry]:
         where = " WHERE evicted IS NULL" if live else ""
         with self._tx(write=False) as conn:
-            rows = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries{where} ORDER BY id")
-            return [_entry_from_row(r) for r in rows]
+            rows = conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries{where} ORDER BY id")
+            return [entry_from_row(r) for r in rows]
 
     def groups(self) -> list[StoredGroup]:
         """Every group's header (no rollouts), oldest first."""
         with self._tx(write=False) as conn:
-            return [_group_from_row(r) for r in conn.execute(f"{_GROUP_SELECT} ORDER BY g.rowid")]
+            return [group_from_row(r) for r in conn.execute(f"{GROUP_SELECT} ORDER BY g.rowid")]
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx(write=True) as conn:
