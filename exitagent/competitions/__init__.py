@@ -87,6 +87,10 @@ class Competition:
         for path in (self.root / "description.md", self.public_dir / "description.md"):
             if path.is_file():
                 return path.read_text(encoding="utf-8")
+        if self.source == "mlebench":
+            from exitagent.competitions.mlebench import mlebench_description
+
+            return mlebench_description(self.root)
         return f"# {self.id}\n\nSee the data files; the submission format is that of sample_submission.csv."
 
     def normalise(self, raw: float) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from exitagent.competitions import RECORDED, catalog_ids, default_root, prepare, prepare_one, recorded
+from exitagent.competitions import RECORDED, catalog_ids, prepare, prepare_one, recorded
 from exitagent.competitions.catalog import SPECS
 from exitagent.errors import ExitAgentError
 from exitagent.log import configure
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             for competition in prepare(args.root, ids):
-                print(competition.root)
+                print(competition.root)  # one prepared directory a line: easy to feed to --source
         elif args.command == "list":
             record = recorded()
             for competition_id, spec in SPECS.items():
@@ -89,7 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExitAgentError as error:
         print(f"competitions: {error}", file=sys.stderr)
         return 1
-    print(f"root: {args.root or default_root()}" if args.command == "prepare" else "", end="", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,11 @@ def load_mlebench(path: Path) -> Competition:
                        best=best, id_column=columns[0] if columns else "id", columns=columns, source="mlebench")
 
 
+def mlebench_description(path: Path) -> str:
+    """The competition's description as MLE-bench's registry holds it."""
+    return str(_registry_competition(path).description)
+
+
 def _bounds(path: Path, competition: Any) -> tuple[float, float, bool]:
     from mlebench.data import get_leaderboard
 
