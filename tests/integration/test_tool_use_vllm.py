@@ -3,7 +3,8 @@
 BFCL's function schemas take 1.5k to 4k tokens, so this module starts its own server with an
 8192-token context (the session's ``served`` has 2048). ``EXITAGENT_TEST_SERVE_DIR`` reuses a
 running serve instead, as for ``served``; it must have been started with ``--max-model-len 8192``.
-Kept small for two CPU cores: 48-token actions, G = 4, a few groups, 3 evaluation tasks.
+Kept small for two CPU cores: 48-token actions, G = 4, six groups of at most 3 turns; 2 evaluation
+tasks with a 4-turn budget (the 135M model writes no actions, so it would use the whole budget).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def run(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 def test_collect_records_groups_that_start_at_later_turns(tool_served, tmp_path: Path) -> None:
     run([sys.executable, "-m", "exitagent.collect", "--domain", "tool_use", "--task-source", "base",
          "--task-split", "train", "--run-dir", str(tmp_path), "--base-url", tool_served.base_url,
-         "--variant", "improve", "--groups", "8", "--group-size", "4", "--concurrency", "2", "--max-tokens", "48",
+         "--variant", "improve", "--groups", "6", "--group-size", "4", "--concurrency", "2", "--max-tokens", "48",
+         "--max-turns", "3",
          "--max-context", CONTEXT, "--min-buffer", "1", "--p-buffer", "1.0", "--kappa", "0", "--seed", "3",
          "--no-progress", "--log-level", "warning"], timeout=900)
     with SQLiteStore.in_run(tmp_path) as store:
@@ -56,7 +58,7 @@ def test_collect_records_groups_that_start_at_later_turns(tool_served, tmp_path:
     summary = summarize(entries, groups)
     print(f"\nbuffer start turns {summary.start_turns}, groups {len(groups)}, "
           f"group start turns {sorted(g.start_turn for g in groups)}")
-    assert len(groups) == 8 and all(len(g.rollouts) == 4 for g in groups)
+    assert len(groups) == 6 and all(len(g.rollouts) == 4 for g in groups)
     for group in groups:
         for rollout in group.rollouts:
             assert rollout.reward in (0.0, 1.0) and rollout.components["requests"] == 1  # the first request only
@@ -72,12 +74,13 @@ def test_collect_records_groups_that_start_at_later_turns(tool_served, tmp_path:
 def test_evaluate_runs_every_request_on_the_test_split(tool_served, tmp_path: Path) -> None:
     out = tmp_path / "tool_use.json"
     run([sys.executable, "-m", "exitagent.evaluate", "--domain", "tool_use", "--source", "bfcl", "--split", "test",
-         "--n-tasks", "3", "--steps", "1", "--samples", "1", "--temperature", "0", "--max-tokens", "48",
+         "--n-tasks", "2", "--steps", "1", "--samples", "1", "--temperature", "0", "--max-tokens", "32",
+         "--max-turns", "4",
          "--max-context", CONTEXT, "--base-url", tool_served.base_url, "--no-progress", "--log-level", "warning",
          "--keep-texts", "--out", str(out)], timeout=900)
     body = json.loads(out.read_text())
     print(f"\ndomain metrics {body['domain_metrics']}")
-    assert body["num_tasks"] == 3 and len(body["accuracy_by_step"]) == 2
+    assert body["num_tasks"] == 2 and len(body["accuracy_by_step"]) == 2
     metrics = body["domain_metrics"]
     assert 0.0 <= metrics["first_request_accuracy"] <= 1.0 and metrics["total_return"] >= 0.0
     for row in body["per_task"]:
