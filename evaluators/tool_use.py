@@ -26,7 +26,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import anyio
 import structlog
 
 from exitagent.environments.bfcl import BfclEnv, Entry, get_entry
@@ -105,14 +104,14 @@ def score_record(record: CallRecord) -> Score:
 
 
 class ToolUseEvaluator:
-    """Scores call records in worker threads (the API classes are plain Python; a replay takes ms).
+    """Scores call records on the event loop's own thread.
 
-    An async context manager like the other evaluators. A record that is not valid JSON or names
-    an unknown entry is our own bug, not the model's: ``EvaluatorError``.
+    A replay takes about a millisecond (the API classes are plain Python), and running every BFCL
+    call on one thread keeps process-wide state consistent: ``MathAPI.logarithm`` sets mpmath's
+    global precision before it computes, which a concurrent thread could change in between. An
+    async context manager like the other evaluators. A record that is not valid JSON or names an
+    unknown entry is our own bug, not the model's: ``EvaluatorError``.
     """
-
-    def __init__(self, *, workers: int = 2) -> None:
-        self.limiter = anyio.CapacityLimiter(max(workers, 1))
 
     async def __aenter__(self) -> ToolUseEvaluator:
         return self
@@ -126,6 +125,6 @@ class ToolUseEvaluator:
         except (ValueError, KeyError, TypeError) as error:
             raise EvaluatorError(f"task {task.id}: not a tool-use call record: {error}") from error
         try:
-            return await anyio.to_thread.run_sync(score_record, record, limiter=self.limiter)
+            return score_record(record)
         except (ConfigError, ValueError) as error:
             raise EvaluatorError(f"task {task.id}: {error}") from error

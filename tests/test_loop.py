@@ -170,3 +170,22 @@ async def test_group_first_turn_is_capped_by_the_room_left() -> None:
     sample = episode.turns[0].sample
     assert len(sample.prompt_ids) + len(sample.completion_ids) <= 300
     assert episode.stop_reason is StopReason.CONTEXT_FULL
+
+
+async def test_calls_per_turn_runs_only_the_last_calls_of_a_message() -> None:
+    tools, sandbox = toolbox("second\n")
+    policy = ScriptedPolicy([call("print('first')") + " " + call("print('second')"), "done"])
+    episode = await run_episode(TASK, policy, tools, START, limits=EpisodeLimits(calls_per_turn=1))
+    first, second = episode.messages[2], episode.messages[3]
+    assert "one action per turn" in first.content and "second" in second.content
+    assert len(sandbox.calls) == 1 and episode.metrics["tool_error_extra_call"] == 1
+
+
+async def test_require_action_answers_a_message_without_one_and_goes_on() -> None:
+    tools, _ = toolbox()
+    policy = ScriptedPolicy(["Let me think.", "<TASK_FINISHED>"])
+    episode = await run_episode(TASK, policy, tools, START, limits=EpisodeLimits(require_action=True))
+    assert episode.stop_reason is StopReason.FINISHED and len(episode.turns) == 2
+    assert episode.messages[2].name == "no_action" and episode.metrics["tool_error_no_action"] == 1
+    plain = await run_episode(TASK, ScriptedPolicy(["Let me think."]), tools, START)
+    assert plain.stop_reason is StopReason.ANSWERED and len(plain.turns) == 1  # the default is unchanged

@@ -5,6 +5,11 @@ Tasks. One ``Task`` per entry (``Task.id`` is the entry id, ``prompt`` its first
 ``train`` / ``test`` (``heldout`` means test) / ``all``, by the fixed stratified split in
 ``exitagent/data/bfcl``. ``--n-tasks`` draws a seeded subset.
 
+Actions. Each assistant message is one action (``bfcl_toolbox``): one call in ``<tool>...</tool>``
+(only the last call of a message runs), ``<TASK_FINISHED>`` or ``<TASK_ERROR>``. A message that is
+none of these is told so and costs a turn (``EpisodeLimits.require_action``), as a malformed call
+is; it does not end the request.
+
 Collect (``roll_out``). Training uses the first user request with a 10-turn budget (a turn is one
 assistant action). A start at turn t restores the environment at the end of its prefix (a
 deep-copied snapshot taken during an earlier episode, else a replay of the prefix's calls), asks
@@ -15,12 +20,13 @@ old one, for the turns left (10 - t). Each rollout is scored by replaying its ca
 (``evaluators.tool_use``): 1 when the first request passes, else 0. ``histories`` are the
 conversations after the request, so every per-turn prefix becomes a buffer entry.
 
-Evaluate (``evaluate_task``). All requests, one after another as in the entry, up to 60 turns
-in all; ``miss_func`` entries show their withheld functions at the request that reveals them. An
-iterate is a whole episode: y^0 the plain one, y^k an improve step on the LAST action of the first
-request of y^(k-1) (the request that training practises), then the rest of the episode again. A
-step scores 1 when every request passed (BFCL's entry accuracy). ``TaskResult.metrics``:
-``first_request_accuracy`` and ``total_return`` (requests passed) of y^0, and of y^K (``_final``).
+Evaluate (``evaluate_task``). All requests, one after another as in the entry, up to 60 turns in
+all and 10 per request (then the next request comes); ``miss_func`` entries show their withheld
+functions at the request that reveals them. An iterate is a whole episode: y^0 the plain one, y^k
+an improve step on the LAST action of the first request of y^(k-1) (the request that training
+practises), then the rest of the episode again. A step scores 1 when every request passed (BFCL's
+entry accuracy). ``TaskResult.metrics``: ``first_request_accuracy`` and ``total_return`` (requests
+passed) of y^0, and of y^K (``_final``).
 """
 
 from __future__ import annotations
@@ -118,7 +124,7 @@ class ToolUseDomain:
         return [task_of(entry) for entry in entries]
 
     def open_evaluator(self, settings: DomainSettings) -> AbstractAsyncContextManager[Evaluator]:
-        return ToolUseEvaluator(workers=settings.eval_workers)
+        return ToolUseEvaluator()
 
     # --- environments at a turn prefix -----------------------------------------------------------
 
