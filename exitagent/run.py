@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from exitagent import checkpoints, config, launch
 from exitagent import log as logging_setup
 from exitagent.errors import ExitAgentError
@@ -122,8 +124,12 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
             for process, name in ((collect, "collect"), (update, "update")):
                 if process.poll() is not None:
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
-            time.sleep(15)
-            print(f"[run] {(time.monotonic() - started) / 60:5.1f} min | {progress(cfg.run_dir, server)}", flush=True)
+            for _ in range(15):  # a Ctrl-C is seen within a second
+                if not stop_requested[0]:
+                    time.sleep(1)
+            if not stop_requested[0]:
+                print(f"[run] {(time.monotonic() - started) / 60:5.1f} min | {progress(cfg.run_dir, server)}",
+                      flush=True)
     finally:
         _stop(collect)
         _stop(update, grace_s=300)  # lets the current step finish and publish
@@ -134,8 +140,12 @@ def progress(run_dir: Path, server: launch.ServeProcess) -> str:
                if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
     updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
     recent = rewards[-20:]
+    try:
+        served = server.policy()["version"]
+    except httpx.HTTPError:  # the server went away (Ctrl-C reaches it too); the next check says why
+        served = "(server down)"
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "
-            f"updates {len(updates):3d} | served {server.policy()['version']}")
+            f"updates {len(updates):3d} | served {served}")
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -160,9 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     stop_requested = [False]
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
     print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
-    server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", *(["--port", str(cfg.port)] if cfg.port else []),
-                                *cfg.serve_flags.split(),
-                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    try:
+        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3",
+                                    *(["--port", str(cfg.port)] if cfg.port else []), *cfg.serve_flags.split(),
+                                    env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    except ExitAgentError as error:  # Ctrl-C reaches serve too, which then exits before it is ready
+        if stop_requested[0]:
+            print(f"[run] stopped while the server was starting; run the same command again to continue "
+                  f"{cfg.run_dir}", flush=True)
+            return 130
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         base = evaluate(cfg, server.base_url, "base")
         if not stop_requested[0]:
