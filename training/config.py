@@ -39,7 +39,8 @@ class UpdateConfig:
     keep: int = field(default=3, metadata={"help": "published checkpoints to keep"})
     token_budget: int = field(default=4096, metadata={"help": "tokens (rows x padded length) per micro-batch"})
     logprob_chunk: int = field(default=256, metadata={"help": "positions per chunk of the log-softmax"})
-    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward"})
+    activation_checkpointing: bool = field(default=True, metadata={
+        "help": "recompute activations in backward (off: less time, and a group's prompt runs once)"})
     bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (fp32 master weights)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
