@@ -1,0 +1,66 @@
+"""The main job (``python -m exitagent.run``): Ctrl-C mid-training stops every process, and the
+same command continues the run to its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+TINY = ["--eval-tasks", "3", "--eval-steps", "1", "--group-size", "2", "--groups-per-step", "2",
+        "--max-tokens", "24", "--serve-flags=--enforce-eager"]
+
+
+def _ours(run_dir: Path) -> list[psutil.Process]:
+    """Processes still running for this run (serve, vLLM, collect, update, evaluate)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(run_dir) in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def _groups(run_dir: Path) -> int:
+    path = run_dir / "metrics" / "collect.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"group"' in line)
+
+
+def test_ctrl_c_mid_training_stops_everything_and_the_same_command_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), *TINY]
+    # A terminal's Ctrl-C signals the whole foreground process group: the orchestrator and its children.
+    first = subprocess.Popen([*command, "--train-minutes", "10"], start_new_session=True, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while _groups(run_dir) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert first.poll() is None, "the run ended before training started"
+    os.killpg(first.pid, signal.SIGINT)
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 130, output[-3000:]
+    assert "run the same command again" in output
+    time.sleep(2)
+    assert _ours(run_dir) == [], [p.info["cmdline"] for p in _ours(run_dir)]
+    base = (run_dir / "eval" / "base.json").read_text()
+    recorded = _groups(run_dir)
+
+    second = subprocess.run([*command, "--train-minutes", "0.5"], capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (run_dir / "eval" / "base.json").read_text() == base  # kept, not measured again
+    assert "evaluating the base policy" not in second.stdout
+    assert _groups(run_dir) >= recorded  # the store carried over
+    trained = json.loads((run_dir / "eval" / "trained.json").read_text())
+    assert len(trained["accuracy_by_step"]) == 2
+    assert (run_dir / "report.md").exists()
+    assert _ours(run_dir) == []
