@@ -9,9 +9,10 @@ Both sides get the same P arithmetic prompts per iteration (``math_tasks("arithm
 same seed, same order), the same temperature, learning rate 1e-5, beta 0, fp32 weights with bf16
 autocast. Each side trains as it does by default in a run: TRL with its GRPOConfig defaults
 (activation checkpointing on), exitagent as ``exitagent.run`` starts ``training.update``
-(activation checkpointing off, so each group's prompt runs once for its G samples). Each side runs in a subprocess of its own, one after the
-other, so neither shares memory or cores with the other; each runs ``--warmup`` untimed iterations
-first (a process's first torch generate on this CPU was seen to take over a minute).
+(activation checkpointing off, so each group's prompt runs once for its G samples). Each side
+runs in a subprocess of its own, one after the other, so neither shares memory or cores with the
+other; each runs ``--warmup`` untimed iterations first (a process's first torch generate on this
+CPU was seen to take over a minute).
 
 - exitagent (``--side exitagent`` here): starts ``exitagent.serve`` (vLLM on the CPU; its start-up
   is reported, not counted), then per iteration: *generation* = P groups at once through
