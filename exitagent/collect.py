@@ -12,7 +12,9 @@ the config to ``RUN/config/collect.json`` and ``RUN/config/curriculum.json``.
 
 Staleness gate. A group is stale when it is more than ``--max-staleness`` policy versions older
 than the current policy, where "current" is the newest of: the version the server serves now, the
-highest trainer step that consumed a group, the newest version seen in a sample. Collection starts
+version the trainer held when it last consumed a group (its step minus one), the newest version
+seen in a sample. That is the trainer's own rule (``training.update`` trains versions >= its step
+minus its ``--max-staleness``), so with equal limits neither waits for the other. Collection starts
 no new group while the store holds an unconsumed group that is already stale: the trainer is
 behind, and more groups would only wait longer and age further. It resumes once the trainer has
 consumed those groups (or dropped them, ``drop_stale``, which counts as consumed). With no trainer
@@ -170,7 +172,11 @@ class StalenessGate:
             served = await probe()
             self.observe(served.step if served.name != "unknown" else 0)
         groups = self.store.groups()
-        self.observe(max((g.consumed_by_step or 0 for g in groups), default=0))
+        # A group consumed by step N was trained (or dropped as stale) by the trainer while it held
+        # version N - 1: that is the trainer's current version, and the one its own staleness rule
+        # counts from. Counting from N paused collect for groups the trainer still wanted: it waited
+        # for them, collect waited for it (seen in a run after a stale drop).
+        self.observe(max(((g.consumed_by_step or 1) - 1 for g in groups), default=0))
         waiting = [g.version.step for g in groups if g.consumed_by_step is None]
         self.waiting, self.oldest_waiting = len(waiting), min(waiting, default=None)
         self._checked_at = time.monotonic()

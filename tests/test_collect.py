@@ -143,8 +143,10 @@ class ServedPolicy(ScriptedPolicy):
         return self.served
 
 
-# (trainer step that consumed a group, version the server serves, whether collect must pause); max_staleness 2
-GATE_CASES = {"within-limit": (2, 0, False), "trainer-ahead": (3, 0, True), "served-ahead": (None, 3, True)}
+# (trainer step that consumed a group, version the server serves, whether collect must pause); max_staleness 2.
+# Consumed by step 3: the trainer held version 2 and still trains version-0 groups, so collect must
+# not pause for them (it did, and the two waited for each other).
+GATE_CASES = {"within-limit": (3, 0, False), "trainer-ahead": (4, 0, True), "served-ahead": (None, 3, True)}
 
 
 @pytest.mark.parametrize("case", list(GATE_CASES))
