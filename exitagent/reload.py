@@ -127,8 +127,17 @@ class Reloader:
         return sorted(newer, reverse=True)
 
     async def poll(self) -> bool:
-        """Try the newest candidates until one loads. Returns True if the served weights changed."""
-        for step, path in self.candidates():
+        """Try the newest candidates until one loads. Returns True if the served weights changed.
+
+        Nothing is tried while the engine is down (serve is restarting it): a reload would fail
+        for a reason that is not the checkpoint's, and rejecting it would strand the run on older
+        weights (seen under load: three good checkpoints refused while the engine restarted).
+        """
+        candidates = self.candidates()
+        if candidates and not await self.admin.healthy():
+            log.warning("reload_deferred_engine_down", candidates=len(candidates))
+            return False
+        for step, path in candidates:
             try:
                 canary = await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference)
             except CheckpointError as error:

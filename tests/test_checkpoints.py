@@ -105,3 +105,26 @@ def test_canary_distance() -> None:
     assert CANARY.distance([-1.05, -1.95]) == pytest.approx(0.05)
     with pytest.raises(CheckpointError, match="length"):
         CANARY.distance([-1.0])
+
+
+@pytest.mark.anyio
+async def test_a_reload_waits_while_the_engine_is_down_instead_of_rejecting(tmp_path: Path) -> None:
+    from exitagent import engine
+    from exitagent.reload import Admin, Reloader, ServingState
+    from exitagent.types import PolicyVersion
+
+    path = checkpoints.publish(tmp_path, 3, writer())
+    admin = Admin(f"http://127.0.0.1:{engine.free_port()}", "policy", timeout_s=2.0)  # no engine listens here
+    state = ServingState(PolicyVersion.at_step(0), tmp_path / "base")
+    tried: list[str] = []
+
+    async def exclusive(work) -> None:  # type: ignore[no-untyped-def]
+        tried.append("reload")
+        await work()
+
+    reloader = Reloader(admin, tmp_path, state, REFERENCE, exclusive)
+    try:
+        assert await reloader.poll() is False
+    finally:
+        await admin.aclose()
+    assert tried == [] and state.rejected == set() and reloader.candidates() == [(3, path)]  # tried again later
