@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(cfg.run_dir, base, trained)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)
-    except (ExitAgentError, subprocess.CalledProcessError) as error:
+    except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:
+        if stop_requested[0]:  # Ctrl-C reached the server or evaluate too, mid-call
+            print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
+            return 130
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
