@@ -10,9 +10,9 @@ metrics in ``evaluate``. ``exitagent.domains.DOMAINS`` maps names to instances.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from evaluators.base import Evaluator
@@ -48,7 +48,6 @@ class DomainSettings:
     memory_mb: int = 2048  # memory limit of one sandbox run
     max_turns: int | None = None  # None: the domain's budget (tool use: 10 in training, 60 in evaluation)
     max_context: int = 2048  # the served model's context length, in tokens
-    options: Mapping[str, str] = field(default_factory=dict)  # domain-specific extras (--domain-option K=V)
 
 
 @dataclass(frozen=True)
