@@ -3,10 +3,11 @@
 Each item is one ``TrainingSequence`` (prompt ids then sampled ids, with the trainable-token mask
 and the behaviour log-probabilities vLLM reported) and the advantage of the response it belongs to.
 Items that start with the same prompt (the G responses of a group) are packed together, sorted by
-length, and cut greedily so that a micro-batch's compute, ``prefix + rows * (longest - prefix)``
-tokens, stays within ``token_budget``. ``MicroBatch.prefix_len`` is the untrained prefix all rows
-share: the loss runs it through the model once, not once per row (``loss.token_logprobs``). With
-G = 8 and a prompt as long as the answers, that halves the update's compute.
+length, and cut where padding would cost more than another micro-batch; a micro-batch's compute,
+``prefix + rows * (longest - prefix)`` tokens, stays within ``token_budget``.
+``MicroBatch.prefix_len`` is the untrained prefix all rows share: the loss runs it through the model
+once, not once per row (``loss.token_logprobs``). With G = 8 and a prompt as long as the answers,
+that halves the update's compute.
 
 Right padding throughout: position t of a row is token t of its sequence, so the causal model
 needs no position ids, and the loss mask, behaviour log-probabilities and tokens stay aligned.
@@ -14,6 +15,7 @@ needs no position ids, and the loss mask, behaviour log-probabilities and tokens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -102,17 +104,36 @@ def shared_prefix(items: Sequence[TrainItem]) -> int:
     return max(n, 0)
 
 
+# What one more micro-batch costs besides its tokens, in tokens: one more pass through every layer
+# with smaller matrices. A rough figure; it only decides when padding is worth a cut.
+MICRO_BATCH_COST = 32
+
+
 def _cut(items: list[TrainItem], prompt_len: int, token_budget: int) -> list[list[TrainItem]]:
-    """Sort by length; cut when ``prompt_len + rows * (longest - prompt_len)`` would pass the budget."""
-    batches: list[list[TrainItem]] = []
-    current: list[TrainItem] = []
-    for item in sorted(items, key=lambda i: len(i.sequence.tokens)):
-        length = len(item.sequence.tokens)  # sorted, so this is the longest row so far
-        if current and prompt_len + (len(current) + 1) * (length - prompt_len) > token_budget:
-            batches.append(current)
-            current = []
-        current.append(item)
-    return [*batches, current] if current else batches
+    """Sort by length and cut into the runs that cost the least compute in all.
+
+    A run costs ``prompt_len + rows * (longest - prompt_len)`` tokens (its padding included) plus
+    ``MICRO_BATCH_COST``, and stays within ``token_budget`` (an item longer than the budget is a
+    run of its own). A group's responses differ in length (one that hits the token limit can be
+    twice the others): padding every row to the longest then costs more than running the shared
+    prompt once more for the short ones, and this finds where to cut (a small dynamic programme).
+    """
+    ordered = sorted(items, key=lambda i: len(i.sequence.tokens))
+    answers = [len(i.sequence.tokens) - prompt_len for i in ordered]
+    least = [0.0] + [math.inf] * len(ordered)  # least[j]: the cheapest way to run the first j items
+    start = [0] * (len(ordered) + 1)  # ... whose last run starts at start[j]
+    for j in range(1, len(ordered) + 1):
+        for i in range(j - 1, -1, -1):  # the last run is ordered[i:j]; ordered[j - 1] is its longest
+            compute = prompt_len + (j - i) * answers[j - 1]
+            if compute > token_budget and j - i > 1:
+                break  # a longer run costs even more
+            if least[i] + compute + MICRO_BATCH_COST < least[j]:
+                least[j], start[j] = least[i] + compute + MICRO_BATCH_COST, i
+    runs, j = [], len(ordered)
+    while j > 0:
+        runs.append(ordered[start[j]:j])
+        j = start[j]
+    return runs[::-1]
 
 
 def _pack(items: list[TrainItem], token_budget: int) -> list[list[TrainItem]]:

@@ -55,6 +55,24 @@ def test_a_groups_responses_share_one_micro_batch_and_its_prompt(make_sequence) 
                 if b.labels[0].startswith("g")]) == 2
 
 
+def test_a_long_response_gets_its_own_micro_batch_when_padding_to_it_costs_more(make_sequence) -> None:
+    prompt = make_sequence(40, 0)
+
+    def group(*answers: int) -> list[TrainItem]:
+        return [TrainItem(type(prompt)(prompt.tokens + tuple(range(100, 100 + n)), prompt.mask + (1,) * n,
+                                       prompt.logprobs + (-0.5,) * n, prompt.version), 1.0, label=f"a{n}-{i}")
+                for i, n in enumerate(answers)]
+
+    # seven short answers and one that hit the token limit: padding seven rows to 60 tokens costs
+    # 7 * 50 tokens, running the 40-token prompt once more costs 40 (+ a micro-batch's overhead)
+    batches = make_micro_batches(group(*[10] * 7, 60), vocab_size=1000)
+    assert [b.tokens_BT.shape for b in batches] == [(7, 50), (1, 100)]
+    assert [b.prefix_len for b in batches] == [40, 0]  # one row shares with nobody
+    # answers of similar length stay together: a cut would save less than it costs
+    (together,) = make_micro_batches(group(*[10] * 7, 14), vocab_size=1000)
+    assert together.tokens_BT.shape == (8, 54) and together.prefix_len == 40
+
+
 def test_a_sequence_longer_than_the_budget_gets_its_own_batch(make_sequence) -> None:
     items = [(make_sequence(2, 3), 1.0), (make_sequence(10, 90), 1.0)]
     batches = make_micro_batches(items, vocab_size=1000, token_budget=50)
