@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import training.loss as loss_module
 from training.data import TrainItem, make_micro_batches
 from training.loss import (
     LossConfig,
@@ -49,8 +50,11 @@ def _batch(tiny_model):
     return tokens_BT, attention_BT
 
 
+@pytest.mark.parametrize("kept_logits", [0, 2**30], ids=["recomputed", "kept"])  # the head's two paths
 @pytest.mark.parametrize("chunk", [1, 7, 40, 4096])
-def test_chunked_logprobs_equal_unchunked_values_and_gradients(tiny_model, chunk) -> None:
+def test_chunked_logprobs_equal_unchunked_values_and_gradients(tiny_model, chunk, kept_logits,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "KEPT_LOGITS", kept_logits)
     tokens_BT, attention_BT = _batch(tiny_model)
     expected_BT = _unchunked(tiny_model, tokens_BT, attention_BT)
     weights_BT = torch.randn(tokens_BT.shape)
