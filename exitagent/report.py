@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from exitagent import curriculum
+from exitagent.curriculum import view as curriculum_view
 from exitagent.store import SQLiteStore
 
 
@@ -77,8 +77,8 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any]) -
     _training_plot(run_dir, figures / "training.png")
     with SQLiteStore.in_run(run_dir) as store:
         groups, entries = store.groups(), store.entries()
-    curriculum.plot(groups, figures / "curriculum.png")
-    summary = curriculum.format_summary(curriculum.summarize(entries, groups))
+    curriculum_view.plot(groups, figures / "curriculum.png")
+    summary = curriculum_view.format_summary(curriculum_view.summarize(entries, groups))
     updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
     k = len(base["accuracy_by_step"]) - 1
     gain = 100 * (trained["accuracy_by_step"][0] - base["accuracy_by_step"][0])

@@ -11,6 +11,8 @@ import pytest
 
 from exitagent import curriculum as cur
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
+from exitagent.curriculum.__main__ import main as show_main
+from exitagent.curriculum.view import summarize
 from exitagent.errors import ConfigError
 from exitagent.store import MemoryBuffer, SQLiteStore
 from exitagent.types import (
@@ -260,17 +262,17 @@ def test_record_through_sqlite_store(tmp_path: Path) -> None:
         groups, entries = store.groups(), store.entries()
     assert len(groups) == 6 and groups[0].step_kind is StepKind.BASE and groups[0].entry_id is None
     assert any(g.entry_id is not None for g in groups) and len(entries) == cfg.capacity
-    summary = cur.summarize(entries, groups)
+    summary = summarize(entries, groups)
     assert summary.size == cfg.capacity and sum(n for *_, n in summary.score_histogram) == cfg.capacity
     assert summary.groups_from_buffer == sum(summary.sampled_from.values()) > 0
 
 
 def test_show_prints_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cur.main(["show", str(tmp_path)]) == 2  # no store: says so, creates nothing
+    assert show_main(["show", str(tmp_path)]) == 2  # no store: says so, creates nothing
     assert not (tmp_path / "store.sqlite").exists()
     test_record_through_sqlite_store(tmp_path)
     capsys.readouterr()
-    assert cur.main(["show", str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
+    assert show_main(["show", str(tmp_path), "--plot", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "buffer size: 8" in out and "sampled from iteration: 1:" in out and "step kinds:" in out
     assert (tmp_path / "c.png").stat().st_size > 1000

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent.curriculum import summarize
+from exitagent.curriculum.view import summarize
 from exitagent.launch import ServeProcess
 from exitagent.store import SQLiteStore
 
