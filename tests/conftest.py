@@ -13,12 +13,19 @@ from pathlib import Path
 import pytest
 
 from exitagent import launch, models
+from exitagent.competitions import Competition, prepare_one
 from exitagent.launch import ServeProcess
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def iris(tmp_path_factory: pytest.TempPathFactory) -> Competition:
+    """The iris-species competition, prepared once, alone in its directory."""
+    return prepare_one(tmp_path_factory.mktemp("competitions"), "iris-species")
 
 
 @pytest.fixture(scope="session")

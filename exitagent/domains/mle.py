@@ -75,7 +75,8 @@ def step_reward(kind: StepKind, score: float, prev: float | None) -> float:
     return max(0.0, (score - prev) / (1.0 - prev))
 
 
-def _task(competition: Competition) -> Task:
+def task_for(competition: Competition) -> Task:
+    """The task of one prepared competition: its description is the prompt."""
     return Task(id=competition.id, domain="mle", prompt=competition.description(),
                 metadata={"competition_dir": str(competition.root), "metric": competition.metric})
 
@@ -108,7 +109,7 @@ class MLEDomain:
                 raise ConfigError(f"mle: no competitions {unknown} in {spec.source}/{spec.split}; "
                                   f"there are {sorted(c.id for c in found)}")
             found = [c for c in found if c.id in spec.levels]
-        tasks = [_task(c) for c in found]
+        tasks = [task_for(c) for c in found]
         return tasks[: spec.n] if spec.n is not None else tasks
 
     def open_evaluator(self, settings: DomainSettings) -> AbstractAsyncContextManager[Evaluator]:

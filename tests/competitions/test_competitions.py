@@ -24,18 +24,8 @@ from exitagent.competitions.__main__ import main as competitions_main
 from exitagent.competitions.catalog import LOWER_IS_BETTER, METRICS, SPECS, build
 from exitagent.competitions.grading import InvalidSubmission, grade, normalise
 from exitagent.competitions.references import baseline_program, strong_program
-from exitagent.errors import ConfigError, SandboxUnavailable
-from sandboxes.local import bwrap_path, probe
-
-
-def _bwrap_failure() -> str | None:
-    try:
-        return probe(bwrap_path())
-    except SandboxUnavailable as err:
-        return str(err)
-
-
-needs_bwrap = pytest.mark.skipif(_bwrap_failure() is not None, reason="bubblewrap cannot run here")
+from exitagent.errors import ConfigError
+from tests.sandboxing import needs_bwrap
 
 
 @pytest.fixture(scope="module")

@@ -12,41 +12,23 @@ from pathlib import Path
 import pytest
 
 from evaluators.mle import MLEEvaluator, extract_program
-from exitagent.competitions import Competition, prepare_one
+from exitagent.competitions import Competition
 from exitagent.competitions.references import baseline_program, strong_program
 from exitagent.curriculum import CurriculumConfig, Start, entry_key, plan_update
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
-from exitagent.domains.mle import MLEDomain, step_reward
+from exitagent.domains.mle import MLEDomain, step_reward, task_for
 from exitagent.domains.mle_prompts import TEMPLATE_PROGRAM, TRACE_MARK, decode_iterate, encode_iterate
-from exitagent.errors import ConfigError, EvaluatorError, SandboxUnavailable
+from exitagent.errors import ConfigError, EvaluatorError
 from exitagent.evaluate import evaluate
 from exitagent.policy import SamplingParams, ScriptedPolicy
 from exitagent.search import greedy_search, next_step
 from exitagent.types import BufferEntry, Group, Message, PolicyVersion, Sample, Score, StepKind, Task, Variant
-from sandboxes.local import bwrap_path, probe
+from tests.sandboxing import needs_bwrap
 
-
-def _bwrap_failure() -> str | None:
-    try:
-        return probe(bwrap_path())
-    except SandboxUnavailable as err:
-        return str(err)
-
-
-needs_bwrap = pytest.mark.skipif(_bwrap_failure() is not None, reason="bubblewrap cannot run here")
 SETTINGS = DomainSettings(eval_timeout_s=30.0, memory_mb=1024, max_context=200_000)
 PARAMS = SamplingParams(max_tokens=20_000)
 CRASH = 'import os\nimport pandas as pd\ntrain = pd.read_csv(os.path.join(os.environ["DATA_DIR"], "train.csv"))\n' \
         'print(train["no_such_column"])\n'
-
-
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> Competition:
-    return prepare_one(tmp_path_factory.mktemp("competitions"), "iris-species")
-
-
-def _task(competition: Competition) -> Task:
-    return Task(competition.id, "mle", competition.description(), metadata={"competition_dir": str(competition.root)})
 
 
 def _fenced(program: str) -> str:
@@ -88,7 +70,7 @@ def test_iterates_carry_the_trace_after_the_code() -> None:
 
 
 def test_prompt_sections(iris: Competition) -> None:
-    domain, task = MLEDomain(), _task(iris)
+    domain, task = MLEDomain(), task_for(iris)
     policy = ScriptedPolicy([], max_context=200_000)
     base = domain.start_messages(Start(task, StepKind.BASE), SETTINGS, policy)
     assert base is not None and len(base) == 1 and base[0].role == "user"
@@ -144,7 +126,7 @@ def test_load_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iris: Compe
 @needs_bwrap
 @pytest.mark.anyio
 async def test_base_group_rewards_and_children(iris: Competition) -> None:
-    domain, task = MLEDomain(), _task(iris)
+    domain, task = MLEDomain(), task_for(iris)
     responses = [_fenced(strong_program(iris.id)), _fenced(CRASH), "A random forest would do well here."]
     policy = ScriptedPolicy(list(responses), max_context=200_000)
     async with domain.open_evaluator(SETTINGS) as evaluator:
@@ -171,7 +153,7 @@ async def test_base_group_rewards_and_children(iris: Competition) -> None:
 @needs_bwrap
 @pytest.mark.anyio
 async def test_improve_and_debug_groups_shape_rewards(iris: Competition) -> None:
-    domain, task = MLEDomain(), _task(iris)
+    domain, task = MLEDomain(), task_for(iris)
     start = Start(task, StepKind.IMPROVE, _entry(task, baseline_program(iris.id), reward=0.5))
     policy = ScriptedPolicy([_fenced(strong_program(iris.id)), _fenced(baseline_program(iris.id))],
                             max_context=200_000)
@@ -214,7 +196,7 @@ async def test_greedy_scaffold_keeps_the_best_and_debugs_after_a_crash(iris: Com
     seen: list[str] = []
     policy = ScriptedPolicy(_script([CRASH, weak, strong, worse, ""], seen), max_context=200_000)
     async with MLEEvaluator(time_limit_s=30) as evaluator:
-        result = await evaluate(policy, evaluator, [_task(iris)], steps=4, samples=1, params=PARAMS,
+        result = await evaluate(policy, evaluator, [task_for(iris)], steps=4, samples=1, params=PARAMS,
                                 domain=MLEDomain(), settings=SETTINGS)
     # attempt 0 crashed -> attempt 1 is a debug step that shows the crash under the code
     assert "Goal: Improve" in seen[0] and TEMPLATE_PROGRAM.strip() in seen[0]
@@ -284,7 +266,7 @@ async def test_collect_records_mle_groups_and_debugs_crashed_entries(iris: Compe
     policy = ScriptedPolicy(answer, max_context=200_000)
     with SQLiteStore.in_run(tmp_path) as store:
         async with get_domain("mle").open_evaluator(cfg.settings()) as evaluator:
-            summary = await collect(cfg, policy, evaluator, store, [_task(iris)])
+            summary = await collect(cfg, policy, evaluator, store, [task_for(iris)])
         groups, entries = store.groups(), store.entries()
     assert summary.groups == 3 and summary.failed_rollouts == 0
     assert [g.step_kind for g in groups][:2] == [StepKind.BASE, StepKind.DEBUG]

@@ -13,30 +13,14 @@ import anyio
 import pytest
 
 from evaluators.mle import MLEEvaluator, extract_program
-from exitagent.competitions import Competition, prepare_one
+from exitagent.competitions import Competition
 from exitagent.competitions.references import baseline_program, strong_program
-from exitagent.errors import EvaluatorError, SandboxUnavailable
+from exitagent.domains.mle import task_for
+from exitagent.errors import EvaluatorError
 from exitagent.types import Score, Task
-from sandboxes.local import bwrap_path, probe
+from tests.sandboxing import needs_bwrap
 
-
-def _bwrap_failure() -> str | None:
-    try:
-        return probe(bwrap_path())
-    except SandboxUnavailable as err:
-        return str(err)
-
-
-pytestmark = pytest.mark.skipif(_bwrap_failure() is not None, reason="bubblewrap cannot run here")
-
-
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory: pytest.TempPathFactory) -> Competition:
-    return prepare_one(tmp_path_factory.mktemp("competitions"), "iris-species")
-
-
-def _task(competition: Competition) -> Task:
-    return Task(competition.id, "mle", competition.description(), metadata={"competition_dir": str(competition.root)})
+pytestmark = needs_bwrap
 
 
 def _fenced(program: str) -> str:
@@ -65,8 +49,8 @@ def test_extract_program() -> None:
 @pytest.mark.anyio
 async def test_reference_programs_normalise(iris: Competition) -> None:
     async with MLEEvaluator(time_limit_s=30) as evaluator:
-        strong = await evaluator.score(_task(iris), _fenced(strong_program(iris.id)))
-        weak = await evaluator.score(_task(iris), _fenced(baseline_program(iris.id)))
+        strong = await evaluator.score(task_for(iris), _fenced(strong_program(iris.id)))
+        weak = await evaluator.score(task_for(iris), _fenced(baseline_program(iris.id)))
     assert strong.total == pytest.approx(1.0) and strong.components["errored"] == 0.0
     assert weak.total == pytest.approx(0.0) and weak.components["valid_submission"] == 1.0
     assert "accuracy" in strong.detail
@@ -98,7 +82,7 @@ open(candidates[0]).read()
 async def test_crash_scores_zero_with_its_trace(iris: Competition) -> None:
     program = HEAD + "def fit(frame):\n    raise RuntimeError('boom 42: the model diverged')\nfit(test)\n"
     async with MLEEvaluator(time_limit_s=20) as evaluator:
-        score = await evaluator.score(_task(iris), _fenced(program))
+        score = await evaluator.score(task_for(iris), _fenced(program))
     assert score.total == 0.0
     assert score.components["errored"] == 1.0 and score.components["timed_out"] == 0.0
     assert "exited with code 1" in score.detail
@@ -138,7 +122,7 @@ async def test_invalid_submissions_score_zero_with_a_reason(iris: Competition, b
 async def test_missing_submission_and_format_failure(iris: Competition) -> None:
     async with MLEEvaluator(time_limit_s=20) as evaluator:
         missing = await evaluator.score_program(iris, "print('I forgot to write the file')\n")
-        unformatted = await evaluator.score(_task(iris), "I would train a random forest.")
+        unformatted = await evaluator.score(task_for(iris), "I would train a random forest.")
     assert missing.total == 0.0 and "wrote no submission.csv" in missing.detail
     assert unformatted.total == 0.0 and unformatted.components["format_error"] == 1.0
     assert "no fenced" in unformatted.detail

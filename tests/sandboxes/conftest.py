@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from exitagent.errors import SandboxUnavailable
 from sandboxes.base import Limits, open_sandbox
 from sandboxes.cgroups import CONTROLLERS, usable_parent
-from sandboxes.local import bwrap_path, probe
+from tests.sandboxing import bwrap_failure
 
 
 @pytest.fixture
@@ -25,16 +24,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _bwrap_failure() -> str | None:
-    try:
-        return probe(bwrap_path())
-    except SandboxUnavailable as err:
-        return str(err)
-
-
 @pytest.fixture
 def require_bwrap() -> None:
-    failure = _bwrap_failure()
+    failure = bwrap_failure()
     if failure is not None:
         pytest.skip(f"bubblewrap cannot run here: {failure}")
 
