@@ -83,6 +83,11 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
             process.wait()
 
 
+# What the base policy's evaluation depends on: runs that agree on these measure the same thing.
+BASE_EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples",
+                          "eval_temperature", "serve_flags")
+
+
 def evaluate(cfg: RunConfig, base_url: str, name: str) -> dict[str, Any]:
     """Held-out arithmetic, K self-improvement steps, avg@n; cached in RUN/eval/NAME.json."""
     out = cfg.run_dir / "eval" / f"{name}.json"
@@ -160,10 +165,14 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_config(argv: list[str] | None = None) -> RunConfig:
     parser = argparse.ArgumentParser(prog="python -m exitagent.run", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, RunConfig)
-    cfg = config.from_args(RunConfig, parser.parse_args(argv))
+    return config.from_args(RunConfig, parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
     logging_setup.configure()
     (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config.save(cfg, cfg.run_dir, "run")

@@ -3,7 +3,9 @@
     python -m exitagent.variants --out-dir runs/variants --seeds 0,1 --train-minutes 10
 
 Each (variant, seed) is one ``exitagent.run`` in ``OUT/<variant>-s<seed>`` (its own server,
-store, trainer and report), so a finished pair is skipped when the command is run again. The
+store, trainer and report), so a finished pair is skipped when the command is run again. The base
+policy is evaluated once per seed: later variants of that seed reuse the first one's measurement
+(``RunConfig`` fields ``BASE_EVALUATION_FIELDS`` must agree), about two minutes saved per run. The
 comparison goes to ``OUT/table.md`` and ``OUT/table.json``: accuracy after K self-improvement
 steps and Delta_K, mean and spread (population standard deviation) over seeds, plus the base
 policy's row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve. Each run's
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from exitagent import config
+from exitagent.run import BASE_EVALUATION_FIELDS, RunConfig, parse_config
 from exitagent.types import Variant
 
 ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]
@@ -37,10 +42,34 @@ def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) 
     if (run_dir / "eval" / "trained.json").exists():
         return run_dir
     print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
-    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), "--variant", variant.value,
-               "--seed", str(seed), *passthrough]
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    args = ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
+    reuse_base_evaluation(out_dir, parse_config(args))
+    subprocess.run([sys.executable, "-m", "exitagent.run", *args], check=True, stdin=subprocess.DEVNULL)
     return run_dir
+
+
+def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
+    """Copy a sibling run's base evaluation into ``cfg.run_dir`` when it measured the same thing."""
+    target = cfg.run_dir / "eval"
+    if (target / "base.json").exists():
+        return None
+    wanted = _base_fields(json.loads(config.to_json(cfg)))
+    for sibling in sorted(out_dir.glob(f"*-s{cfg.seed}")):
+        saved, source = sibling / "config" / "run.json", sibling / "eval"
+        if sibling == cfg.run_dir or not (saved.exists() and (source / "base.json").exists()):
+            continue
+        if _base_fields(json.loads(saved.read_text())) == wanted:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("base.png", "base.json"):  # the JSON last: it is what marks the evaluation done
+                if (source / name).exists():
+                    shutil.copyfile(source / name, target / name)
+            print(f"[variants] reusing the base evaluation of {sibling.name}", flush=True)
+            return sibling
+    return None
+
+
+def _base_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    return {name: saved.get(name) for name in BASE_EVALUATION_FIELDS}
 
 
 def _spread(values: list[float]) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""The variants table: mean and spread over seeds; one base measurement per seed."""
+"""The variants table: mean and spread over seeds; one base measurement per seed, reused by later
+variants of that seed only when it measured the same thing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from exitagent import config
+from exitagent.run import parse_config
 from exitagent.types import Variant
-from exitagent.variants import summarise, write_table
+from exitagent.variants import reuse_base_evaluation, summarise, write_table
 
 
 def fake_run(root: Path, variant: Variant, seed: int, base: list[float], trained: list[float]) -> Path:
@@ -36,3 +39,26 @@ def test_mean_and_spread_over_seeds_and_one_base_per_seed(tmp_path: Path) -> Non
     text = write_table(tmp_path, table).read_text()
     assert "| full ExIt | 2 | 65.0 ± 5.0 | +20.0 ± 0.0 |" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_later_variant_reuses_the_base_evaluation_of_its_seed_only_when_it_is_the_same(tmp_path: Path) -> None:
+    grpo = parse_config(["--run-dir", str(tmp_path / "grpo-s0"), "--variant", "grpo", "--seed", "0"])
+    fake_run(tmp_path, Variant.GRPO, 0, [0.3, 0.2], [0.4, 0.4])
+    config.save(grpo, grpo.run_dir, "run")
+
+    def planned(variant: str, *flags: str) -> Path:
+        cfg = parse_config(["--run-dir", str(tmp_path / f"{variant}-s0"), "--variant", variant, "--seed", "0", *flags])
+        return tmp_path / f"{variant}-s0" if reuse_base_evaluation(tmp_path, cfg) else cfg.run_dir / "none"
+
+    # the variant and the training budget do not change what the base evaluation measures
+    assert planned("exit", "--train-minutes", "3").name == "exit-s0"
+    copied = json.loads((tmp_path / "exit-s0" / "eval" / "base.json").read_text())
+    assert copied["accuracy_by_step"] == [0.3, 0.2]
+    assert reuse_base_evaluation(tmp_path, parse_config(["--run-dir", str(tmp_path / "exit-s0")])) is None  # kept
+    # other evaluation flags, or another seed, measure something else: evaluated afresh
+    assert planned("improve", "--eval-tasks", "50").name == "none"
+    assert planned("diverge", "--max-tokens", "32").name == "none"
+    other_seed = parse_config(["--run-dir", str(tmp_path / "exit-s1"), "--variant", "exit", "--seed", "1"])
+    assert reuse_base_evaluation(tmp_path, other_seed) is None
+    assert not (tmp_path / "improve-s0" / "eval" / "base.json").exists()
+    assert not (tmp_path / "exit-s1" / "eval").exists()
