@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from exitagent.curriculum import view as curriculum_view
 from exitagent.store import SQLiteStore
@@ -32,6 +33,7 @@ def _accuracy_plot(base: dict[str, Any], trained: dict[str, Any], out: Path) -> 
         curve = [100 * a for a in result["accuracy_by_step"]]
         axis.plot(range(len(curve)), curve, marker="o", label=name)
     axis.set_xlabel("self-improvement step k")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axis.set_ylabel("held-out accuracy (%)")
     axis.set_title("Inference-time self-improvement")
     axis.grid(alpha=0.3)

@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from exitagent import config
 from exitagent.run import BASE_EVALUATION_FIELDS, RunConfig, parse_config
@@ -121,6 +122,7 @@ def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
         if variant.value in table["variants"]:
             axis.plot([100 * a for a in table["variants"][variant.value]["curve"]], marker="o", label=LABELS[variant])
     axis.set_xlabel("self-improvement step k")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axis.set_ylabel("held-out accuracy (%)")
     axis.grid(alpha=0.3)
     axis.legend()
