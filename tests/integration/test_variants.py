@@ -24,9 +24,9 @@ def test_variants_command_writes_a_table_for_all_five(tmp_path: Path) -> None:
         assert row["seeds"] >= 1 and len(row["curve"]) == 2
         assert 0.0 <= row["accuracy_after_k"][0] <= 1.0 and -1.0 <= row["delta_k"][0] <= 1.0
     assert "full ExIt" in (tmp_path / "table.md").read_text()
-    # the base policy was evaluated once, by the first run; the other four reused it
-    assert result.stdout.count("reusing the base evaluation of grpo-s0") == 4, result.stdout[-3000:]
-    assert result.stdout.count("evaluating the base policy") == 1
+    # the base policy was evaluated once, by the first run; the other four reused a sibling's copy
+    assert result.stdout.count("[variants] reusing the base evaluation of") == 4, result.stdout[-3000:]
+    assert result.stdout.count("evaluating the base policy") == 1, result.stdout[-3000:]
     assert (tmp_path / "curves.png").stat().st_size > 0
     for variant in table["variants"]:  # every run left its own report with curriculum plots
         assert (tmp_path / f"{variant}-s0" / "report" / "curriculum.png").exists()
