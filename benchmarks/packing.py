@@ -18,33 +18,35 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import the repo's packages
 
 from exitagent.log import configure  # noqa: E402
 from exitagent.store import STORE_FILENAME, SQLiteStore  # noqa: E402
+from training import data  # noqa: E402
 from training.config import UpdateConfig  # noqa: E402
-from training.data import TrainItem, make_micro_batches, untrained_prefix  # noqa: E402
+from training.data import MicroBatch, TrainItem, make_micro_batches, untrained_prefix  # noqa: E402
 from training.update import items_from  # noqa: E402
 
 
-def greedy_cost(items: list[TrainItem], token_budget: int) -> int:
-    """The earlier rule: a prompt's items sorted by length, cut only when the budget would pass."""
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for item in items:
-        by_prompt.setdefault(untrained_prefix(item.sequence), []).append(len(item.sequence.tokens))
-    total = 0
-    for prompt, lengths in by_prompt.items():
-        shared = len(prompt) if len(lengths) > 1 else 0
-        rows, longest = 0, 0
-        for length in sorted(lengths):
-            if rows and shared + (rows + 1) * (length - shared) > token_budget:
-                total += shared + rows * (longest - shared)
-                rows = 0
-            rows, longest = rows + 1, length
-        total += shared + rows * (longest - shared)
-    return total
+def greedy_cut(items: list[TrainItem], prompt_len: int, token_budget: int) -> list[list[TrainItem]]:
+    """The earlier ``training.data._cut``: sorted by length, cut only when the budget would pass."""
+    batches: list[list[TrainItem]] = []
+    current: list[TrainItem] = []
+    for item in sorted(items, key=lambda i: len(i.sequence.tokens)):
+        length = len(item.sequence.tokens)
+        if current and prompt_len + (len(current) + 1) * (length - prompt_len) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(item)
+    return [*batches, current] if current else batches
+
+
+def compute(batches: list[MicroBatch]) -> int:
+    """Tokens run through the model: the shared prefix once, every row padded to the longest."""
+    return sum(b.prefix_len + b.tokens_BT.shape[0] * (b.tokens_BT.shape[1] - b.prefix_len) for b in batches)
 
 
 def needed(items: list[TrainItem]) -> int:
@@ -71,12 +73,13 @@ def main() -> int:
         if not items:
             continue
         batches = make_micro_batches(items, vocab_size=10**9, token_budget=args.token_budget)
+        with mock.patch.object(data, "_cut", greedy_cut):  # the same packing, with the earlier cut
+            greedy = make_micro_batches(items, vocab_size=10**9, token_budget=args.token_budget)
         totals["steps"] += 1
         totals["micro_batches"] += len(batches)
         totals["needed"] += needed(items)
-        totals["greedy"] += greedy_cost(items, args.token_budget)
-        totals["least"] += sum(b.prefix_len + b.tokens_BT.shape[0] * (b.tokens_BT.shape[1] - b.prefix_len)
-                               for b in batches)
+        totals["greedy"] += compute(greedy)
+        totals["least"] += compute(batches)
     print(f"{args.run_dir}: {len(groups)} groups, {totals['steps']} steps with signal, "
           f"{totals['micro_batches']} micro-batches")
     for name in ("needed", "greedy", "least"):

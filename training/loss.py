@@ -36,7 +36,8 @@ from training.data import MicroBatch
 
 # --- per-token log-probabilities ----------------------------------------------------------------
 
-# Logits (positions x vocabulary, float32) small enough to keep for the backward pass: 256 MiB.
+# Scored positions x vocabulary up to which the head's logits are kept for the backward pass
+# (64 Mi entries: 256 MiB in float32).
 KEPT_LOGITS = 64 * 2**20
 
 
@@ -128,8 +129,8 @@ def token_logprobs(
     Memory: the backbone's hidden states are projected through ``lm_head`` ``chunk`` positions at a
     time, so the (B, T, V) logits never exist; when the scored positions' logits would pass
     ``KEPT_LOGITS``, each chunk runs under activation checkpointing and the backward pass
-    recomputes one chunk's logits at a time. Models with
-    no ``.model``/``.lm_head`` pair fall back to their full logits, with only log_softmax chunked.
+    recomputes one chunk's logits at a time. Models with no ``.model``/``.lm_head`` pair fall back
+    to their full logits, with only log_softmax chunked.
 
     ``prefix_len``: the first ``prefix_len`` tokens are the same in every row (a group's prompt);
     they are run through the backbone once (``_hidden_states``). Scores there must be off.
@@ -152,11 +153,8 @@ def token_logprobs(
         recompute = len(targets_N) * head.weight.shape[0] > KEPT_LOGITS
 
         def run(lo: int, hi: int) -> Any:
-            if not recompute:
-                return _head_logprobs(inputs_N[lo:hi], head.weight, head.bias, targets_N[lo:hi], return_entropy,
-                                      temperature)
-            return checkpoint(_head_logprobs, inputs_N[lo:hi], head.weight, head.bias, targets_N[lo:hi],
-                              return_entropy, temperature, use_reentrant=False)
+            args = (inputs_N[lo:hi], head.weight, head.bias, targets_N[lo:hi], return_entropy, temperature)
+            return checkpoint(_head_logprobs, *args, use_reentrant=False) if recompute else _head_logprobs(*args)
     else:
         logits_BTV = model(input_ids=tokens_BT, attention_mask=attention_BT).logits
         inputs_N = logits_BTV[:, :-1][picked_BT]
