@@ -62,6 +62,7 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tin
     assert set(consumed.values()) <= {1, 2, 3, 4} and None not in consumed.values()
     published = checkpoints.ready_checkpoints(tmp_path / "weights")
     assert published[-1][0] == 3  # the last update was saved and published
+    assert [p.name for p in complete_states(tmp_path / "trainer")] == ["state-000003"]  # older states pruned
     for _, path in published:
         checkpoints.verify(path, checkpoints.tensor_shapes(tiny_model_dir))
 

@@ -4,7 +4,10 @@
 checkpoint ``RUN/weights/step-NNNNNN`` is made of hard links to these files), the optimizer
 state, the reference policy's weights when they differ from the initial model, the RNG states
 and the step. It is written to a hidden temporary directory, fsynced, renamed, then marked
-``COMPLETE``; only marked directories are ever read. The newest two are kept.
+``COMPLETE``; only marked directories are ever read. Only the newest is kept (1.6 GB for the
+default model, most of it Adam's moments): an older one is removed only after the newer one is
+marked, so a crash always leaves one complete state, and published checkpoints keep their files
+through their own hard links.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep: int = 2) -> Path:
+def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep: int = 1) -> Path:
     """Write ``directory/state-NNNNNN`` atomically and prune older complete states."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"state-{state.step:06d}"
