@@ -13,8 +13,10 @@ What happens (each part is also a command of its own, started here as a child pr
 4. the trained policy is evaluated the same way, and ``RUN/report.md`` (with PNG plots) compares
    the two.
 
-Ctrl-C stops every child cleanly; running the same command again continues the run (the store,
-the trainer state and finished evaluations are kept).
+Ctrl-C stops every child cleanly; running the same command again continues the run: the store,
+the trainer state and finished evaluations are kept, and training gets what is left of its minutes
+(``RUN/train_time.json``). An evaluation is reused only if it measured the policy now served with
+the same flags.
 """
 
 from __future__ import annotations
@@ -83,32 +85,85 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
             process.wait()
 
 
-# What the base policy's evaluation depends on: runs that agree on these measure the same thing.
-BASE_EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples",
-                          "eval_temperature", "serve_flags")
+# What an evaluation depends on besides the served policy: runs that agree on these measure the same thing.
+EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples", "eval_temperature",
+                     "serve_flags")
+BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
 
 
-def evaluate(cfg: RunConfig, base_url: str, name: str) -> dict[str, Any]:
-    """Held-out arithmetic, K self-improvement steps, avg@n; cached in RUN/eval/NAME.json."""
+def evaluation_key(cfg: RunConfig, policy: str) -> dict[str, Any]:
+    """What an evaluation measured, stored in it as ``measured``: a saved one is reused only when it matches."""
+    saved = json.loads(config.to_json(cfg))
+    return {**{name: saved[name] for name in EVALUATION_FIELDS}, "policy": policy}
+
+
+def saved_evaluation(cfg: RunConfig, name: str, policy: str) -> dict[str, Any] | None:
+    """RUN/eval/NAME.json if it measured ``policy`` (the version now served) with these flags; None
+    when it must be measured (again)."""
     out = cfg.run_dir / "eval" / f"{name}.json"
-    if out.exists():
-        return dict(json.loads(out.read_text()))
+    if not out.exists():
+        return None
+    saved = json.loads(out.read_text())
+    if saved.get("measured") == evaluation_key(cfg, policy):
+        return dict(saved)
+    if name == "base" and policy != BASE_POLICY:
+        raise ExitAgentError(f"{out} measured {saved.get('measured')}, but the base policy cannot be measured "
+                             f"again here: the server now serves {policy}. Other evaluation flags need a new "
+                             f"--run-dir ({out} is kept)")
+    print(f"[run] the saved {name} evaluation measured {saved.get('measured')}; measuring again", flush=True)
+    return None
+
+
+def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str, Any]:
+    """Held-out arithmetic, K self-improvement steps, avg@n; kept in RUN/eval/NAME.json (a resumed
+    run reuses it when it still fits: ``saved_evaluation``)."""
+    key = evaluation_key(cfg, server.policy()["version"])
+    if (saved := saved_evaluation(cfg, name, key["policy"])) is not None:
+        return saved
+    out = cfg.run_dir / "eval" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
           f"n={cfg.eval_samples}) ...", flush=True)
-    command = [sys.executable, "-m", "exitagent.evaluate", "--base-url", base_url, "--domain", "math",
+    measuring = out.with_name(f".{name}.measuring.json")  # out appears only with its key in it
+    command = [sys.executable, "-m", "exitagent.evaluate", "--base-url", server.base_url, "--domain", "math",
                "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
-               "--seed", str(cfg.seed), "--out", str(out)]
+               "--seed", str(cfg.seed), "--out", str(measuring)]
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
-    result = json.loads(out.read_text())
+    result = {**json.loads(measuring.read_text()), "measured": key}
+    measuring.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(measuring.with_suffix(".png"), out.with_suffix(".png"))
+    os.replace(measuring, out)
     print(f"[run] {name}: accuracy by step {[round(a, 3) for a in result['accuracy_by_step']]}", flush=True)
-    return dict(result)
+    return result
+
+
+# Training time already spent by earlier invocations of this run (up to their Ctrl-C), so that the
+# same command continues the budget instead of starting it again.
+TRAIN_CLOCK = "train_time.json"
+
+
+def trained_seconds(run_dir: Path) -> float:
+    path = run_dir / TRAIN_CLOCK
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+
+
+def _record_training(run_dir: Path, seconds: float) -> None:
+    tmp = run_dir / f".{TRAIN_CLOCK}.tmp"
+    tmp.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
+    os.replace(tmp, run_dir / TRAIN_CLOCK)
 
 
 def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool]) -> None:
-    """collect + update for ``train_minutes``, with a progress line every 15 s."""
+    """collect + update for what is left of ``train_minutes``, with a progress line every 15 s."""
+    already = trained_seconds(cfg.run_dir)
+    budget = cfg.train_minutes * 60 - already
+    if budget <= 0:
+        print(f"[run] the {cfg.train_minutes:g}-minute training budget is spent", flush=True)
+        return
+    if already:
+        print(f"[run] continuing: {already / 60:.1f} of {cfg.train_minutes:g} training minutes done", flush=True)
     run = str(cfg.run_dir)
     collect = _child(cfg, "collect", "exitagent.collect", "--run-dir", run, "--base-url", server.base_url,
                      "--variant", cfg.variant.value, "--levels", cfg.levels, "--group-size", str(cfg.group_size),
@@ -123,19 +178,19 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
                     # no activation checkpointing: a 135M model fits, and without it each group's
                     # prompt runs once for its G responses (training/loss.py, prefix sharing)
                     "--no-activation-checkpointing", "--quiet", "--log-json")
-    started = time.monotonic()
+    started, next_report = time.monotonic(), 15.0
     try:
-        while time.monotonic() - started < cfg.train_minutes * 60 and not stop_requested[0]:
+        while not stop_requested[0] and (elapsed := time.monotonic() - started) < budget:
             for process, name in ((collect, "collect"), (update, "update")):
                 if process.poll() is not None:
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
-            for _ in range(15):  # a Ctrl-C is seen within a second
-                if not stop_requested[0]:
-                    time.sleep(1)
-            if not stop_requested[0]:
-                print(f"[run] {(time.monotonic() - started) / 60:5.1f} min | {progress(cfg.run_dir, server)}",
-                      flush=True)
+            if elapsed >= next_report:
+                next_report += 15.0
+                _record_training(cfg.run_dir, already + elapsed)
+                print(f"[run] {(already + elapsed) / 60:5.1f} min | {progress(cfg.run_dir, server)}", flush=True)
+            time.sleep(1)  # a Ctrl-C is seen within a second
     finally:
+        _record_training(cfg.run_dir, already + time.monotonic() - started)
         _stop(collect)
         _stop(update, grace_s=300)  # lets the current step finish and publish
 
@@ -191,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        base = evaluate(cfg, server.base_url, "base")
+        base = evaluate(cfg, server, "base")
         if not stop_requested[0]:
             train(cfg, server, stop_requested)
         if stop_requested[0]:
@@ -201,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if published:
             latest = published[-1][0]
             server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
-        trained = evaluate(cfg, server.base_url, "trained")
+        trained = evaluate(cfg, server, "trained")
         report = write_report(cfg.run_dir, base, trained)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)

@@ -5,7 +5,7 @@
 Each (variant, seed) is one ``exitagent.run`` in ``OUT/<variant>-s<seed>`` (its own server,
 store, trainer and report), so a finished pair is skipped when the command is run again. The base
 policy is evaluated once per seed: later variants of that seed reuse the first one's measurement
-(``RunConfig`` fields ``BASE_EVALUATION_FIELDS`` must agree), about two minutes saved per run. The
+(its ``measured`` key must be this run's), about two minutes saved per run. The
 comparison goes to ``OUT/table.md`` and ``OUT/table.json``: accuracy after K self-improvement
 steps and Delta_K, mean and spread (population standard deviation) over seeds, plus the base
 policy's row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve. Each run's
@@ -29,8 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from exitagent import config
-from exitagent.run import BASE_EVALUATION_FIELDS, RunConfig, parse_config
+from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
 from exitagent.types import Variant
 
 ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]
@@ -54,12 +53,12 @@ def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
     target = cfg.run_dir / "eval"
     if (target / "base.json").exists():
         return None
-    wanted = _base_fields(json.loads(config.to_json(cfg)))
+    wanted = evaluation_key(cfg, BASE_POLICY)
     for sibling in sorted(out_dir.glob(f"*-s{cfg.seed}")):
-        saved, source = sibling / "config" / "run.json", sibling / "eval"
-        if sibling == cfg.run_dir or not (saved.exists() and (source / "base.json").exists()):
+        source = sibling / "eval"
+        if sibling == cfg.run_dir or not (source / "base.json").exists():
             continue
-        if _base_fields(json.loads(saved.read_text())) == wanted:
+        if json.loads((source / "base.json").read_text()).get("measured") == wanted:
             target.mkdir(parents=True, exist_ok=True)
             for name in ("base.png", "base.json"):  # the JSON last: it is what marks the evaluation done
                 if (source / name).exists():
@@ -67,10 +66,6 @@ def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
             print(f"[variants] reusing the base evaluation of {sibling.name}", flush=True)
             return sibling
     return None
-
-
-def _base_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    return {name: saved.get(name) for name in BASE_EVALUATION_FIELDS}
 
 
 def _spread(values: list[float]) -> tuple[float, float]:

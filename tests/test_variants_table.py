@@ -8,17 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import config
-from exitagent.run import parse_config
+from exitagent.run import BASE_POLICY, evaluation_key, parse_config
 from exitagent.types import Variant
 from exitagent.variants import reuse_base_evaluation, summarise, write_table
 
 
-def fake_run(root: Path, variant: Variant, seed: int, base: list[float], trained: list[float]) -> Path:
+def fake_run(root: Path, variant: Variant, seed: int, base: list[float], trained: list[float],
+             *flags: str) -> Path:
+    """A finished run's evaluations, as ``exitagent.run`` with ``flags`` leaves them."""
     directory = root / f"{variant.value}-s{seed}"
+    cfg = parse_config(["--run-dir", str(directory), "--variant", variant.value, "--seed", str(seed), *flags])
     (directory / "eval").mkdir(parents=True)
-    for name, curve in (("base", base), ("trained", trained)):
-        result = {"accuracy_by_step": curve, "delta_k": curve[-1] - curve[0]}
+    for name, curve, policy in (("base", base, BASE_POLICY), ("trained", trained, "step-000003")):
+        result = {"accuracy_by_step": curve, "delta_k": curve[-1] - curve[0], "measured": evaluation_key(cfg, policy)}
         (directory / "eval" / f"{name}.json").write_text(json.dumps(result))
     return directory
 
@@ -42,9 +44,7 @@ def test_mean_and_spread_over_seeds_and_one_base_per_seed(tmp_path: Path) -> Non
 
 
 def test_a_later_variant_reuses_the_base_evaluation_of_its_seed_only_when_it_is_the_same(tmp_path: Path) -> None:
-    grpo = parse_config(["--run-dir", str(tmp_path / "grpo-s0"), "--variant", "grpo", "--seed", "0"])
     fake_run(tmp_path, Variant.GRPO, 0, [0.3, 0.2], [0.4, 0.4])
-    config.save(grpo, grpo.run_dir, "run")
 
     def reused(variant: str, *flags: str) -> bool:
         cfg = parse_config(["--run-dir", str(tmp_path / f"{variant}-s0"), "--variant", variant, "--seed", "0", *flags])
@@ -62,3 +62,12 @@ def test_a_later_variant_reuses_the_base_evaluation_of_its_seed_only_when_it_is_
     assert reuse_base_evaluation(tmp_path, other_seed) is None
     assert not (tmp_path / "improve-s0" / "eval" / "base.json").exists()
     assert not (tmp_path / "exit-s1" / "eval").exists()
+
+
+def test_an_evaluation_without_its_key_is_not_reused(tmp_path: Path) -> None:
+    old = fake_run(tmp_path, Variant.GRPO, 0, [0.3, 0.2], [0.4, 0.4])
+    saved = json.loads((old / "eval" / "base.json").read_text())
+    del saved["measured"]  # written before evaluations carried what they measured
+    (old / "eval" / "base.json").write_text(json.dumps(saved))
+    cfg = parse_config(["--run-dir", str(tmp_path / "exit-s0"), "--variant", "exit", "--seed", "0"])
+    assert reuse_base_evaluation(tmp_path, cfg) is None

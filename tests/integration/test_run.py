@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from exitagent.run import trained_seconds
+
 pytestmark = pytest.mark.vllm
 
 TINY = ["--eval-tasks", "3", "--eval-steps", "1", "--group-size", "2", "--groups-per-step", "2",
@@ -53,13 +55,20 @@ def test_ctrl_c_mid_training_stops_everything_and_the_same_command_resumes(tmp_p
     time.sleep(2)
     assert _ours(run_dir) == [], [p.info["cmdline"] for p in _ours(run_dir)]
     base = (run_dir / "eval" / "base.json").read_text()
-    recorded = _groups(run_dir)
+    recorded, trained_before = _groups(run_dir), trained_seconds(run_dir)
+    assert trained_before > 0
 
     second = subprocess.run([*command, "--train-minutes", "0.5"], capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert (run_dir / "eval" / "base.json").read_text() == base  # kept, not measured again
     assert "evaluating the base policy" not in second.stdout
     assert _groups(run_dir) >= recorded  # the store carried over
+    # the same budget continues: 30 s of training in all, not 30 s more
+    assert trained_seconds(run_dir) == pytest.approx(max(trained_before, 30.0), abs=3.0)
+    if trained_before < 30:
+        assert f"continuing: {trained_before / 60:.1f} of 0.5 training minutes done" in second.stdout
+    else:
+        assert "training budget is spent" in second.stdout
     trained = json.loads((run_dir / "eval" / "trained.json").read_text())
     assert len(trained["accuracy_by_step"]) == 2
     assert (run_dir / "report.md").exists()
