@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from exitagent import checkpoints
 from exitagent.store import SQLiteStore
 from tests.stores import make_store
-from training.state import complete_states
+from training.state import complete_states, sole_writer
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,16 @@ def test_empty_store_under_steps_is_a_clear_error(tmp_path: Path, tiny_model_dir
     result = update(tmp_path, tiny_model_dir, "--steps", "1", "--idle-timeout-s", "1")
     assert result.returncode == 3
     assert "no groups to train on" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_second_trainer_on_the_same_run_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    SQLiteStore.in_run(tmp_path).close()
+    with sole_writer(tmp_path / "trainer"):  # this test process is the first trainer
+        refused = update(tmp_path, tiny_model_dir, "--steps", "1", "--idle-timeout-s", "1")
+    assert refused.returncode == 2
+    assert f"another trainer (pid {os.getpid()}) is updating" in refused.stderr
+    after = update(tmp_path, tiny_model_dir, "--steps", "1", "--idle-timeout-s", "1")
+    assert after.returncode == 3  # the lock went with its holder: this one ran, and found no groups
 
 
 def test_tokens_outside_the_vocabulary_are_refused(tmp_path: Path, tiny_model_dir: Path, model_dir: Path) -> None:

@@ -12,10 +12,13 @@ through their own hard links.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,29 @@ from typing import Any
 import torch
 
 from exitagent import checkpoints
+from exitagent.errors import ConfigError
 
 COMPLETE = "COMPLETE"
+LOCK = "update.lock"
+
+
+@contextmanager
+def sole_writer(directory: Path) -> Iterator[None]:
+    """Hold ``directory/update.lock`` while this process trains: a second trainer on the same run
+    would save and publish the same steps. The kernel drops the lock when the holder dies, kill -9
+    included, so a crash never leaves the run locked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ConfigError(f"another trainer (pid {handle.read().strip() or '?'}) is updating "
+                              f"{directory.parent}; stop it first") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 @dataclass

@@ -16,7 +16,9 @@ group). Three records are tied together by the step number N:
 On start, the trainer loads the newest complete state S (or the initial model, S = 0), tells the
 store to forget consumption by any step > S (those updates died with the process, so their groups
 are trained again, once), and publishes step S if the crash came between 2 and 3. So every group
-is either in the saved weights exactly once, or unconsumed and waiting.
+is either in the saved weights exactly once, or unconsumed and waiting. One trainer per run: a
+second one on the same RUN is refused (``RUN/trainer/update.lock``, released by the kernel even
+after a kill -9).
 
 The single-process ``Trainer`` below is the seam for a torch-distributed trainer: the loop only
 calls ``train_step``, ``save`` and ``publish`` on it.
@@ -40,6 +42,7 @@ from exitagent.errors import ExitAgentError, unwrap
 from exitagent.log import MetricsFile
 from exitagent.store import SQLiteStore
 from exitagent.types import StoredGroup, Variant
+from training import state as trainer_state
 from training.advantage import group_advantages
 from training.config import UpdateConfig
 from training.data import TrainItem
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_args(UpdateConfig, args)
         logging_setup.configure(json_lines=cfg.log_json or None)
         config.save(cfg, cfg.run_dir, "update")
-        return anyio.run(run, cfg)
+        with trainer_state.sole_writer(cfg.run_dir / "trainer"):
+            return anyio.run(run, cfg)
     except BaseException as raised:  # re-raised below unless it is ours
         error = unwrap(raised)
         if not isinstance(error, ExitAgentError):
