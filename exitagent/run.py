@@ -117,8 +117,8 @@ def saved_evaluation(cfg: RunConfig, name: str, policy: str) -> dict[str, Any] |
 def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str, Any]:
     """Held-out arithmetic, K self-improvement steps, avg@n; kept in RUN/eval/NAME.json (a resumed
     run reuses it when it still fits: ``saved_evaluation``)."""
-    key = evaluation_key(cfg, server.policy()["version"])
-    if (saved := saved_evaluation(cfg, name, key["policy"])) is not None:
+    policy = server.policy()["version"]
+    if (saved := saved_evaluation(cfg, name, policy)) is not None:
         return saved
     out = cfg.run_dir / "eval" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
                "--seed", str(cfg.seed), "--out", str(measuring)]
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
-    result = {**json.loads(measuring.read_text()), "measured": key}
+    result = {**json.loads(measuring.read_text()), "measured": evaluation_key(cfg, policy)}
     measuring.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(measuring.with_suffix(".png"), out.with_suffix(".png"))
     os.replace(measuring, out)

@@ -76,10 +76,14 @@ def test_empty_store_under_steps_is_a_clear_error(tmp_path: Path, tiny_model_dir
 
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     SQLiteStore.in_run(tmp_path).close()
+    running = tmp_path / "config" / "update.json"  # what the first trainer recorded of itself
+    running.parent.mkdir()
+    running.write_text("{}\n")
     with sole_writer(tmp_path / "trainer"):  # this test process is the first trainer
         refused = update(tmp_path, tiny_model_dir, "--steps", "1", "--idle-timeout-s", "1")
     assert refused.returncode == 2
     assert f"another trainer (pid {os.getpid()}) is updating" in refused.stderr
+    assert running.read_text() == "{}\n"  # the refused one wrote nothing of the run
     after = update(tmp_path, tiny_model_dir, "--steps", "1", "--idle-timeout-s", "1")
     assert after.returncode == 3  # the lock went with its holder: this one ran, and found no groups
 

@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.from_args(UpdateConfig, args)
         logging_setup.configure(json_lines=cfg.log_json or None)
-        config.save(cfg, cfg.run_dir, "update")
-        with trainer_state.sole_writer(cfg.run_dir / "trainer"):
+        with trainer_state.sole_writer(cfg.run_dir / "trainer"):  # before anything of the run is written
+            config.save(cfg, cfg.run_dir, "update")
             return anyio.run(run, cfg)
     except BaseException as raised:  # re-raised below unless it is ours
         error = unwrap(raised)
