@@ -35,6 +35,7 @@ MAX_ACTION_CHARS = 32_000  # one <tool> block
 MAX_DEPTH = 32  # nested brackets in one action (json and repr recurse per level)
 MAX_NUMBER_CHARS = 100  # characters of one number literal (int(str) is quadratic, and capped at 4300 digits)
 MAX_CALLS = 32  # calls in one message
+_MAX_INT_BITS = int(MAX_NUMBER_CHARS * 3.33)  # bits of a MAX_NUMBER_CHARS-digit integer
 _JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
                                "object": dict, "array": list}
 
@@ -127,7 +128,7 @@ def value_problem(value: Any, depth: int = 0) -> str:
     if value is None or isinstance(value, (str, bool)):
         return ""
     if isinstance(value, int):
-        return "" if value.bit_length() <= MAX_NUMBER_CHARS * 3.33 else f"an integer longer than {MAX_NUMBER_CHARS} digits"
+        return "" if value.bit_length() <= _MAX_INT_BITS else f"an integer longer than {MAX_NUMBER_CHARS} digits"
     if isinstance(value, float):
         return "" if math.isfinite(value) else "NaN and infinite numbers are not allowed"
     if isinstance(value, (list, tuple)):

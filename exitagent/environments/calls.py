@@ -135,8 +135,8 @@ def as_text(value: Any) -> str:
         return f"{ERROR_PREFIX}the result cannot be shown: {type(error).__name__}"
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def heavy_problem(owner: str, name: str, arguments: Mapping[str, Any]) -> str:
@@ -148,13 +148,13 @@ def heavy_problem(owner: str, name: str, arguments: Mapping[str, Any]) -> str:
     """
     if owner != "MathAPI":
         return ""
-    base, exponent = arguments.get("base"), arguments.get("exponent")
-    if name == "power" and _int(base) and _int(exponent) and exponent > 0 and abs(base) > 1 \
+    base, exponent = _int(arguments.get("base")), _int(arguments.get("exponent"))
+    if name == "power" and base is not None and exponent is not None and exponent > 0 and abs(base) > 1 \
             and exponent * base.bit_length() > MAX_RESULT_BITS:
         return f"power: the result would have more than {MAX_RESULT_BITS} bits"
     for key in ("precision", "decimal_places"):
-        value = arguments.get(key)
-        if _int(value) and abs(value) > MAX_PRECISION:
+        value = _int(arguments.get(key))
+        if value is not None and abs(value) > MAX_PRECISION:
             return f"{name}: {key} must be at most {MAX_PRECISION} in size"
     return ""
 
