@@ -126,6 +126,12 @@ async def test_square_root_leaves_the_decimal_context_and_mpmath_alone() -> None
     assert "1.41" in results[0].content and "1.414" not in results[0].content  # it ran at its own precision
     assert "3.32192809488736234787031942948939017586483139302" in results[1].content
     assert decimal.getcontext().prec == prec and mpmath.mp.prec == mp_prec
+    # The episode ran them in a worker thread; the checker's replay (and any caller) runs them on
+    # its own thread, whose decimal context must come back unchanged as well.
+    env = BfclEnv.fresh(get_entry(ENTRY))
+    assert "1.41'" in env.run("square_root(number=2, precision=3)").output
+    env.run("logarithm(value=10, base=2, precision=300)")
+    assert decimal.getcontext().prec == prec and mpmath.mp.prec == mp_prec
     assert str(decimal.Decimal(2).sqrt()) == "1.414213562373095048801688724"
 
 
