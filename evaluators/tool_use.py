@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import anyio
 import structlog
 
 from exitagent.environments.bfcl import BfclEnv, Entry, get_entry
@@ -104,13 +105,13 @@ def score_record(record: CallRecord) -> Score:
 
 
 class ToolUseEvaluator:
-    """Scores call records on the event loop's own thread.
+    """Scores call records in a worker thread, off the event loop.
 
-    A replay takes about a millisecond (the API classes are plain Python), and running every BFCL
-    call on one thread keeps process-wide state consistent: ``MathAPI.logarithm`` sets mpmath's
-    global precision before it computes, which a concurrent thread could change in between. An
-    async context manager like the other evaluators. A record that is not valid JSON or names an
-    unknown entry is our own bug, not the model's: ``EvaluatorError``.
+    A replay takes milliseconds (the API classes are plain Python, the Math API's sizes are
+    bounded); the safe executor runs one BFCL call at a time in the process and restores the
+    numeric state ``MathAPI`` changes (mpmath's global precision, the decimal context). An async
+    context manager like the other evaluators. A record that is not valid JSON or names an unknown
+    entry is our own bug, not the model's: ``EvaluatorError``.
     """
 
     async def __aenter__(self) -> ToolUseEvaluator:
@@ -125,6 +126,6 @@ class ToolUseEvaluator:
         except (ValueError, KeyError, TypeError) as error:
             raise EvaluatorError(f"task {task.id}: not a tool-use call record: {error}") from error
         try:
-            return score_record(record)
+            return await anyio.to_thread.run_sync(score_record, record)
         except (ConfigError, ValueError) as error:
             raise EvaluatorError(f"task {task.id}: {error}") from error

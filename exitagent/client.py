@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_e
 
 from exitagent.errors import ServerError, ServerUnsupported
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams
+from exitagent.tools import ActionError, load_json
 from exitagent.types import Message, PolicyVersion, Sample, ToolCall
 
 log = structlog.get_logger(__name__)
@@ -155,9 +156,9 @@ class OpenAIPolicy:
 
 
 def _tool_call(call: Any) -> ToolCall:
-    try:
-        arguments = json.loads(call.function.arguments or "{}")
-    except json.JSONDecodeError:
+    try:  # model text: bounded like an in-text action (a 5000-digit number or deep brackets are data)
+        arguments = load_json(call.function.arguments or "{}")
+    except ActionError:
         arguments = {"__unparsed__": call.function.arguments}
     if not isinstance(arguments, dict):
         arguments = {"__unparsed__": call.function.arguments}

@@ -51,7 +51,7 @@ from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.staleness import StalenessGate
 from exitagent.store import CurriculumStore, SQLiteStore
-from exitagent.types import Task, Variant
+from exitagent.types import StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +120,8 @@ class Summary:
     groups: int  # recorded by this call
     total_groups: int  # in the store when it ended
     rollouts: int
-    failed_rollouts: int  # evaluator failures: kept out of training
+    failed_rollouts: int  # evaluator failures and crashed episodes: kept out of training
+    crashed_rollouts: int  # of those, episodes an unexpected exception ended (logged as episode_crashed)
     from_buffer: int
     shortened_starts: int  # buffer starts whose prompt did not fit, re-attempted as base tasks
     paused_s: float
@@ -154,6 +155,7 @@ class _Run:
     recorded: int = 0
     rollouts: int = 0
     failed: int = 0
+    crashed: int = 0
     from_buffer: int = 0
     shortened: int = 0
     rewards: list[float] = field(default_factory=list)
@@ -179,9 +181,14 @@ async def _one_group(run: _Run, group_id: str) -> None:
     run.recorded += 1
     run.rollouts += len(group.rollouts)
     run.failed += result.failures
+    run.crashed += _crashed(result)
     run.from_buffer += start.entry is not None
     run.rewards += rewards
     _write_metrics(run, start, group_id, result, update.score, time.monotonic() - began)
+
+
+def _crashed(result: GroupResult) -> int:
+    return sum(r.episode.stop_reason is StopReason.CRASHED for r in result.rollouts)
 
 
 def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, score: float, seconds: float) -> None:
@@ -194,6 +201,7 @@ def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, 
         version=str(result.version), version_step=result.version.step,
         staleness=run.gate.current - result.version.step, reward_mean=reward_mean, rewards_scored=len(rewards),
         group_score=score, evaluator_failures=result.failures, evaluator_failures_total=run.failed,
+        rollouts_crashed=_crashed(result), rollouts_crashed_total=run.crashed,
         buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
@@ -263,7 +271,8 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
         metrics.close()
     summary = Summary(
         groups=run.recorded, total_groups=existing + run.recorded, rollouts=run.rollouts,
-        failed_rollouts=run.failed, from_buffer=run.from_buffer, shortened_starts=run.shortened,
+        failed_rollouts=run.failed, crashed_rollouts=run.crashed, from_buffer=run.from_buffer,
+        shortened_starts=run.shortened,
         paused_s=round(run.gate.paused_total(), 3), mean_reward=statistics.fmean(run.rewards) if run.rewards else None,
         stopped=run.stop.is_set() and quota != run.recorded,
     )
@@ -315,7 +324,8 @@ async def _main(cfg: CollectConfig) -> int:
         print("collect: stopped by a second signal; groups in flight were discarded", file=sys.stderr)
         return 130
     print(f"collect: {summary.groups} groups recorded ({summary.total_groups} in the run), "
-          f"{summary.failed_rollouts} evaluator failures, {summary.from_buffer} from the buffer"
+          f"{summary.failed_rollouts} failed rollouts ({summary.crashed_rollouts} crashed), "
+          f"{summary.from_buffer} from the buffer"
           f"{', stopped early' if summary.stopped else ''}", file=sys.stderr)
     return 0
 

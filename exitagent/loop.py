@@ -3,6 +3,9 @@
 ``run_episode`` is the whole loop; ``run_group`` starts G episodes from one prompt with a single
 ``n=G`` request and lets each continue on its own. Model mistakes (bad calls, failing code) are fed
 back as tool messages and counted; the episode always ends with a ``StopReason``.
+``run_episode_or_crash`` is what collectors call: an unexpected exception inside one episode (a
+bug that model text reached) ends that episode as ``CRASHED`` instead of taking its group and the
+collector down; an ``ExitAgentError`` (a dead server, a missing sandbox) still raises.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import anyio
+import structlog
 
+from exitagent.errors import ExitAgentError
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
 from exitagent.records import token_sequences
 from exitagent.tools import FINISHED, GAVE_UP, Toolbox, parse_action
 from exitagent.types import Episode, Message, Sample, StopReason, Task, Turn
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,23 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
     return Episode(task, tuple(history), tuple(turns), stop, token_sequences(turns), metrics)
 
 
+async def run_episode_or_crash(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], *,
+                               limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS,
+                               first: Sample | None = None) -> Episode:
+    """``run_episode``, but an unexpected exception gives a ``CRASHED`` episode (its first sample
+    kept for the group's version) with the error in ``failure``; infrastructure errors raise."""
+    try:
+        return await run_episode(task, policy, tools, messages, limits=limits, params=params, first=first)
+    except ExitAgentError:
+        raise
+    except Exception as error:  # a bug met by one rollout: it fails, its group and collector go on
+        failure = f"crashed: {type(error).__name__}: {str(error)[:300]}"
+        log.error("episode_crashed", task_id=task.id, error=failure, exc_info=True)
+        turns = (Turn(first),) if first is not None else ()
+        # No training sequences: a crashed rollout is never trained on, and its sample may be what raised.
+        return Episode(task, tuple(messages), turns, StopReason.CRASHED, (), {"crashed": 1.0}, failure=failure)
+
+
 async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
                     limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
     """G episodes from one prompt: the first turns come from one request with ``n=G``."""
@@ -112,8 +136,8 @@ async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequen
     episodes: list[Episode | None] = [None] * n
 
     async def continue_one(index: int) -> None:
-        episodes[index] = await run_episode(task, policy, tools, messages, limits=limits, params=params,
-                                            first=firsts[index])
+        episodes[index] = await run_episode_or_crash(task, policy, tools, messages, limits=limits, params=params,
+                                                     first=firsts[index])
 
     async with anyio.create_task_group() as group:
         for index in range(n):

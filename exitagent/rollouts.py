@@ -11,7 +11,9 @@
 A wrong or truncated answer is the model's mistake and gets the evaluator's reward (usually 0).
 An evaluator that raises ``EvaluatorError`` (it crashed or ran out of time) marks its rollout
 failed: the rollout is kept for the record with ``reward=None``, counted, and left out of training
-and of the curriculum score; it is never turned into a 0.
+and of the curriculum score; it is never turned into a 0. A rollout whose episode crashed
+(``StopReason.CRASHED``: an unexpected exception, see ``loop.run_episode_or_crash``) or whose
+evaluator raised something unexpected is failed the same way.
 
 The store keeps no stop reason per rollout, so a ``truncated`` component (1.0 when the response
 hit its token limit or the context) is added to each score: the trainer's ``TrainItem.truncated``.
@@ -27,7 +29,7 @@ import structlog
 
 from evaluators.base import Evaluator
 from exitagent.diversity import Embedder, diversity_multipliers
-from exitagent.errors import EvaluatorError
+from exitagent.errors import EvaluatorError, ExitAgentError
 from exitagent.loop import EpisodeLimits, run_group
 from exitagent.policy import Policy, SamplingParams
 from exitagent.tools import Toolbox
@@ -45,7 +47,7 @@ class GroupResult:
     version: PolicyVersion  # the oldest version that produced any token of the group
     newest: PolicyVersion  # the newest: a lower bound on what the server serves now
     rollouts: tuple[Rollout, ...]
-    failures: int  # rollouts whose evaluator failed
+    failures: int  # failed rollouts (evaluator failed, or the episode crashed)
     prompt_tokens: int
     completion_tokens: int
     truncated: int
@@ -70,20 +72,33 @@ async def score_rollouts(evaluator: Evaluator, task: Task, episodes: Sequence[Ep
     rollouts: list[Rollout | None] = [None] * len(episodes)
 
     async def score_one(index: int, episode: Episode) -> None:
-        try:
-            score = await evaluator.score(task, episode.final_text)
-        except EvaluatorError as error:
-            log.warning("rollout_evaluation_failed", task_id=task.id, index=index, error=str(error)[:200])
-            rollouts[index] = Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
-            return
-        cut = float(episode.stop_reason in CUT_OFF)
-        score = Score(score.total, {**score.components, "truncated": cut}, score.detail)
-        rollouts[index] = Rollout(episode, score, score.total)
+        rollouts[index] = await score_rollout(evaluator, task, episode, episode.final_text, index=index)
 
     async with anyio.create_task_group() as group:
         for index, episode in enumerate(episodes):
             group.start_soon(score_one, index, episode)
     return [r for r in rollouts if r is not None]
+
+
+async def score_rollout(evaluator: Evaluator, task: Task, episode: Episode, response: str,
+                        **context: object) -> Rollout:
+    """``response`` scored; a crashed episode, an ``EvaluatorError`` or an unexpected exception from the
+    evaluator makes a failed rollout (reward None), logged, never a 0."""
+    if episode.stop_reason is StopReason.CRASHED:
+        return Rollout(episode, None, None, failure=episode.failure)
+    try:
+        score = await evaluator.score(task, response)
+    except EvaluatorError as error:
+        log.warning("rollout_evaluation_failed", task_id=task.id, error=str(error)[:200], **context)
+        return Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
+    except ExitAgentError:
+        raise
+    except Exception as error:  # an evaluator bug that model text reached: this rollout fails, not the run
+        log.error("rollout_evaluation_crashed", task_id=task.id, error=repr(error)[:200], exc_info=True, **context)
+        return Rollout(episode, None, None, failure=f"evaluator crashed: {type(error).__name__}: {str(error)[:300]}")
+    cut = float(episode.stop_reason in CUT_OFF)
+    score = Score(score.total, {**score.components, "truncated": cut}, score.detail)
+    return Rollout(episode, score, score.total)
 
 
 async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: anyio.Lock) -> list[Rollout]:

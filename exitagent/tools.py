@@ -5,12 +5,21 @@ The paper's action format: a JSON call ``{"name": ..., "arguments": {...}}`` ins
 ``tool_calls`` are accepted too when the server parses them. Every mistake the model can make
 (unknown tool, bad JSON, wrong arguments, a tool that fails on its input) becomes a tool message
 it sees, with an error kind the loop counts; only infrastructure failures (a dead sandbox) raise.
+
+Model text is hostile input. Reading it is bounded before any parser runs: the message length,
+the ``<tool>`` block length, the bracket depth, the number of calls, the digits of a number;
+NaN and Infinity are refused. Whatever the text, the result is an ``Action`` whose
+``parse_errors`` say what was wrong, never an exception. A stage that renders a call as source
+(BFCL) first checks it with ``call_problem``: name and keys plain identifiers, values bounded.
 """
 
 from __future__ import annotations
 
 import json
+import keyword
+import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +30,12 @@ from sandboxes.base import Sandbox
 FINISHED = "<TASK_FINISHED>"
 GAVE_UP = "<TASK_ERROR>"
 _TOOL_BLOCK = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
+MAX_MESSAGE_CHARS = 200_000  # a longer message is not searched for calls (it is far past any max_tokens)
+MAX_ACTION_CHARS = 32_000  # one <tool> block
+MAX_DEPTH = 32  # nested brackets in one action (json and repr recurse per level)
+MAX_NUMBER_CHARS = 100  # characters of one number literal (int(str) is quadratic, and capped at 4300 digits)
+MAX_CALLS = 32  # calls in one message
+_MAX_INT_BITS = int(MAX_NUMBER_CHARS * 3.33)  # bits of a MAX_NUMBER_CHARS-digit integer
 _JSON_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
                                "object": dict, "array": list}
 
@@ -49,21 +64,121 @@ class Action:
     gave_up: bool = False
 
 
-def parse_action(text: str, native: Iterable[ToolCall] = ()) -> Action:
-    """Read tool calls and stop markers from an assistant message."""
-    calls, errors = list(native), []
-    for index, block in enumerate(_TOOL_BLOCK.findall(text)):
-        try:
-            payload = json.loads(block)
-        except json.JSONDecodeError as error:
-            errors.append(f"invalid JSON in <tool> block: {error.msg} at position {error.pos}")
-            continue
-        for item in payload if isinstance(payload, list) else [payload]:
-            if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                    and isinstance(item.get("arguments", {}), dict)):
-                errors.append('a tool call must be {"name": "...", "arguments": {...}}')
-                continue
+class ActionError(ValueError):
+    """Model text that cannot be read as an action; the message is shown to the model."""
+
+
+def _number(text: str, convert: Any) -> Any:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ActionError(f"a number longer than {MAX_NUMBER_CHARS} characters")
+    value = convert(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ActionError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ActionError(f"{text} is not a JSON value")
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON ``text`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_json(text: str) -> Any:
+    """``json.loads`` for model text: bounded in size, depth and number length; ``ActionError`` otherwise."""
+    if len(text) > MAX_ACTION_CHARS:
+        raise ActionError(f"the action is longer than {MAX_ACTION_CHARS} characters")
+    if nesting_depth(text) > MAX_DEPTH:
+        raise ActionError(f"the action nests brackets deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text, parse_int=lambda t: _number(t, int), parse_float=lambda t: _number(t, float),
+                          parse_constant=_no_constant)
+    except ActionError:
+        raise
+    except json.JSONDecodeError as error:
+        raise ActionError(f"invalid JSON: {error.msg} at position {error.pos}") from None
+    except (ValueError, RecursionError, MemoryError, OverflowError) as error:  # past the bounds above: still data
+        raise ActionError(f"unreadable JSON ({type(error).__name__})") from None
+
+
+def _identifier(text: object) -> bool:
+    """A plain Python name that means itself: not a keyword, and unchanged by NFKC (which the parser applies)."""
+    return (isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+            and unicodedata.normalize("NFKC", text) == text)
+
+
+def value_problem(value: Any, depth: int = 0) -> str:
+    """Why ``value`` is not a bounded JSON-like literal (str, number, bool, None, list, dict), else ""."""
+    if depth > MAX_DEPTH:
+        return f"arguments nest deeper than {MAX_DEPTH} levels"
+    if value is None or isinstance(value, (str, bool)):
+        return ""
+    if isinstance(value, int):
+        return "" if value.bit_length() <= _MAX_INT_BITS else f"an integer longer than {MAX_NUMBER_CHARS} digits"
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else "NaN and infinite numbers are not allowed"
+    if isinstance(value, (list, tuple)):
+        return next((p for item in value if (p := value_problem(item, depth + 1))), "")
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            return "object keys must be strings"
+        return next((p for item in value.values() if (p := value_problem(item, depth + 1))), "")
+    return f"a value of type {type(value).__name__} is not allowed"
+
+
+def call_problem(name: object, arguments: object) -> str:
+    """Why ``name(**arguments)`` is not a call that can be rendered safely, else ""."""
+    if not _identifier(name):
+        return f"the function name must be a plain identifier, not {str(name)[:60]!r}"
+    if not isinstance(arguments, dict):
+        return "arguments must be an object"
+    bad = [key for key in arguments if not _identifier(key)]
+    if bad:
+        return f"argument names must be plain identifiers, not {str(bad[0])[:60]!r}"
+    return value_problem(arguments)
+
+
+def _read_block(block: str, index: int, calls: list[ToolCall], errors: list[str]) -> None:
+    try:
+        payload = load_json(block)
+    except ActionError as error:
+        errors.append(f"in <tool> block: {error}")
+        return
+    for item in payload if isinstance(payload, list) else [payload]:
+        if len(calls) + len(errors) >= MAX_CALLS:
+            errors.append(f"more than {MAX_CALLS} calls in one message: the rest were not read")
+            return
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
+                and isinstance(item.get("arguments", {}), dict)):
+            errors.append('a tool call must be {"name": "...", "arguments": {...}}')
+        else:
             calls.append(ToolCall(item["name"], item.get("arguments", {}), id=f"call_{index}", raw=block.strip()))
+
+
+def parse_action(text: str, native: Iterable[ToolCall] = ()) -> Action:
+    """Read tool calls and stop markers from an assistant message. Never raises, whatever the text."""
+    calls, errors = list(native), list[str]()
+    if len(text) > MAX_MESSAGE_CHARS:
+        errors.append(f"the message is longer than {MAX_MESSAGE_CHARS} characters: no call was read")
+    else:
+        for index, block in enumerate(_TOOL_BLOCK.findall(text)[:MAX_CALLS + 1]):
+            _read_block(block, index, calls, errors)
+            if len(calls) + len(errors) > MAX_CALLS:
+                break
     return Action(tuple(calls), tuple(errors), FINISHED in text, GAVE_UP in text)
 
 

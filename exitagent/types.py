@@ -104,6 +104,7 @@ class StopReason(StrEnum):
     TRUNCATED = "truncated"  # a completion hit its max_tokens (finish_reason "length")
     CONTEXT_FULL = "context_full"  # the next turn would not fit in the model's context
     WALL_CLOCK = "wall_clock"
+    CRASHED = "crashed"  # an unexpected exception (a bug) ended it: its rollout is failed, never trained on
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Episode:
     stop_reason: StopReason
     sequences: tuple[TrainingSequence, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    failure: str = ""  # what crashed it (stop_reason CRASHED), for the rollout's record
 
     @property
     def final_text(self) -> str:

@@ -55,12 +55,12 @@ from exitagent.environments.bfcl_toolbox import (
     system_prompt,
 )
 from exitagent.errors import ConfigError, EvaluatorError
-from exitagent.loop import EpisodeLimits, run_episode
+from exitagent.loop import EpisodeLimits, run_episode, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams
 from exitagent.prompts import step_messages
-from exitagent.rollouts import CUT_OFF, GroupResult, group_version
+from exitagent.rollouts import CUT_OFF, GroupResult, group_version, score_rollout
 from exitagent.trajectories import Step, TaskResult
-from exitagent.types import Episode, Message, Rollout, Sample, Score, StepKind, StopReason, Task
+from exitagent.types import Episode, Message, Rollout, Sample, StepKind, StopReason, Task
 
 log = structlog.get_logger(__name__)
 
@@ -179,8 +179,8 @@ class ToolUseDomain:
         episodes: list[Episode | None] = [None] * len(firsts)
 
         async def one(index: int) -> None:
-            episodes[index] = await run_episode(start.task, policy, toolboxes[index], ordinary, limits=limits,
-                                                params=params, first=firsts[index])
+            episodes[index] = await run_episode_or_crash(start.task, policy, toolboxes[index], ordinary,
+                                                         limits=limits, params=params, first=firsts[index])
 
         async with anyio.create_task_group() as group:
             for index in range(len(firsts)):
@@ -284,15 +284,9 @@ def _metrics(numbers: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
 
 async def _scored(evaluator: Evaluator, task: Task, entry: Entry, episode: Episode, toolbox: BfclToolbox, *,
                   requests: int) -> Rollout:
-    """The rollout's first ``requests`` requests judged; an evaluator failure is a failed rollout, not a 0."""
+    """The rollout's first ``requests`` requests judged; a crash or evaluator failure is a failed rollout, not a 0."""
     record = CallRecord(entry.id, tuple(tuple(c) for c in toolbox.calls[:requests]))
-    try:
-        score = await evaluator.score(task, record.to_json())
-    except EvaluatorError as error:
-        log.warning("rollout_evaluation_failed", task_id=task.id, error=str(error)[:200])
-        return Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
-    score = Score(score.total, {**score.components, "truncated": float(episode.stop_reason in CUT_OFF)}, score.detail)
-    return Rollout(episode, score, score.total)
+    return await score_rollout(evaluator, task, episode, record.to_json())
 
 
 async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt,

@@ -20,14 +20,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from exitagent.environments.bfcl import BfclEnv, Entry, entry_docs, function_docs
-from exitagent.environments.calls import render_call
+from exitagent.environments.calls import ERROR_PREFIX, CallResult, UnsafeCall, render_call
 from exitagent.tools import FINISHED, GAVE_UP, Toolbox
 from exitagent.types import Message, ToolCall
 
 # BFCL's own words when withheld functions appear (DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC).
 REVEAL = "I have updated some more functions you can choose from. What about now?"
 ACTION_REMINDER = f"Reply with one function call in <tool></tool>, or {FINISHED} when done."
+REFUSED_CALL = "<refused call>"  # recorded for a call that could not be rendered; never parses as a call
 _SPLIT = "Tool description: "  # BFCL docs open with a sentence about their class, then this
 
 
@@ -104,8 +107,14 @@ class BfclToolbox(Toolbox):
         return None  # the schemas are in the system prompt (the paper's setting)
 
     async def execute(self, call: ToolCall) -> tuple[Message, str]:
-        text = render_call(call.name, call.arguments)
-        result = self.env.run(text)
+        try:
+            text = render_call(call.name, call.arguments)
+        except UnsafeCall as error:
+            # Nothing of it can be rendered safely; the record keeps a call that fails the same way
+            # in the checker's replay, so the request still counts as one with a call made.
+            text, result = REFUSED_CALL, CallResult(f"{ERROR_PREFIX}{error}", "unsafe_call")
+        else:
+            result = await anyio.to_thread.run_sync(self.env.run, text)  # off the event loop
         self.calls[self.request].append(text)
         self.snapshots.append(self.env.copy())
         return Message("tool", result.output, tool_call_id=call.id or None, name=call.name), result.error

@@ -14,17 +14,35 @@ Everything that can go wrong is the model's mistake and comes back as a ``CallRe
 and whose ``error`` names the kind, for the loop's metrics. Successful results are rendered the
 way BFCL renders them (a string as is, a dict as JSON, anything else through ``str``), so the
 checker compares the same strings the official checker would.
+
+Bounds, since a model chooses the sizes: ``render_call`` renders only a valid identifier name and
+keys and bounded literal values (``tools.call_problem``), so a name like ``rm(...)#`` cannot become
+a second call; parsed arguments get the same value check; the Math API's size-driven arguments
+(``power`` on integers, ``precision``, ``decimal_places``) are bounded before the call
+(``heavy_problem``), which keeps every call fast (milliseconds). The decimal context and mpmath's
+precision, which ``square_root`` and ``logarithm`` set process-wide, are restored after each call.
+Calls run one at a time in the process (``_ONE_CALL``), from whatever thread: mpmath's precision
+is global, so two concurrent calls could change it under each other.
 """
 
 from __future__ import annotations
 
 import ast
+import decimal
 import inspect
 import json
-from collections.abc import Mapping
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from exitagent.tools import call_problem, value_problem
+
+MAX_RESULT_BITS = 14_000  # of an integer power: its decimal form stays under Python's 4300-digit str() limit
+MAX_PRECISION = 1000  # digits of a Math API precision or rounding position
+_ONE_CALL = threading.Lock()
 MAX_CALL_CHARS = 100_000  # a call longer than this is refused unparsed (parsing cost is the model's to bound)
 ERROR_PREFIX = "Error during execution: "
 
@@ -49,38 +67,51 @@ class UnsafeCall(ValueError):
 
 
 def render_call(name: str, arguments: Mapping[str, Any]) -> str:
-    """``name(key=repr(value), ...)``: the call string of a JSON tool call (parses back to the same values)."""
+    """``name(key=repr(value), ...)``: the call string of a JSON tool call (parses back to the same values).
+
+    ``UnsafeCall`` unless the name and keys are plain identifiers and the values bounded literals:
+    only validated parts are ever rendered.
+    """
+    problem = call_problem(name, dict(arguments) if isinstance(arguments, Mapping) else arguments)
+    if problem:
+        raise UnsafeCall(problem)
     return f"{name}({', '.join(f'{key}={value!r}' for key, value in arguments.items())})"
 
 
-def _literal(node: ast.expr) -> Any:
+def _literal(node: ast.expr, text: str) -> Any:
     if isinstance(node, ast.Starred):
         raise UnsafeCall("*args are not allowed: write each argument")
     try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as error:
+        value = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError) as error:
+        # The source text, not ast.unparse: unparse recurses per level and fails on a deep expression.
+        source = ast.get_source_segment(text, node) or type(node).__name__
         raise UnsafeCall(f"arguments must be literal values (strings, numbers, lists, dicts), "
-                         f"not {ast.unparse(node)[:80]!r}") from error
+                         f"not {source[:80]!r}") from error
+    if problem := value_problem(value):
+        raise UnsafeCall(problem)
+    return value
 
 
 def parse_call(text: str) -> ParsedCall:
     """The name and literal arguments of ``text``; ``UnsafeCall`` for anything else."""
     if len(text) > MAX_CALL_CHARS:
         raise UnsafeCall(f"the call is longer than {MAX_CALL_CHARS} characters")
+    text = text.strip()
     try:
-        node = ast.parse(text.strip(), mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        node = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as error:
         raise UnsafeCall(f"not a function call: {getattr(error, 'msg', error)}") from error
     if not isinstance(node, ast.Call):
         raise UnsafeCall("not a function call")
     if not isinstance(node.func, ast.Name):
         raise UnsafeCall("call a function by its plain name (no attribute access, no expressions)")
-    args = tuple(_literal(arg) for arg in node.args)
+    args = tuple(_literal(arg, text) for arg in node.args)
     kwargs: dict[str, Any] = {}
     for keyword in node.keywords:
         if keyword.arg is None:
             raise UnsafeCall("**kwargs are not allowed: name each argument")
-        kwargs[keyword.arg] = _literal(keyword.value)
+        kwargs[keyword.arg] = _literal(keyword.value, text)
     return ParsedCall(node.func.id, args, kwargs)
 
 
@@ -96,12 +127,49 @@ def as_text(value: Any) -> str:
     if type(value) is dict:
         try:
             return json.dumps(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             pass
     try:
         return str(value)
-    except ValueError as error:  # e.g. an integer past Python's 4300-digit str() limit
-        return f"{ERROR_PREFIX}{error}"
+    except Exception as error:  # e.g. an integer past Python's 4300-digit str() limit, or a deep list
+        return f"{ERROR_PREFIX}the result cannot be shown: {type(error).__name__}"
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def heavy_problem(owner: str, name: str, arguments: Mapping[str, Any]) -> str:
+    """Why a Math API call would take a model-chosen amount of time or memory, else "".
+
+    ``power`` on integers computes an exact integer (``power(10, 10**7)`` took 10 s); a
+    ``precision`` is a digit count for mpmath and decimal; ``round_number`` on an integer builds
+    ``10**-decimal_places``.
+    """
+    if owner != "MathAPI":
+        return ""
+    base, exponent = _int(arguments.get("base")), _int(arguments.get("exponent"))
+    if name == "power" and base is not None and exponent is not None and exponent > 0 and abs(base) > 1 \
+            and exponent * base.bit_length() > MAX_RESULT_BITS:
+        return f"power: the result would have more than {MAX_RESULT_BITS} bits"
+    for key in ("precision", "decimal_places"):
+        value = _int(arguments.get(key))
+        if value is not None and abs(value) > MAX_PRECISION:
+            return f"{name}: {key} must be at most {MAX_PRECISION} in size"
+    return ""
+
+
+@contextmanager
+def _numeric_state() -> Iterator[None]:
+    """Restore the decimal context and mpmath's precision after a call (the Math API sets both)."""
+    mpmath = sys.modules.get("mpmath")  # only an imported mpmath can have been changed
+    prec = mpmath.mp.prec if mpmath is not None else None
+    try:
+        with decimal.localcontext():
+            yield
+    finally:
+        if mpmath is not None:
+            mpmath.mp.prec = prec
 
 
 def execute(text: str, instances: Mapping[str, object], methods: Mapping[str, str]) -> CallResult:
@@ -115,11 +183,14 @@ def execute(text: str, instances: Mapping[str, object], methods: Mapping[str, st
         return CallResult(f"{ERROR_PREFIX}unknown function {call.name!r}", "unknown_function")
     method = getattr(instances[owner], call.name)
     try:
-        inspect.signature(method).bind(*call.args, **call.kwargs)
+        bound = inspect.signature(method).bind(*call.args, **call.kwargs)
     except TypeError as error:
         return CallResult(f"{ERROR_PREFIX}{call.name}: {error}", "bad_arguments")
-    try:
-        value = method(*call.args, **call.kwargs)
-    except Exception as error:  # the API classes raise on bad input: the model's mistake, shown to it
-        return CallResult(f"{ERROR_PREFIX}{error}", "execution_error")
-    return CallResult(as_text(value))
+    if problem := heavy_problem(owner, call.name, bound.arguments):
+        return CallResult(f"{ERROR_PREFIX}{problem}", "bad_arguments")
+    with _ONE_CALL, _numeric_state():
+        try:
+            value = method(*call.args, **call.kwargs)
+        except Exception as error:  # the API classes raise on bad input: the model's mistake, shown to it
+            return CallResult(f"{ERROR_PREFIX}{error}", "execution_error")
+        return CallResult(as_text(value))  # rendered at the call's precision, as BFCL renders it
