@@ -23,7 +23,7 @@ import anyio
 import structlog
 
 from sandboxes.base import Limits, open_sandbox
-from sandboxes.cgroups import CONTROLLERS, usable_parent
+from sandboxes.cgroups import current_hierarchy
 
 COMMAND = [sys.executable, "-c", "pass"]
 TARGET_OVERHEAD_MS = 30.0
@@ -42,8 +42,8 @@ def leaked(token: str) -> int:
 
 
 def cgroup_leftovers() -> int:
-    parents = [usable_parent(c) for c in CONTROLLERS]
-    return sum(len(list(p.glob(f"exitagent-{os.getpid()}-*"))) for p in parents if p is not None)
+    parents = set(current_hierarchy().parents.values())
+    return sum(len(list(p.glob(f"exitagent-{os.getpid()}-*"))) for p in parents)
 
 
 async def bare_run(token: str) -> float:

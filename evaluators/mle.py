@@ -13,8 +13,11 @@ Flow of ``MLEEvaluator.score(task, response)``:
    ``errored`` = 1 and the error output as ``detail``: the trace a debug step shows under the code.
 4. Otherwise ``submission.csv`` is read from the sandbox (size-capped, no links followed) and graded
    against ``private/answers.csv`` (``exitagent.competitions.grading``, or MLE-bench's grader for a
-   real competition). Missing or invalid: 0 with the reason. Valid: the raw metric, normalised
-   between the competition's worst and best reference scores to [0, 1].
+   real competition) in a child process with its own memory cgroup and wall clock: a hostile CSV
+   (millions of columns, one giant field) costs that child, never this process. Missing, invalid,
+   or too big to grade within ``grade_memory_mb`` / ``grade_time_limit_s``: 0 with the reason.
+   Valid: the raw metric, normalised between the competition's worst and best reference scores to
+   [0, 1].
 
 Infrastructure failures (no bubblewrap, a sandbox that died, unreadable answers) raise
 ``EvaluatorError``: the rollout is excluded, never scored 0. Components: ``errored``,
@@ -25,24 +28,26 @@ valid) and ``runtime_s``.
 from __future__ import annotations
 
 import errno
-import io
+import json
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import anyio
 import anyio.to_thread
 import structlog
 
+import exitagent
 from exitagent.competitions import Competition, load_competition
 from exitagent.errors import ConfigError, EvaluatorError, SandboxError
 from exitagent.types import Score, Task
-from sandboxes.base import ExecResult, Limits, Sandbox, open_sandbox
-
-if TYPE_CHECKING:
-    import pandas as pd
+from sandboxes.base import ExecResult, Limits, Sandbox, open_sandbox, sandbox_env
+from sandboxes.cgroups import CgroupPool
+from sandboxes.runner import run_limited
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +56,8 @@ DATA_MOUNT = "data"  # where public/ appears, relative to the sandbox workspace
 PROGRAM = "solution.py"
 SUBMISSION = "submission.csv"
 MAX_SUBMISSION_BYTES = 64 << 20
+# Where the grading child imports exitagent from: the same tree as this process (PYTHONPATH).
+_PROJECT_ROOT = str(Path(exitagent.__file__).resolve().parents[1])
 TRACE_CHARS = 3000  # the tail of the error output a debug step sees (tracebacks end with the cause)
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
@@ -93,22 +100,28 @@ class MLEEvaluator:
     """Scores MLE responses (module docstring). Use as ``async with MLEEvaluator() as evaluator``."""
 
     def __init__(self, *, time_limit_s: float = 60.0, memory_mb: int = 2048, backend: str = "local",
-                 workers: int = 2, base_dir: Path | None = None, trace_chars: int = TRACE_CHARS) -> None:
-        if time_limit_s <= 0 or memory_mb < 64 or workers < 1:
-            raise ConfigError("mle evaluator: time limit > 0, memory >= 64 MiB and workers >= 1 are needed")
+                 workers: int = 2, base_dir: Path | None = None, trace_chars: int = TRACE_CHARS,
+                 grade_memory_mb: int = 1024, grade_time_limit_s: float = 120.0) -> None:
+        if time_limit_s <= 0 or min(memory_mb, grade_memory_mb) < 64 or workers < 1 or grade_time_limit_s <= 0:
+            raise ConfigError("mle evaluator: time limits > 0, memory >= 64 MiB and workers >= 1 are needed")
         self.time_limit_s, self.memory_mb, self.backend = time_limit_s, memory_mb, backend
         self.base_dir, self.trace_chars = base_dir, trace_chars
         self.limits = Limits(wall_s=time_limit_s, memory_bytes=memory_mb << 20, max_processes=64,
                              max_file_bytes=MAX_SUBMISSION_BYTES * 4, tmp_bytes=256 << 20)
+        self.grade_limits = Limits(wall_s=grade_time_limit_s, memory_bytes=grade_memory_mb << 20,
+                                   max_processes=16, max_file_bytes=1 << 20, disk_bytes=None)
         self._slots = anyio.CapacityLimiter(workers)
-        self._answers: dict[Path, pd.DataFrame] = {}
+        self._grade_cgroups: CgroupPool | None = None
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self._answers.clear()
+        if self._grade_cgroups is not None:
+            with anyio.CancelScope(shield=True):
+                await self._grade_cgroups.close()
+            self._grade_cgroups = None
 
     async def score(self, task: Task, response: str) -> Score:
         program = extract_program(response)
@@ -138,7 +151,9 @@ class MLEEvaluator:
             log.info("program_crashed", competition=competition.id, exit_code=result.exit_code,
                      timed_out=result.timed_out, out_of_memory=result.out_of_memory)
             return result, None
-        return result, await anyio.to_thread.run_sync(self._grade, competition, submission)
+        if isinstance(submission, str):
+            return result, Verdict(None, submission)
+        return result, await self._grade(competition, submission)
 
     async def _run(self, competition: Competition, program: str) -> tuple[ExecResult, bytes | str]:
         host_backend = self.base_dir is not None and self.backend in ("local", "process")
@@ -163,35 +178,41 @@ class MLEEvaluator:
         tail = result.stderr.strip()[-self.trace_chars:]
         return f"{head}\n{tail}" if tail else head
 
-    def _grade(self, competition: Competition, submission: bytes | str) -> Verdict:
-        import pandas as pd  # here, not at import: the domains load without pandas
+    async def _grade(self, competition: Competition, submission: bytes) -> Verdict:
+        """Grade in a child under ``grade_limits``; what exhausts them is an invalid submission."""
+        if self._grade_cgroups is None:
+            self._grade_cgroups = CgroupPool()
+        with tempfile.TemporaryDirectory(prefix="exitagent-grade-", dir=self.base_dir) as scratch:
+            path = Path(scratch) / SUBMISSION
+            await anyio.to_thread.run_sync(path.write_bytes, submission)
+            argv = [sys.executable, "-m", "exitagent.competitions.grading", str(competition.root), str(path)]
+            # The child imports the same exitagent as this process, wherever that was found.
+            env = sandbox_env(scratch, [str(Path(sys.executable).parent), "/usr/bin", "/bin"],
+                              {"PYTHONPATH": _PROJECT_ROOT})
+            try:
+                result = await run_limited(argv, cwd=Path(scratch), env=env, limits=self.grade_limits,
+                                           cgroups=self._grade_cgroups)
+            except SandboxError as error:
+                raise EvaluatorError(f"grading {competition.id} could not start: {error}") from error
+        return self._verdict(competition, result)
 
-        from exitagent.competitions.grading import InvalidSubmission, grade
-
-        if isinstance(submission, str):
-            return Verdict(None, submission)
+    def _verdict(self, competition: Competition, result: ExecResult) -> Verdict:
+        limits = self.grade_limits
+        if result.out_of_memory:
+            mib = (limits.memory_bytes or 0) >> 20
+            return Verdict(None, f"{SUBMISSION} needs more than {mib} MiB of memory to grade")
+        if result.timed_out:
+            return Verdict(None, f"{SUBMISSION} took longer than {limits.wall_s:g} s to grade")
+        lines = result.stdout.strip().splitlines()
         try:
-            frame = pd.read_csv(io.BytesIO(submission))
-        except (ValueError, UnicodeDecodeError) as error:  # pandas' parser errors are ValueErrors
-            return Verdict(None, f"{SUBMISSION} is not a readable CSV: {str(error)[:200]}")
-        try:
-            if competition.source == "mlebench":
-                from exitagent.competitions.mlebench import grade_mlebench
-
-                raw = grade_mlebench(competition, frame)
-                return Verdict(raw, "" if raw is not None else "MLE-bench's grader rejected the submission")
-            return Verdict(grade(competition, frame, self._answers_of(competition)))
-        except InvalidSubmission as error:
-            return Verdict(None, str(error))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise EvaluatorError(f"grading {competition.id} failed: {type(error).__name__}: {error}") from error
-
-    def _answers_of(self, competition: Competition) -> pd.DataFrame:
-        import pandas as pd
-
-        if competition.answers_path not in self._answers:
-            self._answers[competition.answers_path] = pd.read_csv(competition.answers_path)
-        return self._answers[competition.answers_path]
+            said = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            said = {}
+        if result.exit_code != 0 or "raw" not in said:
+            why = said.get("error") or f"exit {result.exit_code}: {result.stderr.strip()[-500:]}"
+            raise EvaluatorError(f"grading {competition.id} failed: {why}")
+        raw = said["raw"]
+        return Verdict(float(raw) if raw is not None else None, str(said.get("reason", "")))
 
 
 async def _read_submission(sandbox: Sandbox) -> bytes | str:

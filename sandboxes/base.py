@@ -2,8 +2,10 @@
 
 Threat model: everything run through a ``Sandbox`` is hostile. It may try to reach the network, read
 host secrets, fork-bomb, eat memory or disk, loop forever, flood its output, or leave a daemon
-behind. The default backend (``local``, bubblewrap) stops all of that; ``process`` only bounds
-resources and must be asked for by name; ``e2b`` runs in E2B's cloud VMs.
+behind, or make syscalls that attack the kernel. The default backend (``local``, bubblewrap with a
+seccomp filter) stops all of that; ``process`` only bounds resources and must be asked for by
+name; ``e2b`` runs in E2B's cloud VMs. The host backends refuse to start where no cgroup can cap
+processes and memory, unless ``EXITAGENT_SANDBOX_ALLOW_NO_CGROUPS=1`` (``sandboxes.cgroups``).
 
 Model mistakes are data: a non-zero exit, a timeout, running out of memory or flooding the output
 all come back as an ``ExecResult``. Only the infrastructure raises (``exitagent.errors``):
@@ -47,11 +49,12 @@ class Limits:
     max_processes: int | None = 64  # pids cgroup: RLIMIT_NPROC does nothing for root
     max_file_bytes: int | None = 1 << 30  # RLIMIT_FSIZE: largest single file written
     max_output_bytes: int = 1 << 20  # per stream; the head and tail are kept
-    tmp_bytes: int = 512 << 20  # size of the private /tmp (local backend)
+    disk_bytes: int | None = 1 << 30  # total of the workspace and /tmp (a tmpfs volume: RAM)
+    tmp_bytes: int = 512 << 20  # /dev/shm (local backend), and /tmp where no volume can be mounted
     max_open_files: int = 1024
 
     def __post_init__(self) -> None:
-        if self.wall_s <= 0 or self.max_output_bytes < 2:
+        if self.wall_s <= 0 or self.max_output_bytes < 2 or (self.disk_bytes is not None and self.disk_bytes < 1 << 20):
             raise ConfigError(f"limits must be positive: {self}")
 
 

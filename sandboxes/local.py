@@ -4,13 +4,16 @@ What the code inside gets: no network (``--unshare-all``: a new net namespace ha
 ``lo``), its own PID namespace (killing ``bwrap`` kills everything in it, ``setsid`` escapees
 included), the system directories and this Python's prefix and virtual environment read-only at
 their own paths (bound anywhere else the interpreter starts the wrong standard library), the
-sandbox's workspace read-write at ``/workspace``, inputs read-only under it, a private ``/tmp`` of
-bounded size, a cleared environment, and the unprivileged uid/gid 65534 with no way to make
-further user namespaces. ``/etc``, ``/root``, ``/home``, ``/run`` and the project directory do not
-exist in there. Resource limits (rlimits, cgroups, wall clock, output cap) come from ``runner``.
+sandbox's workspace read-write at ``/workspace``, inputs read-only under it, a private ``/tmp``
+(the sandbox's ``tmp`` directory, inside the same disk quota as the workspace: ``sandboxes.volume``;
+a bounded tmpfs where no quota volume could be mounted), a cleared environment, the unprivileged
+uid/gid 65534 with no way to make further user namespaces, and a seccomp filter that makes the
+syscalls Python never needs fail with EPERM (``sandboxes.seccomp``). ``/etc``, ``/root``,
+``/home``, ``/run`` and the project directory do not exist in there. Resource limits (rlimits,
+cgroups, wall clock, output cap) come from ``runner``.
 
-Needs ``bwrap`` (Debian ``bubblewrap``) and user namespaces; probed once per process, with
-``SandboxUnavailable`` saying what to do when the probe fails.
+Needs ``bwrap`` (Debian ``bubblewrap``), user namespaces and libseccomp; probed once per process,
+with ``SandboxUnavailable`` saying what to do when the probe fails.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -28,8 +32,8 @@ import structlog
 
 from exitagent.errors import SandboxUnavailable
 from sandboxes.base import SandboxSpec
-from sandboxes.cgroups import CONTROLLERS, usable_parent
 from sandboxes.runner import prlimit_path
+from sandboxes.seccomp import filter_bpf
 from sandboxes.workspace import HostWorkspaceSandbox
 
 log = structlog.get_logger(__name__)
@@ -42,6 +46,8 @@ _ETC_FILES = ("/etc/alternatives", "/etc/ld.so.cache", "/etc/localtime")
 # Some libraries look the current user up (getpass.getuser()); give them one to find.
 _PASSWD = f"nobody:x:{NOBODY}:{NOBODY}:nobody:{SANDBOX_WORKDIR}:/usr/sbin/nologin\n"
 _GROUP = f"nogroup:x:{NOBODY}:\n"
+SECCOMP_FD = 3  # bwrap reads the filter from here; the shell below opens it for each run
+_WITH_FILTER = 'exec "$@" 3< "$0"'
 
 
 def _jail_args() -> list[str]:
@@ -86,14 +92,20 @@ def bwrap_path() -> str:
 
 @functools.cache
 def probe(bwrap: str) -> str | None:
-    """Start the real jail once with ``python -c pass``: None if it works, else what to do."""
+    """Start the real jail once with ``python -c pass``, filter included: None if it works, else
+    what to do."""
     try:
         prlimit_path()
+        program = filter_bpf()
     except SandboxUnavailable as err:
         return str(err)
-    argv = [bwrap, *_jail_args(), *_python_binds(), "--", sys.executable, "-c", "pass"]
+    jail = [*_jail_args(), *_python_binds(), "--seccomp", str(SECCOMP_FD), "--", sys.executable, "-c", "pass"]
     try:
-        done = subprocess.run(argv, capture_output=True, env={}, timeout=30, check=False)
+        with tempfile.NamedTemporaryFile(prefix="exitagent-seccomp-") as rules:
+            rules.write(program)
+            rules.flush()
+            argv = ["/bin/sh", "-c", _WITH_FILTER, rules.name, bwrap, *jail]
+            done = subprocess.run(argv, capture_output=True, env={}, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"bubblewrap probe could not run: {err}"
     if done.returncode != 0:
@@ -112,8 +124,7 @@ async def check_bwrap() -> None:
     if failure is not None:
         log.error("sandbox_probe_failed", backend="local", reason=failure)
         raise SandboxUnavailable(failure)
-    for controller in CONTROLLERS:
-        usable_parent(controller)  # warns once, at start-up, when a guard is missing
+    filter_bpf()
 
 
 class LocalSandbox(HostWorkspaceSandbox):
@@ -121,8 +132,8 @@ class LocalSandbox(HostWorkspaceSandbox):
 
     backend = "local"
 
-    def __init__(self, spec: SandboxSpec, root: Path) -> None:
-        super().__init__(spec, root)
+    def __init__(self, spec: SandboxSpec, root: Path, *, volume: bool = False) -> None:
+        super().__init__(spec, root, volume=volume)
         self.workdir = SANDBOX_WORKDIR
 
     @classmethod
@@ -132,6 +143,7 @@ class LocalSandbox(HostWorkspaceSandbox):
     def _prepare_inputs(self) -> None:
         (self.root / "passwd").write_text(_PASSWD)
         (self.root / "group").write_text(_GROUP)
+        (self.root / "seccomp.bpf").write_bytes(filter_bpf())
         # Mount points made now, so listings look the same before the first run as after it.
         for rel, host in self.spec.inputs.items():
             point = self.host_workspace / rel
@@ -145,9 +157,13 @@ class LocalSandbox(HostWorkspaceSandbox):
         return "/tmp"
 
     def _command(self, argv: Sequence[str], cwd: PurePosixPath, env: Mapping[str, str]) -> list[str]:
-        args = [bwrap_path(), *_jail_args()]
-        for scratch in ("/tmp", "/dev/shm"):  # bounded; bwrap's /dev/shm would be RAM-sized
-            args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", scratch]
+        args = ["/bin/sh", "-c", _WITH_FILTER, str(self.root / "seccomp.bpf"), bwrap_path(), *_jail_args()]
+        # bounded scratch; bwrap's own /dev/shm would be RAM-sized
+        args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/dev/shm"]
+        if self.volume:  # /tmp shares the quota of the workspace
+            args += ["--bind", str(self.root / "tmp"), "/tmp"]
+        else:
+            args += ["--perms", "1777", "--size", str(self.limits.tmp_bytes), "--tmpfs", "/tmp"]
         args += _python_binds()
         args += ["--ro-bind", str(self.root / "passwd"), "/etc/passwd"]
         args += ["--ro-bind", str(self.root / "group"), "/etc/group"]
@@ -156,7 +172,7 @@ class LocalSandbox(HostWorkspaceSandbox):
             args += ["--ro-bind", str(host), f"{SANDBOX_WORKDIR}/{rel}"]
         # bwrap's root and /dev are unbounded tmpfs: read-only, or they are RAM to fill. (Device
         # nodes stay writable on a read-only mount.) Submounts such as /tmp are not affected.
-        args += ["--remount-ro", "/", "--remount-ro", "/dev", "--clearenv"]
+        args += ["--remount-ro", "/", "--remount-ro", "/dev", "--clearenv", "--seccomp", str(SECCOMP_FD)]
         args += ["--chdir", str(PurePosixPath(SANDBOX_WORKDIR) / cwd)]
         for key, value in env.items():
             args += ["--setenv", key, value]

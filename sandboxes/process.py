@@ -16,7 +16,6 @@ from pathlib import PurePosixPath
 
 import structlog
 
-from sandboxes.cgroups import CONTROLLERS, usable_parent
 from sandboxes.runner import prlimit_path
 from sandboxes.workspace import HostWorkspaceSandbox
 
@@ -36,8 +35,6 @@ class ProcessSandbox(HostWorkspaceSandbox):
             backend=cls.backend,
             risk="model code runs with this user's files, secrets and network; only resources are bounded",
         )
-        for controller in CONTROLLERS:
-            usable_parent(controller)
 
     def _prepare_inputs(self) -> None:
         for rel, host in self.spec.inputs.items():

@@ -1,8 +1,10 @@
 """Sandboxes whose workspace is a host directory: the shared body of ``local`` and ``process``.
 
 A subclass says how a command is wrapped (``_command``) and what the code sees as its workspace
-path and PATH. Everything else is here: the per-sandbox directory, read-only inputs, and file
-access from the host side.
+path and PATH. Everything else is here: the per-sandbox directory (a size-limited volume when
+``Limits.disk_bytes`` is set and the host allows it, see ``sandboxes.volume``), read-only inputs,
+the refusal to run without cgroups (``sandboxes.cgroups.require_cgroups``), and file access from
+the host side.
 
 The host reads and writes files the sandboxed code could have tampered with, so every host-side
 file operation resolves symlinks and refuses anything that lands outside the workspace (or the
@@ -30,8 +32,9 @@ import structlog
 
 from exitagent.errors import SandboxError
 from sandboxes.base import ExecResult, SandboxSpec, sandbox_env, workspace_path
-from sandboxes.cgroups import CgroupPool
+from sandboxes.cgroups import CgroupPool, current_hierarchy, require_cgroups
 from sandboxes.runner import run_limited
+from sandboxes.volume import mount_volume, unmount_volume
 
 log = structlog.get_logger(__name__)
 
@@ -41,9 +44,10 @@ class HostWorkspaceSandbox:
 
     backend: ClassVar[str] = ""
 
-    def __init__(self, spec: SandboxSpec, root: Path) -> None:
+    def __init__(self, spec: SandboxSpec, root: Path, *, volume: bool = False) -> None:
         self.spec, self.limits = spec, spec.limits
         self.root = root
+        self.volume = volume  # root is a tmpfs of limits.disk_bytes: the quota covers /tmp too
         self.host_workspace = root / "workspace"
         self.workdir = str(self.host_workspace)  # subclasses that remap it override this
         self.python = sys.executable  # the project's interpreter, with its packages
@@ -54,16 +58,20 @@ class HostWorkspaceSandbox:
     async def create(cls, spec: SandboxSpec, *, base_dir: str | Path | None = None) -> Self:
         """Make the directories (under ``base_dir``, default the system temp dir) and the inputs."""
         await cls._check_runtime()
+        require_cgroups(current_hierarchy())
         root = Path(tempfile.mkdtemp(prefix=f"exitagent-{cls.backend}-", dir=base_dir))
-        (root / "workspace").mkdir()
-        (root / "tmp").mkdir()
-        sandbox = cls(spec, root)
+        disk = spec.limits.disk_bytes
+        sandbox = cls(spec, root, volume=disk is not None and mount_volume(root, disk))
         try:
+            (root / "workspace").mkdir()
+            (root / "tmp").mkdir()
+            os.chmod(root / "tmp", 0o1777)  # mkdir's mode is masked by the umask
             sandbox._prepare_inputs()
         except OSError as err:
-            shutil.rmtree(root, ignore_errors=True)
+            await sandbox._remove()
             raise SandboxError(f"could not prepare sandbox inputs in {root}: {err}") from err
-        log.info("sandbox_opened", backend=cls.backend, root=str(root), inputs=sorted(spec.inputs))
+        log.info("sandbox_opened", backend=cls.backend, root=str(root), inputs=sorted(spec.inputs),
+                 disk_quota=disk if sandbox.volume else None)
         return sandbox
 
     @classmethod
@@ -172,11 +180,17 @@ class HostWorkspaceSandbox:
             return
         self._closed = True
         await self._cgroups.close()
-        await anyio.to_thread.run_sync(shutil.rmtree, self.root, True)
+        await self._remove()
         if self.root.exists():
             log.warning("sandbox_workdir_leaked", backend=self.backend, root=str(self.root))
         else:
             log.info("sandbox_closed", backend=self.backend, root=str(self.root))
+
+    async def _remove(self) -> None:
+        if self.volume:
+            await anyio.to_thread.run_sync(unmount_volume, self.root)
+            self.volume = False
+        await anyio.to_thread.run_sync(shutil.rmtree, self.root, True)
 
     async def __aenter__(self) -> Self:
         return self

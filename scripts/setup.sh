@@ -17,14 +17,17 @@ python=${PYTHON:-python3}
   || die "Python >= 3.11 is needed; set PYTHON=/path/to/python3.11"
 
 # --- system pieces -----------------------------------------------------------------------------
-# bubblewrap is the default sandbox for model-written code.
-if ! command -v bwrap >/dev/null 2>&1; then
+# bubblewrap is the default sandbox for model-written code; libseccomp2 compiles its syscall filter.
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    say "installing bubblewrap (apt)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    say "installing ${missing[*]} (apt)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    say "bubblewrap (bwrap) is missing and this is not root with apt: install it with your package"
-    say "manager (e.g. 'sudo apt-get install bubblewrap'); sandboxed tests are skipped until then."
+    say "${missing[*]} missing and this is not root with apt: install with your package manager"
+    say "(e.g. 'sudo apt-get install ${missing[*]}'); sandboxed tests are skipped until then."
   fi
 fi
 

@@ -5,13 +5,25 @@
 columns, the wrong number of rows, ids that are not the test ids, duplicates, missing or
 non-numeric values. ``normalise`` maps a raw value onto [0, 1] between the competition's worst
 and best reference values (exit-spec.md section 4), whichever direction the metric runs.
+
+The submission is model-written, so parsing it can take any amount of memory (millions of columns,
+one giant field). ``evaluators.mle`` therefore grades in a child process under a memory cgroup and
+a wall clock, through this module's entry point, which prints one JSON verdict::
+
+    python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV
+    {"raw": 0.93, "reason": ""}          graded
+    {"raw": null, "reason": "..."}       invalid submission, with why
+    {"error": "..."}                     the grader itself failed (exit status 2)
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -98,3 +110,42 @@ def normalise(raw: float, worst: float, best: float) -> float:
     if best == worst:
         raise ValueError(f"worst and best are both {best}: the competition cannot be normalised")
     return min(1.0, max(0.0, (raw - worst) / (best - worst)))
+
+
+def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
+    """The verdict on the submission file, as the entry point prints it."""
+    from exitagent.competitions import load_competition
+
+    competition = load_competition(competition_dir)
+    try:
+        frame = pd.read_csv(submission)
+    except (ValueError, UnicodeDecodeError) as error:  # pandas' parser errors are ValueErrors
+        return {"raw": None, "reason": f"submission.csv is not a readable CSV: {str(error)[:200]}"}
+    try:
+        if competition.source == "mlebench":
+            from exitagent.competitions.mlebench import grade_mlebench
+
+            raw = grade_mlebench(competition, frame)
+            return {"raw": raw, "reason": "" if raw is not None else "MLE-bench's grader rejected the submission"}
+        return {"raw": grade(competition, frame, pd.read_csv(competition.answers_path)), "reason": ""}
+    except InvalidSubmission as error:
+        return {"raw": None, "reason": str(error)}
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV", file=sys.stderr)
+        return 2
+    try:
+        verdict = grade_file(Path(argv[0]), Path(argv[1]))
+    except MemoryError:  # without a memory cgroup the parent's RLIMIT_DATA lands here
+        verdict = {"raw": None, "reason": "submission.csv needs more memory to parse than grading may use"}
+    except Exception as error:  # any failure of the grader: the parent raises one EvaluatorError
+        print(json.dumps({"error": f"{type(error).__name__}: {str(error)[:500]}"}))
+        return 2
+    print(json.dumps(verdict))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

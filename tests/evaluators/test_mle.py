@@ -177,3 +177,21 @@ async def test_infrastructure_failures_raise(iris: Competition) -> None:
         gone = Task("gone", "mle", "", metadata={"competition_dir": "/nonexistent/competition"})
         with pytest.raises(EvaluatorError, match="not a prepared competition"):
             await evaluator.score(gone, _fenced("print(1)"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("writer", "reason"), [
+    # a 3,000,000-column header (about 24 MB): pandas makes an object per column
+    ("f.write(','.join(f'c{i}' for i in range(3_000_000)) + '\\n')", "MiB of memory to grade"),
+    # one 60 MB field in an otherwise well-formed file
+    ("f.write('id,species\\n1,' + 'x' * 60_000_000 + '\\n')", "MiB of memory to grade"),
+    # past the size cap (a 2 GB file ends here too, or fills the sandbox's disk quota first)
+    ("f.write('id,species\\n' + '1,setosa\\n' * 8_000_000)", "larger than"),
+])  # fmt: skip
+async def test_hostile_submissions_are_invalid_not_fatal(iris: Competition, writer: str, reason: str) -> None:
+    program = f"with open('submission.csv', 'w') as f:\n    {writer}\n"
+    async with MLEEvaluator(time_limit_s=30, grade_memory_mb=200, grade_time_limit_s=60) as evaluator:
+        score = await evaluator.score_program(iris, program)
+    assert score.total == 0.0 and score.components["valid_submission"] == 0.0
+    assert score.components["errored"] == 0.0, score.detail
+    assert score.detail.startswith("invalid submission:") and reason in score.detail, score.detail

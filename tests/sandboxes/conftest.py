@@ -1,12 +1,19 @@
-"""Fixtures for the sandbox tests: the anyio backend, the two host backends, and leak detectors.
+"""Fixtures for the sandbox tests: the anyio backend, the two host backends, the cgroup versions,
+and leak detectors.
 
 Every sandboxed run in these tests carries a random token in its environment; a process left
 behind is one whose ``/proc/<pid>/environ`` still holds it.
+
+Sandboxes made by ``make_sandbox`` and ``local_sandbox`` run once per cgroup setting: ``v1``,
+``v2`` (each skipped, with what blocked it, where this host cannot give it both controllers) and
+``none``, the explicit opt-out (``EXITAGENT_SANDBOX_ALLOW_NO_CGROUPS=1`` with a cgroup root that has
+nothing in it), which runs on every host.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +22,7 @@ from typing import Any
 import pytest
 
 from sandboxes.base import Limits, open_sandbox
-from sandboxes.cgroups import CONTROLLERS, usable_parent
+from sandboxes.cgroups import ALLOW_ENV, ROOT_ENV, VERSION_ENV, current_hierarchy
 from tests.sandboxing import bwrap_failure
 
 
@@ -31,11 +38,27 @@ def require_bwrap() -> None:
         pytest.skip(f"bubblewrap cannot run here: {failure}")
 
 
+@pytest.fixture(params=["v1", "v2", "none"])
+def cgroup_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """The cgroup setting of the sandboxes this test makes (module docstring)."""
+    if request.param == "none":
+        (tmp_path / "no-cgroups").mkdir()
+        monkeypatch.setenv(ROOT_ENV, str(tmp_path / "no-cgroups"))
+        monkeypatch.setenv(ALLOW_ENV, "1")
+        return "none"
+    monkeypatch.setenv(VERSION_ENV, request.param[1])
+    missing = current_hierarchy().missing
+    if missing:
+        reasons = sorted(set(missing.values()))
+        pytest.skip(f"cgroup {request.param} cannot be used here ({', '.join(missing)}): {'; '.join(reasons)}")
+    return str(request.param)
+
+
 @pytest.fixture
 def require_cgroup() -> Callable[[str], None]:
     def require(controller: str) -> None:
-        if usable_parent(controller) is None:
-            pytest.skip(f"no writable cgroup v1 '{controller}' hierarchy on this host")
+        if controller not in current_hierarchy().parents:
+            pytest.skip(f"no usable '{controller}' cgroup in this setting")
 
     return require
 
@@ -46,11 +69,22 @@ def token() -> str:
 
 
 @pytest.fixture
-def leftovers(token: str) -> Callable[[], list[int]]:
-    """Pids of live processes that carry this test's token (zombies have an empty environ)."""
+def leftovers(token: str, cgroup_version: str) -> Callable[[], list[int]]:
+    """Pids of live processes that carry this test's token (zombies have an empty environ).
+
+    With cgroups a run returns only once its cgroup is empty. Without them (``none``) the jail's
+    processes die just after the run returns, when the kernel tears down its PID namespace, so the
+    scan gives them two seconds; a real leftover (a ``sleep 60``) outlives that."""
     marker = f"EXITAGENT_TEST_TOKEN={token}".encode()
+    grace_s = 2.0 if cgroup_version == "none" else 0.0
 
     def scan() -> list[int]:
+        deadline = time.monotonic() + grace_s
+        while (found := scan_once()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return found
+
+    def scan_once() -> list[int]:
         found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -72,10 +106,8 @@ def cgroup_leaves() -> Callable[[], list[str]]:
 
     def scan() -> list[str]:
         names = []
-        for controller in CONTROLLERS:
-            parent = usable_parent(controller)
-            if parent is not None:
-                names += [p.name for p in parent.glob(f"exitagent-{os.getpid()}-*")]
+        for parent in set(current_hierarchy().parents.values()):
+            names += [p.name for p in parent.glob(f"exitagent-{os.getpid()}-*")]
         return names
 
     return scan
@@ -97,12 +129,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_sandbox(backend: str, token: str, tmp_path: Path) -> Callable[..., Any]:
+def make_sandbox(backend: str, cgroup_version: str, token: str, tmp_path: Path) -> Callable[..., Any]:
     """``async with make_sandbox(limits=...) as sbx``: a sandbox of ``backend`` tagged with the token."""
     return _maker(backend, token, tmp_path)
 
 
 @pytest.fixture
-def local_sandbox(require_bwrap: None, token: str, tmp_path: Path) -> Callable[..., Any]:
+def local_sandbox(require_bwrap: None, cgroup_version: str, token: str, tmp_path: Path) -> Callable[..., Any]:
     """Like ``make_sandbox`` but always bubblewrap: for the isolation tests."""
     return _maker("local", token, tmp_path)

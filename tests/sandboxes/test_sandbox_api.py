@@ -209,7 +209,7 @@ async def test_the_interpreter_is_bound_after_the_private_tmp() -> None:
     # the read-only bind of the interpreter has to come after the private /tmp mount.
     async with open_sandbox("local") as sandbox:
         argv = sandbox._command(["python", "-c", "pass"], PurePosixPath("."), {})  # type: ignore[attr-defined]
-    tmpfs = argv.index("/tmp", argv.index("--tmpfs"))
+    tmpfs = argv.index("/tmp", argv.index("/dev/shm"))  # a quota-volume bind or a tmpfs
     binds = [i for i, arg in enumerate(argv) if arg == sys.prefix and argv[i - 2] == "--ro-bind"]
     assert binds and all(i > tmpfs for i in binds)
 

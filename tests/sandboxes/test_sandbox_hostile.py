@@ -216,8 +216,10 @@ async def test_planted_symlinks_do_not_reach_the_host(local_sandbox: Callable[..
 
 @pytest.mark.parametrize("scratch", ["/tmp", "/dev/shm"])
 async def test_scratch_space_is_private_and_bounded(local_sandbox: Callable[..., Any], scratch: str) -> None:
+    # /tmp is bounded by the disk quota it shares with the workspace (or by tmp_bytes where no quota
+    # volume can be mounted), /dev/shm by tmp_bytes
     fill = f"with open('{scratch}/fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))\n"
-    async with local_sandbox(Limits(wall_s=10, tmp_bytes=8 << 20)) as sbx:
+    async with local_sandbox(Limits(wall_s=10, tmp_bytes=8 << 20, disk_bytes=8 << 20)) as sbx:
         result = await sbx.run_python(fill)
     assert result.exit_code == 1 and "No space left" in result.stderr
     assert existing(f"{scratch}/fill") == []
