@@ -211,3 +211,22 @@ def test_recording_the_served_version_on_a_full_disk_keeps_the_old_record(small_
         checkpoints.write_served(small_disk, {"checkpoint": "step-000002", "pad": "x" * 8192})
     assert checkpoints.served_checkpoint(small_disk) == Path("step-000001")
     assert not list(small_disk.glob(".*tmp"))
+
+
+@pytest.mark.anyio
+async def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: Path) -> None:
+    from exitagent.reload import Admin, Reloader, ServingState
+    from exitagent.types import PolicyVersion
+
+    state = ServingState(PolicyVersion.at_step(0), small_disk / "base")
+    admin = Admin("http://127.0.0.1:9", "policy")
+    try:
+        reloader = Reloader(admin, small_disk, state, REFERENCE, exclusive=None)  # type: ignore[arg-type]
+        reloader.record_served()
+        disks.fill(small_disk)
+        state.last_error = "x" * 8192  # more than the few bytes the fill may have left
+        reloader.record_served()  # logged (served_record_failed), not raised
+    finally:
+        await admin.aclose()
+    assert checkpoints.served_checkpoint(small_disk) == small_disk / "base"
+    assert not list(small_disk.glob(".*tmp"))
