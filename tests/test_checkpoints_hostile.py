@@ -213,20 +213,15 @@ def test_recording_the_served_version_on_a_full_disk_keeps_the_old_record(small_
     assert not list(small_disk.glob(".*tmp"))
 
 
-@pytest.mark.anyio
-async def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: Path) -> None:
-    from exitagent.reload import Admin, Reloader, ServingState
+def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: Path) -> None:
+    from exitagent.reload import Reloader, ServingState
     from exitagent.types import PolicyVersion
 
     state = ServingState(PolicyVersion.at_step(0), small_disk / "base")
-    admin = Admin("http://127.0.0.1:9", "policy")
-    try:
-        reloader = Reloader(admin, small_disk, state, REFERENCE, exclusive=None)  # type: ignore[arg-type]
-        reloader.record_served()
-        disks.fill(small_disk)
-        state.last_error = "x" * 8192  # more than the few bytes the fill may have left
-        reloader.record_served()  # logged (served_record_failed), not raised
-    finally:
-        await admin.aclose()
+    reloader = Reloader(None, small_disk, state, REFERENCE, None)  # type: ignore[arg-type]  # (no engine needed)
+    reloader.record_served()
+    disks.fill(small_disk)
+    state.last_error = "x" * 8192  # more than the few bytes the fill may have left
+    reloader.record_served()  # logged (served_record_failed), not raised
     assert checkpoints.served_checkpoint(small_disk) == small_disk / "base"
     assert not list(small_disk.glob(".*tmp"))
