@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -207,7 +209,19 @@ def _serve(inbox: Connection, outbox: Connection) -> None:
 
 def _serve_fds(inbox_fd: int, outbox_fd: int) -> None:
     """Entry point of a worker process started by ``_Worker`` (two pipe descriptors)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes the pool
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _serve(Connection(inbox_fd, writable=False), Connection(outbox_fd, readable=False))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once its parent is gone, even mid-call (sympy may spin for ever).
+
+    An idle worker would also see EOF on its pipe; this covers a busy one. No parent-death signal:
+    workers are started from pool threads, and the kernel sends it when the forking thread ends."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 _WORKER_CODE = "import sys; from evaluators.math import _serve_fds; _serve_fds(int(sys.argv[1]), int(sys.argv[2]))"
@@ -225,8 +239,11 @@ class _Worker:
         child_in, parent_out = os.pipe()
         parent_in, child_out = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # Its own session: a terminal's Ctrl-C (sent to the foreground process group) does not reach
+        # it, even while it starts up, so it prints no KeyboardInterrupt traceback; the parent closes it.
         self.process = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(child_in), str(child_out)],
-                                        pass_fds=(child_in, child_out), stdin=subprocess.DEVNULL, env=env)
+                                        pass_fds=(child_in, child_out), stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
         os.close(child_in)
         os.close(child_out)
         self.to_worker = Connection(parent_out, readable=False)

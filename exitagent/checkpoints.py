@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -53,15 +54,32 @@ class Canary:
     def read(cls, directory: Path) -> Canary:
         try:
             data = json.loads((directory / CANARY).read_text())
-            return cls(tuple(data["token_ids"]), tuple(data["logprobs"]), float(data["tolerance"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            canary = cls(tuple(data["token_ids"]), tuple(data["logprobs"]), float(data["tolerance"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{directory}: unreadable {CANARY}: {error}") from error
+        if not canary.token_ids or not all(type(t) is int and t >= 0 for t in canary.token_ids):
+            raise CheckpointError(f"{directory}: {CANARY} token_ids must be non-negative integers")
+        if len(canary.logprobs) != len(canary.token_ids) - 1:
+            raise CheckpointError(f"{directory}: {CANARY} has {len(canary.logprobs)} logprobs for "
+                                  f"{len(canary.token_ids)} tokens (expected one per token after the first)")
+        _check_finite(canary.logprobs, f"{directory}: {CANARY} logprobs")
+        return canary
 
     def distance(self, served: list[float]) -> float:
-        """Mean absolute difference between these log-probabilities and the served ones."""
+        """Mean absolute difference between these log-probabilities and the served ones.
+
+        Any NaN or infinity fails: ``NaN > tolerance`` is false, so a comparison alone would pass it."""
         if len(served) != len(self.logprobs):
             raise CheckpointError(f"canary length mismatch: served {len(served)}, expected {len(self.logprobs)}")
+        _check_finite(served, "served canary logprobs")
+        _check_finite(self.logprobs, "expected canary logprobs")
         return sum(abs(a - b) for a, b in zip(served, self.logprobs, strict=True)) / max(1, len(served))
+
+
+def _check_finite(values: tuple[float, ...] | list[float], what: str) -> None:
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CheckpointError(f"{what}: value {index} is {value!r}, not a finite number")
 
 
 def step_of(directory: Path) -> int | None:
@@ -103,25 +121,60 @@ def write_manifest(directory: Path, **extra: Any) -> dict[str, Any]:
     return manifest
 
 
-def verify_manifest(directory: Path) -> dict[str, Any]:
-    """Check every file against the manifest (presence, size, sha256). Returns the manifest."""
+def _manifest_files(manifest: Any, directory: Path) -> dict[str, tuple[int, str]]:
+    """name -> (size, sha256) from a manifest, every field checked for its type."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{directory}: {MANIFEST} has no 'files' mapping of names to entries")
+    entries = {}
+    for name, entry in files.items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if type(size) is not int or size < 0 or not isinstance(digest, str):
+            raise CheckpointError(f"{directory}: {MANIFEST} entry {name!r} needs an integer size and a sha256")
+        if name in ("", ".", "..", MANIFEST, READY) or "/" in name or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{directory}: {MANIFEST} lists {name!r}, which is not a file of the checkpoint")
+        entries[name] = (size, digest)
+    return entries
+
+
+def verify_manifest(directory: Path, *, complete: bool = False) -> dict[str, Any]:
+    """Check every file against the manifest (presence, size, sha256). Returns the manifest.
+
+    ``complete``: also refuse any file the manifest does not list (it would reach vLLM unhashed)."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{directory}: missing or unreadable {MANIFEST}: {error}") from error
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: {name} is listed in the manifest but missing")
-        if path.stat().st_size != expected["size"]:
-            raise CheckpointError(
-                f"{directory}: {name} has {path.stat().st_size} bytes, "
-                f"the manifest says {expected['size']} (truncated?)"
-            )
-        if _sha256(path) != expected["sha256"]:
-            raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest (corrupt)")
+    files = _manifest_files(manifest, directory)
+    try:
+        unlisted = sorted(p.name for p in directory.iterdir() if p.name not in (*files, MANIFEST, READY))
+        if complete and unlisted:
+            raise CheckpointError(f"{directory}: {unlisted[:3]} not listed in {MANIFEST}; refused "
+                                  f"(every file vLLM may load must be hashed)")
+        for name, (size, digest) in files.items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"{directory}: {name} is listed in the manifest but missing")
+            if path.stat().st_size != size:
+                raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, "
+                                      f"the manifest says {size} (truncated?)")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{directory}: {name} does not match its sha256 in the manifest (corrupt)")
+    except OSError as error:  # e.g. a file removed or made unreadable while it is verified
+        raise CheckpointError(f"{directory}: cannot read the checkpoint: {error}") from error
     return dict(manifest)
+
+
+def check_contained(candidate: Path) -> None:
+    """Refuse a step directory, or any entry in it, that a symlink leads out of the weights directory."""
+    root = candidate.parent.resolve()
+    if candidate.resolve().parent != root:
+        raise CheckpointError(f"{candidate}: a symlink out of the weights directory {root}; refused")
+    for path in candidate.iterdir():
+        resolved = path.resolve()
+        if root not in resolved.parents:
+            raise CheckpointError(f"{candidate}: {path.name} is a symlink to {resolved}, outside {root}; refused")
 
 
 # --- safetensors headers ------------------------------------------------------------------------
@@ -132,7 +185,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
     The format is an 8-byte little-endian header length, a JSON header mapping tensor names to
     dtype, shape and byte offsets, then the data. Parsing it here costs microseconds and needs no
-    torch; it catches truncated files before they can reach vLLM.
+    torch; it catches truncated files and malformed headers before they can reach vLLM.
     """
     try:
         with path.open("rb") as file:
@@ -140,13 +193,33 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             if length > 100_000_000:
                 raise CheckpointError(f"{path}: implausible safetensors header length {length}")
             header = json.loads(file.read(length))
-    except (OSError, struct.error, ValueError) as error:
+        data_size = path.stat().st_size - 8 - length
+    except (OSError, struct.error, ValueError, RecursionError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file: {error}") from error
-    data_size = path.stat().st_size - 8 - length
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a {type(header).__name__}, not a tensor map")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, info in tensors.items():
+        end = max(end, _tensor_end(path, name, info))
     if end != data_size:
         raise CheckpointError(f"{path}: tensors need {end} bytes of data, the file has {data_size} (truncated?)")
-    return {k: v for k, v in header.items() if k != "__metadata__"}
+    return tensors
+
+
+def _tensor_end(path: Path, name: str, info: Any) -> int:
+    """Where the tensor's bytes end, after checking its entry has the types the format requires."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} is not a mapping of dtype, shape and data_offsets")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(info.get("dtype"), str):
+        raise CheckpointError(f"{path}: tensor {name!r} has no dtype string")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has no shape (a list of non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {name!r} has no valid data_offsets [begin, end]")
+    return int(offsets[1])
 
 
 def tensor_shapes(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -180,7 +253,11 @@ def verify(candidate: Path, reference: dict[str, tuple[str, tuple[int, ...]]]) -
     """Everything the server checks before it lets vLLM read a checkpoint. Returns its canary."""
     if not (candidate / READY).is_file():
         raise CheckpointError(f"{candidate}: no {READY} marker (still being written?)")
-    verify_manifest(candidate)
+    try:
+        check_contained(candidate)
+    except (OSError, RuntimeError) as error:  # a symlink loop, or the directory removed meanwhile
+        raise CheckpointError(f"{candidate}: cannot resolve its files: {error}") from error
+    verify_manifest(candidate, complete=True)
     check_compatible(candidate, reference)
     return Canary.read(candidate)
 
@@ -204,37 +281,49 @@ def publish(weights_dir: Path, step: int, write: Callable[[Path], Canary], **man
     either nothing visible, a complete directory without READY (ignored, and replaced by the next
     publish of the same step), or a complete, marked checkpoint.
     """
-    weights_dir.mkdir(parents=True, exist_ok=True)
     final = weights_dir / f"step-{step:06d}"
     tmp = weights_dir / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    canary = write(tmp)
-    crash_point("mid_publish", step)
-    (tmp / CANARY).write_text(canary.to_json())
-    write_manifest(tmp, step=step, **manifest_extra)
-    for path in tmp.iterdir():
-        fsync(path)
-    fsync(tmp)
-    if final.exists():  # an unmarked leftover of a crashed publish of this step
-        if (final / READY).exists():
-            raise CheckpointError(f"{final} is already published")
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync(weights_dir)
-    marker = final / (READY + ".tmp")
-    marker.write_text(json.dumps({"step": step}) + "\n")
-    fsync(marker)
-    os.rename(marker, final / READY)
-    fsync(final)
+    try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        canary = write(tmp)
+        crash_point("mid_publish", step)
+        (tmp / CANARY).write_text(canary.to_json())
+        write_manifest(tmp, step=step, **manifest_extra)
+        for path in tmp.iterdir():
+            fsync(path)
+        fsync(tmp)
+        if final.exists():  # an unmarked leftover of a crashed publish of this step
+            if (final / READY).exists():
+                raise CheckpointError(f"{final} is already published")
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync(weights_dir)
+        marker = final / (READY + ".tmp")
+        marker.write_text(json.dumps({"step": step}) + "\n")
+        fsync(marker)
+        os.rename(marker, final / READY)
+        fsync(final)
+    except OSError as error:  # a full disk, typically: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.is_dir() and not (final / READY).exists():
+            shutil.rmtree(final, ignore_errors=True)
+        raise CheckpointError(f"could not publish step {step} into {weights_dir}: {error.strerror or error} "
+                              f"(disk full?); nothing was published and its temporary files were removed") from error
     return final
 
 
 def write_served(weights_dir: Path, info: dict[str, Any]) -> None:
     """Record which checkpoint is being served (``info["checkpoint"]``), atomically."""
     tmp = weights_dir / f".{SERVED}.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, weights_dir / SERVED)
+    try:
+        tmp.write_text(json.dumps(info) + "\n")
+        os.replace(tmp, weights_dir / SERVED)
+    except OSError as error:  # a full disk: the previous record stays whole, no partial file is left
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not record the served checkpoint in {weights_dir / SERVED}: "
+                              f"{error.strerror or error}") from error
 
 
 def served_checkpoint(weights_dir: Path) -> Path | None:

@@ -18,12 +18,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import httpx
 import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from exitagent.errors import ConfigError, ServerError
 
@@ -91,10 +93,22 @@ def _command(spec: EngineSpec) -> list[str]:
     return command
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when serve dies.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the kernel send ``signum`` to the child when its parent dies.
+
+    Linux ties this to the parent *thread* that forked: start children from a thread that lives as
+    long as the process (the main thread, or the event loop's), never from a pool worker thread,
+    or the child is signalled when that thread ends. The signal survives exec.
+    """
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum)
+        if os.getppid() != parent:  # the parent died before prctl took effect: nobody would signal us
+            os.kill(os.getpid(), signum)
+
+    return preexec
 
 
 class Engine:
@@ -104,6 +118,10 @@ class Engine:
         self.spec = spec
         self.url = f"http://127.0.0.1:{spec.port}"
         self._process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        """The engine's command line (a test's stand-in engine overrides this)."""
+        return _command(self.spec)
 
     @property
     def running(self) -> bool:
@@ -121,9 +139,10 @@ class Engine:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("ab") as out:
             # Popen, not anyio.open_process: only Popen offers preexec_fn (the parent-death signal).
+            # Started from the event loop's thread, which lives as long as serve (see die_with_parent).
             self._process = subprocess.Popen(  # noqa: ASYNC220
-                _command(self.spec), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM),
             )
         log.info("engine_starting", pid=self._process.pid, port=self.spec.port, model=str(self.spec.model_dir))
         started = time.monotonic()
@@ -140,6 +159,26 @@ class Engine:
                 await anyio.sleep(1.0)
         await self.stop()
         raise ServerError(f"vLLM did not answer within {timeout_s:.0f} s; last log lines:\n{self.log_tail()}")
+
+    async def restart(self, spec: EngineSpec, timeout_s: float, *, attempts: int = 3, backoff_s: float = 10.0) -> None:
+        """Stop the engine and start it on ``spec``. A start that fails is retried with exponential
+        backoff (a restart can fail for passing reasons: memory still held by the dying engine, a
+        port in TIME_WAIT); after ``attempts`` it raises ``ServerError``. The one place engine
+        starts are retried: a first start that fails is a configuration problem, reported at once."""
+        retrying = AsyncRetrying(retry=retry_if_exception_type(ServerError), stop=stop_after_attempt(attempts),
+                                 wait=wait_exponential(multiplier=backoff_s, max=120.0), reraise=True,
+                                 before_sleep=lambda state: log.warning(
+                                     "engine_restart_failed", attempt=state.attempt_number,
+                                     error=str(state.outcome.exception()) if state.outcome else ""))
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.stop()
+                    self.spec = spec
+                    await self.start(timeout_s)
+        except ServerError as error:
+            raise ServerError(f"the vLLM engine could not be restarted ({attempts} attempts); giving up: "
+                              f"{error}") from error
 
     async def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after ``grace_s``."""

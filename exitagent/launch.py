@@ -66,8 +66,10 @@ def start_serve(run_dir: Path, *extra: str, port: int = 0, env: dict[str, str] |
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "exitagent.serve", "--port", str(port), "--weights-dir", str(weights),
                "--log-file", str(run_dir / "logs" / "vllm.log"), "--log-json", *extra]
+    # SIGTERM when the caller dies, kill -9 included: serve then stops its vLLM (which in turn would
+    # get SIGTERM from the kernel if serve itself were killed). Call this from a long-lived thread.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_path.open("a"), text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {})}, preexec_fn=engine.die_with_parent(signal.SIGTERM))
     assert process.stdout is not None
     line = process.stdout.readline().strip()  # serve prints its base URL once ready, or exits
     if not line.startswith("http://"):

@@ -140,12 +140,20 @@ class Reloader:
         for step, path in candidates:
             try:
                 canary = await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference)
-            except CheckpointError as error:
-                self._reject(path, str(error))
+            except Exception as error:  # whatever is wrong with a checkpoint rejects it, not serve
+                self._reject(path, _reason(error))
                 continue
             if await self._swap(step, path, canary):
                 return True
         return False
+
+    def record_served(self) -> None:
+        """Write SERVED.json. A failure (a full disk) is logged: serving goes on, and the trainer's
+        pruning then merely lacks the newest record (it protects the one recorded before)."""
+        try:
+            checkpoints.write_served(self.weights_dir, self.state.as_json())
+        except CheckpointError as error:
+            log.error("served_record_failed", error=str(error))
 
     def _reject(self, path: Path, reason: str) -> None:
         self.state.rejected.add(path)
@@ -168,8 +176,8 @@ class Reloader:
                 if distance > canary.tolerance:
                     raise ReloadError(f"canary mismatch: mean |dlogp| {distance:.3f} > {canary.tolerance}")
                 outcome.update(ok=True, distance=distance, seconds=time.perf_counter() - started)
-            except (ReloadError, ServerError, CheckpointError, httpx.HTTPError) as error:
-                outcome.update(ok=False, error=str(error))
+            except Exception as error:  # cancellation is a BaseException and passes
+                outcome.update(ok=False, error=_reason(error))
                 await self._restore(*previous)
 
         await self._exclusive(reload_and_verify)
@@ -179,7 +187,7 @@ class Reloader:
         self.state.version, self.state.directory = version, path
         self.state.reloads += 1
         self.state.last_reload_s = round(outcome["seconds"], 3)
-        checkpoints.write_served(self.weights_dir, self.state.as_json())
+        self.record_served()
         log.info("checkpoint_loaded", version=str(version), canary_distance=round(outcome["distance"], 4),
                  seconds=self.state.last_reload_s)
         return True
@@ -192,5 +200,13 @@ class Reloader:
         try:
             await self.admin.load(directory, str(version))
             log.warning("previous_weights_restored", version=str(version))
-        except (ReloadError, ServerError) as error:
-            log.error("restore_failed", error=str(error))
+        except Exception as error:  # serve's supervisor restarts a broken engine
+            log.error("restore_failed", error=_reason(error))
+
+
+def _reason(error: Exception) -> str:
+    """An error's message; an exception that is not ours also names its type (a bare KeyError('x')
+    says nothing on its own)."""
+    if isinstance(error, (CheckpointError, ServerError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from exitagent import checkpoints, config, launch
+from exitagent import checkpoints, config, engine, launch
 from exitagent import log as logging_setup
 from exitagent.errors import ExitAgentError
 from exitagent.report import write_report
@@ -67,12 +67,20 @@ class RunConfig:
 SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# If the orchestrator dies (kill -9 included), the kernel kills its children: collect, update and
+# evaluate are built to survive SIGKILL at any point (a group, a saved state and an evaluation are
+# each written completely or not at all), and a SIGTERM would let the trainer finish its step, far
+# beyond the few seconds an orphan may live. serve gets SIGTERM instead (launch.start_serve) so that
+# it stops its vLLM. Children are started from the main thread (see engine.die_with_parent).
+ORPHAN_SIGNAL = signal.SIGKILL
+
+
 def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
     log_path = cfg.run_dir / "logs" / f"{name}.log"
     env = {**SHARED_CPU_ENV, **os.environ}  # a value the user set wins
     with log_path.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=engine.die_with_parent(ORPHAN_SIGNAL))
 
 
 def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
@@ -130,7 +138,7 @@ def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
                "--seed", str(cfg.seed), "--out", str(measuring)]
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, preexec_fn=engine.die_with_parent(ORPHAN_SIGNAL))
     result = {**json.loads(measuring.read_text()), "measured": evaluation_key(cfg, policy)}
     measuring.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(measuring.with_suffix(".png"), out.with_suffix(".png"))

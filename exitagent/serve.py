@@ -99,7 +99,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
                 ready.set()
             if cfg.weights_dir is not None:
                 reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive)
-                checkpoints.write_served(cfg.weights_dir, state.as_json())
+                reloader.record_served()
                 tasks.start_soon(_watch, reloader, cfg.poll_s)
             tasks.start_soon(_supervise, vllm, admin, spec_for, state, gate, cfg.startup_timeout_s)
     finally:
@@ -118,7 +118,10 @@ async def _stop_on_signal(server: uvicorn.Server) -> None:
 
 async def _watch(reloader: Reloader, poll_s: float) -> None:
     while True:
-        await reloader.poll()
+        try:
+            await reloader.poll()
+        except Exception as error:  # e.g. the weights directory unreadable for a moment
+            log.error("reload_poll_failed", error=f"{type(error).__name__}: {error}")
         await anyio.sleep(poll_s)
 
 
@@ -137,10 +140,8 @@ async def _supervise(vllm: engine.Engine, admin: Admin, spec_for: Callable[[Path
             continue
         log.error("engine_died", restarting_on=str(state.directory), log_tail=vllm.log_tail(10))
 
-        async def restart() -> None:
-            await vllm.stop()
-            vllm.spec = spec_for(state.directory)
-            await vllm.start(timeout_s)
+        async def restart() -> None:  # retried with backoff; raises (ending serve) once it gives up
+            await vllm.restart(spec_for(state.directory), timeout_s)
             await admin.set_version(str(state.version))
 
         await gate.exclusive(restart)

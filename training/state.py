@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from exitagent import checkpoints
-from exitagent.errors import ConfigError
+from exitagent.errors import CheckpointError, ConfigError
 
 COMPLETE = "COMPLETE"
 LOCK = "update.lock"
@@ -75,7 +75,29 @@ def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"state-{state.step:06d}"
     tmp = directory / f".tmp-state-{state.step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Leftovers of failed saves (a full disk, a kill -9) first: each is as big as a state, and the
+    # sole-writer lock guarantees no other trainer is writing one now.
+    for leftover in directory.glob(".tmp-state-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        _write(tmp, state, model, tokenizer)
+        shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a crash at this step
+        os.rename(tmp, final)
+        (final / COMPLETE).touch()
+        checkpoints.fsync(final)
+        checkpoints.fsync(directory)
+    except Exception as error:  # OSError, or torch's and safetensors' own wrappers of a failed write
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_states(directory)
+        raise CheckpointError(f"could not save the trainer state of step {state.step} in {directory} "
+                              f"({type(error).__name__}: {error}; disk full?). The partial state was removed; "
+                              f"{kept[-1].name if kept else 'no earlier state'} is kept") from error
+    for old in complete_states(directory)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write(tmp: Path, state: TrainerState, model: Any, tokenizer: Any) -> None:
     tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -86,16 +108,6 @@ def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep:
     (tmp / "meta.json").write_text(json.dumps(meta))
     for path in tmp.iterdir():
         checkpoints.fsync(path)
-    shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a crash at this step
-    os.rename(tmp, final)
-    (final / COMPLETE).touch()
-    checkpoints.fsync(final)
-    checkpoints.fsync(directory)
-    for old in complete_states(directory)[:-keep]:
-        shutil.rmtree(old)
-    for leftover in directory.glob(".tmp-state-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return final
 
 
 def complete_states(directory: Path) -> list[Path]:

@@ -73,3 +73,43 @@ def test_ctrl_c_mid_training_stops_everything_and_the_same_command_resumes(tmp_p
     assert len(trained["accuracy_by_step"]) == 2
     assert (run_dir / "report.md").exists()
     assert _ours(run_dir) == []
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_orchestrator_leaves_no_process_and_the_same_command_resumes(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), *TINY]
+    first = subprocess.Popen([*command, "--train-minutes", "10"], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while _groups(run_dir) < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(2)
+    assert first.poll() is None, "the run ended before training started"
+    children = psutil.Process(first.pid).children(recursive=True)  # serve, vLLM and its workers, collect, update
+    names = " ".join(" ".join(p.cmdline()) for p in children)
+    assert all(name in names for name in ("exitagent.serve", "vllm", "exitagent.collect", "training.update")), names
+    first.kill()
+    first.wait()
+    killed = time.monotonic()
+    while _running(children) and time.monotonic() - killed < 10:
+        time.sleep(0.2)
+    print(f"every process of the run gone {time.monotonic() - killed:.1f} s after kill -9")
+    assert not _running(children), [p.cmdline() for p in _running(children)]
+    assert _ours(run_dir) == []
+
+    second = subprocess.run([*command, "--train-minutes", "0.5"], capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "evaluating the base policy" not in second.stdout  # the first run's base evaluation is kept
+    assert (run_dir / "report.md").exists()
+    assert _ours(run_dir) == []
