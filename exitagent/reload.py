@@ -14,6 +14,7 @@ good weights back; if the engine died, ``serve`` restarts it on the last good ch
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from exitagent.errors import CheckpointError, ReloadError, ServerError
 from exitagent.types import PolicyVersion
 
 log = structlog.get_logger(__name__)
+
+# An absolute path in an error message (not a ratio like 1/2): the public /policy keeps its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"(),:/]+/)*([^\s'\"(),:/]*)")
 
 class Admin:
     """vLLM's development admin routes, each call under a deadline."""
@@ -104,6 +108,18 @@ class ServingState:
         return {"version": str(self.version), "step": self.version.step, "checkpoint": str(self.directory),
                 "reloads": self.reloads, "rejected": len(self.rejected), "last_error": self.last_error,
                 "last_reload_s": self.last_reload_s}
+
+    def public_json(self) -> dict[str, Any]:
+        """What the gateway's public ``GET /policy`` shows: ``as_json`` without host paths.
+
+        ``as_json`` (written to SERVED.json for the run's own processes) keeps the checkpoint's full
+        path; strangers get only its directory name, and every absolute path quoted in the last error
+        is cut to its final component (the server log keeps the full text).
+        """
+        info = self.as_json()
+        info["checkpoint"] = self.directory.name
+        info["last_error"] = _ABSOLUTE_PATH.sub(r"\1", self.last_error)
+        return info
 
 
 Exclusive = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import anyio
 import structlog
-import uvicorn
 
-from exitagent import checkpoints, config, engine, models
+from exitagent import checkpoints, config, engine, gateway, models
 from exitagent import log as logging_setup
 from exitagent.errors import ExitAgentError, unwrap
-from exitagent.gateway import Gate, create_app
+from exitagent.gateway import Gate, GatewayServer, create_app
 from exitagent.reload import Admin, Reloader, ServingState
 from exitagent.types import PolicyVersion
 
@@ -43,7 +42,18 @@ class ServeConfig:
     port: int = field(default=8000, metadata={"help": "port of the gateway"})
     weights_dir: Path | None = field(default=None, metadata={"help": "directory the trainer publishes into"})
     served_model_name: str = field(default="policy", metadata={"help": "model name clients ask for"})
-    api_key: str | None = field(default=None, metadata={"help": "require this bearer token on /v1 routes"})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require this bearer token on /v1 routes (visible in ps: prefer ${gateway.API_KEY_ENV})"})
+    api_key_file: Path | None = field(default=None, metadata={"help": "read the bearer token from this file"})
+    max_body_mib: float = field(default=8.0, metadata={"help": "largest request body the gateway accepts (MiB)"})
+    head_timeout_s: float = field(default=10.0, metadata={"help": "time a client has to send a request head (s)"})
+    body_timeout_s: float = field(default=60.0, metadata={"help": "time a client has to send a request body (s)"})
+    upstream_timeout_s: float = field(default=600.0, metadata={
+        "help": "longest the engine may stay silent during an answer before the client gets 504 (s)"})
+    send_timeout_s: float = field(default=30.0, metadata={
+        "help": "longest one streamed chunk may wait for a client that stopped reading (s)"})
+    drain_timeout_s: float = field(default=300.0, metadata={
+        "help": "longest a reload or restart waits for in-flight requests before cutting them off (s)"})
     max_model_len: int = field(default=2048, metadata={"help": "context length"})
     kv_cache_gib: int = field(default=4, metadata={"help": "KV cache size on the CPU (GiB)"})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "fraction of GPU memory for vLLM"})
@@ -60,6 +70,11 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     if cfg.weights_dir is not None and not cfg.weights_dir.is_dir():
         raise ExitAgentError(f"weights directory {cfg.weights_dir} does not exist (create it, or omit --weights-dir)")
     engine.check_port_free(cfg.host, cfg.port)
+    api_key = gateway.resolve_api_key(cfg.api_key, cfg.api_key_file)  # bad input fails before vLLM starts
+    limits = gateway.Limits(
+        max_body_bytes=int(cfg.max_body_mib * 2**20), head_timeout_s=cfg.head_timeout_s,
+        body_timeout_s=cfg.body_timeout_s, upstream_timeout_s=cfg.upstream_timeout_s, send_timeout_s=cfg.send_timeout_s,
+    )
     if cfg.weights_dir is not None:  # RUN/weights: the run directory keeps the config of each process
         config.save(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None), cfg.weights_dir.parent, "serve")
     base_dir = models.resolve(cfg.model)
@@ -67,7 +82,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     port = cfg.engine_port or engine.free_port()
     log_file = cfg.log_file or models.home() / "logs" / f"vllm-{cfg.port}.log"
     state = ServingState(version=PolicyVersion(0, "base"), directory=base_dir)
-    gate = Gate()
+    gate = Gate(drain_timeout_s=cfg.drain_timeout_s)
 
     def spec_for(directory: Path) -> engine.EngineSpec:
         return engine.EngineSpec(
@@ -80,9 +95,8 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     admin = Admin(vllm.url, cfg.served_model_name)
     try:
         await vllm.start(cfg.startup_timeout_s)
-        app = create_app(vllm.url, state, gate, api_key=cfg.api_key)
-        server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                               lifespan="on", timeout_graceful_shutdown=5, access_log=False))
+        app = create_app(vllm.url, state, gate, api_key=api_key, limits=limits)
+        server = GatewayServer(app, cfg.host, cfg.port, limits)
         async with anyio.create_task_group() as tasks:
 
             async def run_gateway() -> None:
@@ -91,7 +105,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
 
             tasks.start_soon(_stop_on_signal, server)
             tasks.start_soon(run_gateway)
-            while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+            while not server.started:  # noqa: ASYNC110 (the server exposes a flag, not an event)
                 await anyio.sleep(0.05)
             print(f"http://{cfg.host}:{cfg.port}/v1", flush=True)
             log.info("serve_ready", base_url=f"http://{cfg.host}:{cfg.port}/v1", weights_dir=str(cfg.weights_dir))
@@ -108,7 +122,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
             await vllm.stop()
 
 
-async def _stop_on_signal(server: uvicorn.Server) -> None:
+async def _stop_on_signal(server: GatewayServer) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             log.info("serve_stopping", signal=signal.Signals(signum).name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -46,3 +47,45 @@ def test_vllm_failing_to_start_shows_its_log_tail(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "vLLM exited during start-up; last log lines:" in result.stderr
     assert "max_model_len" in result.stderr or "max-model-len" in result.stderr
+
+
+def test_api_key_never_reaches_the_run_config(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-from-file\n")
+    # An unknown model stops serve after it saved its config, before vLLM would start.
+    from_file = run_serve("--model", "gpt-17", "--port", "0", "--weights-dir", str(tmp_path / "weights"),
+                          "--api-key-file", str(key_file))
+    assert from_file.returncode == 2 and "unknown model" in last_line(from_file)
+    saved = (tmp_path / "config" / "serve.json").read_text()
+    assert "s3cret" not in saved and str(key_file) in saved
+    on_command_line = run_serve("--model", "gpt-17", "--port", "0", "--weights-dir", str(tmp_path / "weights"),
+                                "--api-key", "s3cret-flag")
+    warning = on_command_line.stderr
+    assert "--api-key is visible to every user" in warning and "EXITAGENT_API_KEY" in warning
+    assert "s3cret" not in (tmp_path / "config" / "serve.json").read_text()
+
+
+def test_api_key_bad_input(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for args, message in (
+        (("--api-key-file", str(tmp_path / "missing")), "cannot read the API key file"),
+        (("--api-key-file", str(empty)), "is empty"),
+        (("--api-key", "two words"), "printable ASCII without spaces"),
+        (("--api-key", "a", "--api-key-file", str(empty)), "given more than once (--api-key, --api-key-file)"),
+    ):
+        result = run_serve("--port", "0", *args)
+        assert result.returncode == 2 and message in last_line(result), (args, result.stderr[-500:])
+
+
+def test_api_key_from_the_environment_conflicts_with_the_flag() -> None:
+    result = subprocess.run([sys.executable, "-m", "exitagent.serve", "--port", "0", "--api-key", "x"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "EXITAGENT_API_KEY": "y"})
+    assert result.returncode == 2 and "given more than once (--api-key, EXITAGENT_API_KEY)" in last_line(result)
+
+
+def test_gateway_limits_must_be_positive() -> None:
+    result = run_serve("--port", "0", "--max-body-mib", "0")
+    assert result.returncode == 2 and "must be positive" in last_line(result)
