@@ -22,6 +22,7 @@ the same flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -36,7 +37,11 @@ import httpx
 
 from exitagent import checkpoints, config, launch
 from exitagent import log as logging_setup
-from exitagent.errors import ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.precision import CHOICES as PRECISIONS
+from exitagent.precision import Precision, detect
+from exitagent.precision import choose as choose_precision
+from exitagent.precision import normalise as normalise_precision
 from exitagent.report import write_report
 from exitagent.types import Variant
 
@@ -59,6 +64,11 @@ class RunConfig:
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (n=1 is enough)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
     serve_flags: str = field(default="", metadata={"help": "extra flags for exitagent.serve, e.g. --enforce-eager"})
+    precision: str = field(default="auto", metadata={
+        "choices": PRECISIONS, "help": "serving and training dtype (auto: bf16 where the hardware runs it natively)"})
+
+    def __post_init__(self) -> None:
+        normalise_precision(self.precision)
 
 
 # collect and update share the CPU with vLLM. OpenMP's default lets idle worker threads spin, which
@@ -87,7 +97,7 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
 
 # What an evaluation depends on besides the served policy: runs that agree on these measure the same thing.
 EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples", "eval_temperature",
-                     "serve_flags")
+                     "serve_flags", "precision")  # precision moves scores by points (runtime notes)
 BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
 
 
@@ -174,7 +184,7 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
                      "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
-                    "--temperature", str(cfg.temperature),
+                    "--temperature", str(cfg.temperature), "--precision", cfg.precision,
                     # no activation checkpointing: a 135M model fits, and without it each group's
                     # prompt runs once for its G responses (training/loss.py, prefix sharing)
                     "--no-activation-checkpointing", "--quiet", "--log-json")
@@ -223,19 +233,31 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     parser = argparse.ArgumentParser(prog="python -m exitagent.run", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, RunConfig)
-    return config.from_args(RunConfig, parser.parse_args(argv))
+    try:
+        return config.from_args(RunConfig, parser.parse_args(argv))
+    except ConfigError as bad:
+        parser.error(str(bad))
+
+
+def resolve_precision(cfg: RunConfig) -> tuple[RunConfig, Precision]:
+    """One dtype for serve and update (the canary tolerance assumes they agree), decided here from
+    this machine, so the saved config and the evaluations' keys carry what actually ran."""
+    chosen = choose_precision(cfg.precision, detect())
+    print(f"[run] precision {chosen.dtype}: {chosen.reason}; {chosen.hardware.describe()}", flush=True)
+    return dataclasses.replace(cfg, precision=chosen.dtype), chosen
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    started, cfg = time.monotonic(), parse_config(argv)
     logging_setup.configure()
+    cfg, chosen = resolve_precision(cfg)
     (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config.save(cfg, cfg.run_dir, "run")
     stop_requested = [False]
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
     print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
     try:
-        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3",
+        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", "--dtype", cfg.precision,
                                     *(["--port", str(cfg.port)] if cfg.port else []), *cfg.serve_flags.split(),
                                     env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     except ExitAgentError as error:  # Ctrl-C reaches serve too, which then exits before it is ready
@@ -257,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             latest = published[-1][0]
             server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
         trained = evaluate(cfg, server, "trained")
-        report = write_report(cfg.run_dir, base, trained)
+        machine = f"{chosen.hardware.describe()}; precision {chosen.dtype} ({chosen.reason})"
+        report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)
     except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:
