@@ -146,7 +146,7 @@ async def serve_one(args: argparse.Namespace, checkpoint: Path, dtype: str, cana
 
 def _gap(served: list[float], expected: tuple[float, ...]) -> str:
     diffs = [abs(a - b) for a, b in zip(served, expected, strict=True)]
-    return f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f}"
+    return f"{statistics.fmean(diffs):.2g} / {max(diffs):.2g}"
 
 
 def report(args: argparse.Namespace, prepared: dict[str, Any], serving: dict[str, dict[str, Any]]) -> None:

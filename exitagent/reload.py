@@ -25,7 +25,7 @@ import anyio
 import httpx
 import structlog
 
-from exitagent import checkpoints
+from exitagent import checkpoints, precision
 from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError, ReloadError, ServerError
 from exitagent.types import PolicyVersion
@@ -53,7 +53,7 @@ class CanaryCheck:
                                    logprobs=canary.logprobs[: self.tokens], tolerance=self.tolerance)
 
 
-DEFAULT_CHECK = CanaryCheck(tolerance=0.1, tokens=16)
+DEFAULT_CHECK = CanaryCheck(tolerance=precision.canary_tolerance("bfloat16"), tokens=16)  # serve sets its own
 
 
 class Admin:
