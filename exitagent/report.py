@@ -74,7 +74,7 @@ def _line(name: str, result: dict[str, Any]) -> str:
 
 def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s: float | None) -> str:
     """Where this run's time went: machines differ by an order of magnitude, so the report says."""
-    clock = run_dir / "train_time.json"
+    clock = run_dir / "train_time.json"  # exitagent.run.TRAIN_CLOCK (run imports this module)
     training = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
     parts = [f"base evaluation {base.get('elapsed_s', 0) / 60:.1f} min", f"training {training / 60:.1f} min",
              f"trained evaluation {trained.get('elapsed_s', 0) / 60:.1f} min"]
