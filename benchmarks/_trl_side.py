@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=out_dir, max_steps=iterations, learning_rate=args.lr, beta=0.0,
         per_device_train_batch_size=args.samples, gradient_accumulation_steps=args.prompts,
         num_generations=args.samples, max_completion_length=args.max_tokens, temperature=args.temperature,
-        use_vllm=False, bf16=True, model_init_kwargs={"dtype": torch.float32},
+        use_vllm=False, bf16=args.precision == "bfloat16", model_init_kwargs={"dtype": torch.float32},
         shuffle_dataset=False,  # the same prompts in the same order as the exitagent side
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, push_to_hub=False,
         use_cpu=not torch.cuda.is_available(), seed=args.seed, dataloader_num_workers=0,
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="float32", choices=("bfloat16", "float32"),
+                        help="bfloat16: bf16 autocast; fp32 weights either way")
     result = run(parser.parse_args())
     print(json.dumps(result), flush=True)
     os._exit(0)  # the evaluator's worker processes and TRL's threads need not be waited for

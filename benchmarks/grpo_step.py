@@ -7,8 +7,9 @@ An iteration is what one GRPO step costs end to end: P prompts x G samples gener
 ``--max-tokens`` new tokens each), scored by the math evaluator, then one optimizer step on them.
 Both sides get the same P arithmetic prompts per iteration (``math_tasks("arithmetic", "train")``,
 same seed, same order), the same temperature, learning rate 1e-5, beta 0, fp32 weights with bf16
-autocast. Each side trains as it does by default in a run: TRL with its GRPOConfig defaults
-(activation checkpointing on), exitagent as ``exitagent.run`` starts ``training.update``
+autocast where the hardware runs bf16 natively, fp32 otherwise (``--precision``, default auto).
+Each side trains as it does by default in a run: TRL with its GRPOConfig defaults (activation
+checkpointing on), exitagent as ``exitagent.run`` starts ``training.update``
 (activation checkpointing off, so each group's prompt runs once for its G samples). Each side
 runs in a subprocess of its own, one after the other, so neither shares memory or cores with the
 other; each runs ``--warmup`` untimed iterations first (a process's first torch generate on this
@@ -47,6 +48,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import _machine
+
+from exitagent import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import the repo's packages
@@ -143,7 +148,7 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
 
     tasks = math_tasks("arithmetic", "train", n=args.prompts * (args.warmup + args.steps), seed=args.seed)
     cfg = UpdateConfig(run_dir=run_dir, lr=args.lr, beta=0.0, groups_per_step=args.prompts, seed=args.seed,
-                       activation_checkpointing=False, quiet=True)
+                       activation_checkpointing=False, quiet=True, precision=args.precision)
     trainer = await anyio.to_thread.run_sync(Trainer.restore_or_start, cfg)
     rows = []
     async with OpenAIPolicy(server.base_url) as policy, MathEvaluator() as evaluator:
@@ -178,7 +183,7 @@ def run_exitagent(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = Path(tmp)
         t0 = time.perf_counter()
         # poll 0.2 s: the reload figure should show the reload, not the default 1 s polling interval
-        server = launch.start_serve(run_dir, "--kv-cache-gib", "2", "--poll-s", "0.2")
+        server = launch.start_serve(run_dir, "--kv-cache-gib", "2", "--poll-s", "0.2", "--dtype", args.precision)
         serve_s = time.perf_counter() - t0
         try:
             with TreeSampler(server.process.pid) as sampler:
@@ -197,7 +202,7 @@ def run_exitagent(args: argparse.Namespace) -> dict[str, Any]:
 def _run_side(side: str, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     common = [f"--prompts={args.prompts}", f"--samples={args.samples}", f"--max-tokens={args.max_tokens}",
               f"--temperature={args.temperature}", f"--lr={args.lr}", f"--steps={args.steps}",
-              f"--warmup={args.warmup}", f"--seed={args.seed}"]
+              f"--warmup={args.warmup}", f"--seed={args.seed}", f"--precision={args.precision}"]
     command = [sys.executable, str(ROOT / "benchmarks" / "_trl_side.py"), *common] if side == "trl" else \
         [sys.executable, __file__, "--side=exitagent", *common]
     log_path = log_dir / f"{side}.log"
@@ -217,7 +222,7 @@ def _median(values: list[float]) -> float:
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], loads: list[str]) -> None:
     print(f"\nGRPO iteration: {args.prompts} prompts x {args.samples} samples, <= {args.max_tokens} new tokens, "
-          f"temperature {args.temperature}, lr {args.lr}, beta 0, bf16 autocast; "
+          f"temperature {args.temperature}, lr {args.lr}, beta 0, {args.precision}; "
           f"median of {args.steps} timed iterations after {args.warmup} warm-up")
     print(f"{'side':<11}{'generate s':>11}{'update s':>10}{'total s':>9}{'tokens':>8}{'trained seqs':>13}"
           f"{'reward':>8}{'peak RSS MiB':>14}{'warm-up s':>10}")
@@ -264,6 +269,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per side first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sides", default="exitagent,trl", help="which sides to run, in this order")
+    parser.add_argument("--precision", default="auto", help="auto, bfloat16 or float32 (both sides)")
     parser.add_argument("--side", choices=("exitagent",), help=argparse.SUPPRESS)  # the subprocess entry
     return parser.parse_args(argv)
 
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         logging_setup.configure(stream=sys.stderr)  # stdout carries only the JSON result
         print(json.dumps(run_exitagent(args)), flush=True)
         os._exit(0)  # the evaluator's worker processes need not be waited for
+    args.precision = precision.choose(args.precision, precision.detect()).dtype  # one choice for both sides
+    _machine.print_machine()
     loads, results = [_load("start")], {}
     with tempfile.TemporaryDirectory(prefix="grpo-step-logs-") as logs:
         for side in args.sides.split(","):

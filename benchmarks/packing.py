@@ -23,6 +23,8 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import the repo's packages
 
+import _machine  # noqa: E402
+
 from exitagent.log import configure  # noqa: E402
 from exitagent.store import STORE_FILENAME, SQLiteStore  # noqa: E402
 from training import data  # noqa: E402
@@ -60,6 +62,7 @@ def main() -> int:
     parser.add_argument("--groups-per-step", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=4096)
     args = parser.parse_args()
+    _machine.print_machine()
     configure(level="warning")
     cfg = UpdateConfig(run_dir=args.run_dir)
     with tempfile.TemporaryDirectory() as tmp:  # a copy: every group unconsumed, the run's store untouched

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _machine
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--poll-s", type=float, default=0.2)
     args = parser.parse_args()
+    _machine.print_machine()
     model_dir = models.resolve(models.DEFAULT_MODEL)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _machine
 import anyio
 import httpx
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    _machine.print_machine()  # of this machine: with --base-url the server may be elsewhere
     if args.base_url:
         anyio.run(measure, args.base_url, args.concurrency, args.requests, args.rounds)
         return

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import _machine
 import anyio
 import structlog
 
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--backends", nargs="+", default=["local", "process"], choices=["local", "process"])
     args = parser.parse_args()
+    _machine.print_machine()
     # The process backend logs a warning per sandbox; keep the figures readable.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     times = anyio.run(measure, args.runs, args.backends)

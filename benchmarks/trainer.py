@@ -1,6 +1,7 @@
 """Benchmark one GRPO update step: our chunked loss against a plain Hugging Face forward/backward.
 
 Run:  .venv/bin/python benchmarks/trainer.py [--model DIR] [--batch 8] [--seq 256] [--prompt 64]
+        [--precision auto|bfloat16|float32]
 
 Each variant runs in a fresh subprocess (so the peak memory of one cannot hide in another's), on
 the same random batch, with the same AdamW step:
@@ -32,6 +33,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import _machine
+
+from exitagent import precision
 
 DEFAULT_MODEL = Path.home() / ".cache/exitagent/models/SmolLM2-135M-Instruct"
 VARIANTS = ("hf", "chunked", "chunked+ckpt", "chunked+shared")
@@ -93,7 +98,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     from training.loss import LossConfig, micro_batch_loss
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    # The model in the chosen dtype itself (not autocast): what is compared is the loss implementation
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.precision))
     model.train()
     if args.variant == "chunked+ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -140,6 +146,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=256, help="positions per lm_head chunk")
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant here and print JSON")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--precision", default="auto", help="auto (what the hardware runs natively), bfloat16, float32")
     return parser.parse_args(argv)
 
 
@@ -149,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_variant(args)))
         return
     root = Path(__file__).resolve().parents[1]
-    common = [f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}", f"--prompt={args.prompt}",
+    _machine.print_machine()
+    args.precision = precision.choose(args.precision, precision.detect()).dtype
+    common = [f"--precision={args.precision}", f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}",
+              f"--prompt={args.prompt}",
               f"--steps={args.steps}", f"--chunk={args.chunk}", f"--group-size={args.group_size}"]
     results = {}
     for variant in args.variants.split(","):
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                              capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results.get("hf")
-    print(f"{args.batch} x {args.seq} tokens ({args.prompt} prompt, groups of {args.group_size}), bf16, "
+    print(f"{args.batch} x {args.seq} tokens ({args.prompt} prompt, groups of {args.group_size}), {args.precision}, "
           f"{args.steps} timed steps, "
           f"model {args.model.name}")
     print(f"{'variant':<16}{'step s':>9}{'tokens/s':>10}{'speed':>8}{'peak RSS MiB':>14}{'x hf':>7}"

@@ -44,7 +44,7 @@ class Canary:
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
-    tolerance: float = 0.1  # mean |difference| in nats; see docs in runtime notes (0.03-0.04 typical)
+    tolerance: float = 0.1  # informative only: the server judges with its own (serve --canary-tolerance)
 
     def to_json(self) -> str:
         return json.dumps({"token_ids": list(self.token_ids), "logprobs": list(self.logprobs),

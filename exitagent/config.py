@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, sk
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         parse: Any = kind
-        choices = None
+        choices = f.metadata.get("choices")  # a str field with a fixed set of values
         if isinstance(kind, type) and issubclass(kind, Enum):
             choices = [e.value for e in kind]
             parse = str

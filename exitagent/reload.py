@@ -14,6 +14,7 @@ good weights back; if the engine died, ``serve`` restarts it on the last good ch
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ import anyio
 import httpx
 import structlog
 
-from exitagent import checkpoints
+from exitagent import checkpoints, precision
 from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError, ReloadError, ServerError
 from exitagent.types import PolicyVersion
@@ -34,6 +35,30 @@ log = structlog.get_logger(__name__)
 
 # An absolute path in an error message (not a ratio like 1/2): the public /policy keeps its last part.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"(),:/]+/)*([^\s'\"(),:/]*)")
+
+
+@dataclass(frozen=True)
+class CanaryCheck:
+    """How the server judges a checkpoint's canary: its own configuration, never the checkpoint's.
+
+    A checkpoint could otherwise pass itself with a huge tolerance or an empty token list (a mean
+    over nothing is 0). The tolerance follows the serving dtype (``precision.canary_tolerance``).
+    """
+
+    tolerance: float
+    tokens: int  # how many log-probabilities are compared; a canary with fewer is rejected
+
+    def apply(self, canary: Canary) -> Canary:
+        """The first ``tokens`` log-probabilities of ``canary`` and this tolerance (its own is ignored)."""
+        if len(canary.logprobs) < self.tokens or len(canary.token_ids) != len(canary.logprobs) + 1:
+            raise CheckpointError(f"canary has {len(canary.logprobs)} log-probabilities for {len(canary.token_ids)} "
+                                  f"tokens; the server compares {self.tokens} (--canary-tokens)")
+        return dataclasses.replace(canary, token_ids=canary.token_ids[: self.tokens + 1],
+                                   logprobs=canary.logprobs[: self.tokens], tolerance=self.tolerance)
+
+
+DEFAULT_CHECK = CanaryCheck(tolerance=precision.canary_tolerance("bfloat16"), tokens=16)  # serve sets its own
+
 
 class Admin:
     """vLLM's development admin routes, each call under a deadline."""
@@ -129,8 +154,10 @@ class Reloader:
     """Loads the newest good checkpoint of a weights directory into the engine."""
 
     def __init__(self, admin: Admin, weights_dir: Path, state: ServingState,
-                 reference: dict[str, tuple[str, tuple[int, ...]]], exclusive: Exclusive) -> None:
+                 reference: dict[str, tuple[str, tuple[int, ...]]], exclusive: Exclusive,
+                 check: CanaryCheck = DEFAULT_CHECK) -> None:
         self.admin = admin
+        self.check = check
         self.weights_dir = weights_dir
         self.state = state
         self.reference = reference
@@ -155,7 +182,7 @@ class Reloader:
             return False
         for step, path in candidates:
             try:
-                canary = await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference)
+                canary = self.check.apply(await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference))
             except Exception as error:  # whatever is wrong with a checkpoint rejects it, not serve
                 self._reject(path, _reason(error))
                 continue
@@ -189,7 +216,7 @@ class Reloader:
                 served = await self.admin.weight_version()
                 if served != str(version):
                     raise ReloadError(f"engine reports weight version {served!r}, expected {version}")
-                if distance > canary.tolerance:
+                if not distance <= canary.tolerance:  # NaN compares false both ways: it fails too
                     raise ReloadError(f"canary mismatch: mean |dlogp| {distance:.3f} > {canary.tolerance}")
                 outcome.update(ok=True, distance=distance, seconds=time.perf_counter() - started)
             except Exception as error:  # cancellation is a BaseException and passes

@@ -72,7 +72,19 @@ def _line(name: str, result: dict[str, Any]) -> str:
            f"{result['net_corrections']:+d} | {curve} |"
 
 
-def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any]) -> Path:
+def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s: float | None) -> str:
+    """Where this run's time went: machines differ by an order of magnitude, so the report says."""
+    clock = run_dir / "train_time.json"  # exitagent.run.TRAIN_CLOCK (run imports this module)
+    training = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
+    parts = [f"base evaluation {base.get('elapsed_s', 0) / 60:.1f} min", f"training {training / 60:.1f} min",
+             f"trained evaluation {trained.get('elapsed_s', 0) / 60:.1f} min"]
+    total = f"{wall_s / 60:.1f} min in this invocation: " if wall_s is not None else ""
+    return total + ", ".join(parts)
+
+
+def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *, machine: str = "",
+                 wall_s: float | None = None) -> Path:
+    """``machine``: the hardware and precision the run used (``exitagent.run`` passes it)."""
     figures = run_dir / "report"
     figures.mkdir(parents=True, exist_ok=True)
     _accuracy_plot(base, trained, figures / "accuracy.png")
@@ -97,6 +109,9 @@ Held-out arithmetic, avg@{base.get("config", {}).get("samples", "n")}; accuracy 
 {gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
 
 ![accuracy](report/accuracy.png)
+
+Machine: {machine or "not recorded"}.
+Time: {_timing(run_dir, base, trained, wall_s)}.
 
 ## Training
 

@@ -22,6 +22,7 @@ the same flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -36,9 +37,18 @@ import httpx
 
 from exitagent import checkpoints, config, engine, launch
 from exitagent import log as logging_setup
-from exitagent.errors import ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.precision import CHOICES as PRECISIONS
+from exitagent.precision import Precision, detect
+from exitagent.precision import choose as choose_precision
+from exitagent.precision import normalise as normalise_precision
 from exitagent.report import write_report
 from exitagent.types import Variant
+
+# The server alone has the machine while evaluating. vLLM's CPU throughput grows with the batch
+# (runtime notes: 195 tok/s at 8 concurrent, 458 at 32), so evaluating 8 at a time (evaluate's
+# default) left most of it unused: the two evaluations took 14 of the issue's 34 minutes.
+EVAL_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -57,8 +67,17 @@ class RunConfig:
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (n=1 is enough)"})
+    eval_concurrency: int = field(default=EVAL_CONCURRENCY, metadata={
+        "help": "answers generated at once while evaluating (more: higher server throughput, same measurement)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
     serve_flags: str = field(default="", metadata={"help": "extra flags for exitagent.serve, e.g. --enforce-eager"})
+    precision: str = field(default="auto", metadata={
+        "choices": PRECISIONS, "help": "serving and training dtype (auto: bf16 where the hardware runs it natively)"})
+
+    def __post_init__(self) -> None:
+        normalise_precision(self.precision)
+        if self.eval_concurrency < 1:
+            raise ValueError("--eval-concurrency must be at least 1")
 
 
 # collect and update share the CPU with vLLM. OpenMP's default lets idle worker threads spin, which
@@ -83,9 +102,13 @@ def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
                                 stdin=subprocess.DEVNULL, env=env, preexec_fn=engine.die_with_parent(ORPHAN_SIGNAL))
 
 
-def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
+def _signal(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
+
+
+def _wait_or_kill(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    if process.poll() is None:
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -95,7 +118,7 @@ def _stop(process: subprocess.Popen[bytes], grace_s: float = 60.0) -> None:
 
 # What an evaluation depends on besides the served policy: runs that agree on these measure the same thing.
 EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples", "eval_temperature",
-                     "serve_flags")
+                     "serve_flags", "precision")  # precision moves scores by points (runtime notes)
 BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
 
 
@@ -137,7 +160,8 @@ def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str
                "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
-               "--seed", str(cfg.seed), "--out", str(measuring)]
+               "--seed", str(cfg.seed), "--out", str(measuring),
+               "--concurrency", str(max(1, cfg.eval_concurrency // cfg.eval_samples))]  # tasks x samples
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL, preexec_fn=engine.die_with_parent(ORPHAN_SIGNAL))
     result = {**json.loads(measuring.read_text()), "measured": evaluation_key(cfg, policy)}
     measuring.write_text(json.dumps(result, indent=1) + "\n")
@@ -182,7 +206,7 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
                      "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
-                    "--temperature", str(cfg.temperature),
+                    "--temperature", str(cfg.temperature), "--precision", cfg.precision,
                     # no activation checkpointing: a 135M model fits, and without it each group's
                     # prompt runs once for its G responses (training/loss.py, prefix sharing)
                     "--no-activation-checkpointing", "--quiet", "--log-json")
@@ -199,8 +223,17 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
             time.sleep(1)  # a Ctrl-C is seen within a second
     finally:
         _record_training(cfg.run_dir, already + time.monotonic() - started)
-        _stop(collect)
-        _stop(update, grace_s=300)  # lets the current step finish and publish
+        # Both at once: stopping collect first (it finishes its groups in flight, ~20 s) let the
+        # trainer start another step meanwhile, which then had to finish too. At the end of the
+        # budget the groups in flight can no longer be trained on: a second signal discards them,
+        # so their generation does not slow the trainer's last step. After a Ctrl-C run sends one
+        # signal only: a resumed run can still train on them.
+        for process in (collect, update):
+            _signal(process)
+        if not stop_requested[0]:
+            _signal(collect)
+        _wait_or_kill(collect, grace_s=60)
+        _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
 
 
 def progress(run_dir: Path, server: launch.ServeProcess) -> str:
@@ -231,19 +264,31 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def parse_config(argv: list[str] | None = None) -> RunConfig:
     parser = argparse.ArgumentParser(prog="python -m exitagent.run", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, RunConfig)
-    return config.from_args(RunConfig, parser.parse_args(argv))
+    try:
+        return config.from_args(RunConfig, parser.parse_args(argv))
+    except ConfigError as bad:
+        parser.error(str(bad))
+
+
+def resolve_precision(cfg: RunConfig) -> tuple[RunConfig, Precision]:
+    """One dtype for serve and update (the canary tolerance assumes they agree), decided here from
+    this machine, so the saved config and the evaluations' keys carry what actually ran."""
+    chosen = choose_precision(cfg.precision, detect())
+    print(f"[run] precision {chosen.dtype}: {chosen.reason}; {chosen.hardware.describe()}", flush=True)
+    return dataclasses.replace(cfg, precision=chosen.dtype), chosen
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    started, cfg = time.monotonic(), parse_config(argv)
     logging_setup.configure()
+    cfg, chosen = resolve_precision(cfg)
     (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config.save(cfg, cfg.run_dir, "run")
     stop_requested = [False]
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
     print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
     try:
-        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3",
+        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", "--dtype", cfg.precision,
                                     *(["--port", str(cfg.port)] if cfg.port else []), *cfg.serve_flags.split(),
                                     env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     except ExitAgentError as error:  # Ctrl-C reaches serve too, which then exits before it is ready
@@ -265,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             latest = published[-1][0]
             server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
         trained = evaluate(cfg, server, "trained")
-        report = write_report(cfg.run_dir, base, trained)
+        machine = f"{chosen.hardware.describe()}; precision {chosen.dtype} ({chosen.reason})"
+        report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)
     except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:

@@ -25,11 +25,11 @@ from pathlib import Path
 import anyio
 import structlog
 
-from exitagent import checkpoints, config, engine, gateway, models
+from exitagent import checkpoints, config, engine, gateway, models, precision
 from exitagent import log as logging_setup
-from exitagent.errors import ExitAgentError, unwrap
+from exitagent.errors import ConfigError, ExitAgentError, unwrap
 from exitagent.gateway import Gate, GatewayServer, create_app
-from exitagent.reload import Admin, Reloader, ServingState
+from exitagent.reload import Admin, CanaryCheck, Reloader, ServingState
 from exitagent.types import PolicyVersion
 
 log = structlog.get_logger(__name__)
@@ -58,11 +58,31 @@ class ServeConfig:
     kv_cache_gib: int = field(default=4, metadata={"help": "KV cache size on the CPU (GiB)"})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "fraction of GPU memory for vLLM"})
     enforce_eager: bool = field(default=False, metadata={"help": "no graph compilation (fast start, slower)"})
+    dtype: str = field(default="auto", metadata={
+        "choices": precision.CHOICES, "help": "auto: bf16 where the hardware runs it natively, else float32"})
+    canary_tolerance: float | None = field(default=None, metadata={
+        "help": "mean |dlogp| a reloaded checkpoint's canary may differ by (default: by serving dtype)"})
+    canary_tokens: int = field(default=16, metadata={"help": "canary log-probabilities compared on each reload"})
     engine_port: int = field(default=0, metadata={"help": "loopback port of the vLLM engine (0: any free)"})
     poll_s: float = field(default=1.0, metadata={"help": "how often to look for new checkpoints (s)"})
     startup_timeout_s: float = field(default=900.0, metadata={"help": "how long vLLM may take to start (s)"})
     log_file: Path | None = field(default=None, metadata={"help": "vLLM's log (default: under EXITAGENT_HOME)"})
     log_json: bool = field(default=False, metadata={"help": "log JSON lines instead of pretty text"})
+
+    def __post_init__(self) -> None:
+        precision.normalise(self.dtype)  # a typo fails before vLLM spends minutes starting
+        if self.canary_tokens < 1 or (self.canary_tolerance is not None and not self.canary_tolerance > 0):
+            raise ValueError("--canary-tokens and --canary-tolerance must be positive")
+
+
+def choose_precision(cfg: ServeConfig) -> tuple[precision.Precision, CanaryCheck]:
+    """The serving dtype (logged with why) and the canary check that matches it."""
+    device = "cpu" if engine.build() == "cpu" else "cuda"
+    chosen = precision.choose(cfg.dtype, precision.detect(device))
+    tolerance = cfg.canary_tolerance or precision.canary_tolerance(chosen.dtype)
+    log.info("precision_chosen", dtype=chosen.dtype, reason=chosen.reason, capability=chosen.hardware.describe(),
+             canary_tolerance=tolerance, canary_tokens=cfg.canary_tokens)
+    return chosen, CanaryCheck(tolerance, cfg.canary_tokens)
 
 
 async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
@@ -78,6 +98,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     if cfg.weights_dir is not None:  # RUN/weights: the run directory keeps the config of each process
         config.save(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None), cfg.weights_dir.parent, "serve")
     base_dir = models.resolve(cfg.model)
+    chosen, canary_check = choose_precision(cfg)
     reference = checkpoints.tensor_shapes(base_dir)
     port = cfg.engine_port or engine.free_port()
     log_file = cfg.log_file or models.home() / "logs" / f"vllm-{cfg.port}.log"
@@ -88,7 +109,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
         return engine.EngineSpec(
             model_dir=directory, served_name=cfg.served_model_name, port=port, max_model_len=cfg.max_model_len,
             kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, log_file=log_file,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=cfg.enforce_eager, dtype=chosen.dtype,
         )
 
     vllm = engine.Engine(spec_for(base_dir))
@@ -112,7 +133,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
             if ready is not None:
                 ready.set()
             if cfg.weights_dir is not None:
-                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive)
+                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive, canary_check)
                 reloader.record_served()
                 tasks.start_soon(_watch, reloader, cfg.poll_s)
             tasks.start_soon(_supervise, vllm, admin, spec_for, state, gate, cfg.startup_timeout_s)
@@ -165,7 +186,10 @@ async def _supervise(vllm: engine.Engine, admin: Admin, spec_for: Callable[[Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.serve", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, ServeConfig)
-    cfg = config.from_args(ServeConfig, parser.parse_args(argv))
+    try:
+        cfg = config.from_args(ServeConfig, parser.parse_args(argv))
+    except ConfigError as bad:
+        parser.error(str(bad))  # one usage line and exit 2, before anything starts
     logging_setup.configure(json_lines=cfg.log_json or None)
     try:
         anyio.run(serve, cfg)

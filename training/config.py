@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exitagent.models import DEFAULT_MODEL
+from exitagent.precision import CHOICES as PRECISIONS
+from exitagent.precision import normalise as normalise_precision
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ class UpdateConfig:
     logprob_chunk: int = field(default=256, metadata={"help": "positions per chunk of the log-softmax"})
     activation_checkpointing: bool = field(default=True, metadata={
         "help": "recompute activations in backward (off: less time, and a group's prompt runs once)"})
-    bf16: bool = field(default=True, metadata={"help": "bfloat16 autocast (fp32 master weights)"})
+    precision: str = field(default="auto", metadata={
+        "choices": PRECISIONS, "help": "compute dtype (bfloat16: autocast; fp32 master weights either way); auto: "
+                                      "bf16 where the hardware runs it natively, else float32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     idle_timeout_s: float = field(default=0.0, metadata={"help": "exit if no groups arrive for this long (0: wait)"})
@@ -55,3 +59,4 @@ class UpdateConfig:
             raise ValueError("groups_per_step, publish_every and keep must be positive")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
+        normalise_precision(self.precision)  # an unknown value fails here, before the model loads

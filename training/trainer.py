@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 import torch
 
-from exitagent import checkpoints, models
+from exitagent import checkpoints, models, precision
 from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
 from exitagent.store import CurriculumStore
@@ -45,6 +45,10 @@ def _load(directory: Any, dtype: torch.dtype, device: torch.device) -> Any:
 class Trainer:
     def __init__(self, cfg: UpdateConfig, model: Any, tokenizer: Any, reference: Any, step: int) -> None:
         self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.precision = precision.choose(cfg.precision, precision.detect(self.device.type))
+        log.info("precision_chosen", dtype=self.precision.dtype, reason=self.precision.reason,
+                 capability=self.precision.hardware.describe(), master_weights="float32")
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
         self.step = step
         self.bad_steps = 0
@@ -55,7 +59,6 @@ class Trainer:
                                    drop_truncated=cfg.drop_truncated, drop_unparseable=cfg.drop_unparseable,
                                    temperature=cfg.temperature)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.device = next(model.parameters()).device
 
     @property
     def state_dir(self) -> Any:
@@ -70,7 +73,7 @@ class Trainer:
         base = models.resolve(cfg.model)
         saved = trainer_state.load_latest(cfg.run_dir / "trainer")
         source = saved[0] if saved else base
-        model = _load(source, torch.float32, device)  # fp32 master weights; compute runs in bf16
+        model = _load(source, torch.float32, device)  # fp32 master weights; compute as cfg.precision says
         # benchmarks/trainer.py: about half the peak memory for ~13% more time; without it each group's
         # prompt runs once for its G responses (loss.token_logprobs), so small models train faster off
         if cfg.activation_checkpointing:
@@ -109,7 +112,7 @@ class Trainer:
         self._publish()
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.cfg.bf16:
+        if not self.precision.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 

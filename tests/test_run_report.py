@@ -1,0 +1,43 @@
+"""The main job's report says which machine and precision it ran on and where its time went."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exitagent import run
+from exitagent.report import write_report
+
+
+def result(accuracy: list[float], elapsed_s: float) -> dict[str, object]:
+    return {"accuracy_by_step": accuracy, "delta_k": accuracy[-1] - accuracy[0], "net_corrections": 0,
+            "elapsed_s": elapsed_s, "config": {"samples": 1}}
+
+
+def test_the_report_records_machine_precision_and_time(tmp_path: Path) -> None:
+    (tmp_path / run.TRAIN_CLOCK).write_text(json.dumps({"seconds": 1080.0}))
+    machine = "cpu x86_64 AVX2 (no native bf16), AMD EPYC; precision float32 (CPU has no native bf16)"
+    report = write_report(tmp_path, result([0.32, 0.3], 180.0), result([0.49, 0.5], 150.0), machine=machine,
+                          wall_s=1500.0)
+    text = report.read_text()
+    assert f"Machine: {machine}." in text
+    assert ("Time: 25.0 min in this invocation: base evaluation 3.0 min, training 18.0 min, trained evaluation "
+            "2.5 min.") in text
+
+
+def test_evaluation_concurrency_is_a_run_flag_and_not_part_of_what_is_measured(tmp_path: Path) -> None:
+    default = run.parse_config(["--run-dir", str(tmp_path)])
+    wider = run.parse_config(["--run-dir", str(tmp_path), "--eval-concurrency", "8"])
+    assert default.eval_concurrency == run.EVAL_CONCURRENCY and wider.eval_concurrency == 8
+    assert run.evaluation_key(default, "base") == run.evaluation_key(wider, "base")
+    forced = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32"])
+    assert run.evaluation_key(forced, "base") != run.evaluation_key(default, "base")  # precision moves scores
+
+
+def test_a_bad_evaluation_concurrency_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run.parse_config(["--run-dir", str(tmp_path), "--eval-concurrency", "0"])
+    assert exited.value.code == 2
+    assert "--eval-concurrency must be at least 1" in capsys.readouterr().err
