@@ -15,8 +15,9 @@ is no swap accounting to lean on (the cgroups forbid swap).
 
 Mounting needs CAP_SYS_ADMIN on the host (root). Without it, the quota is skipped with one
 warning and the sandbox falls back to a host directory with the per-file limit, the bounded
-tmpfs /tmp of the jail, and nothing else. A sandbox whose process is killed with SIGKILL leaves its
-volume mounted (``mount | grep exitagent-``).
+tmpfs /tmp of the jail, and nothing else. A sandbox whose owner is killed with SIGKILL cannot unmount
+its volume; its directory name carries the owner's pid, so ``reclaim_orphaned_volumes`` (run before
+each new sandbox is made) unmounts and removes the volumes of owners that are gone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
+import shutil
 from pathlib import Path
 
 import structlog
@@ -54,6 +57,48 @@ def unmount_volume(directory: Path) -> None:
     """Detach the volume (lazily, should something still hold a file in it)."""
     if _libc().umount2(os.fsencode(directory), MNT_DETACH) != 0:
         log.warning("sandbox_volume_not_unmounted", path=str(directory), error=os.strerror(ctypes.get_errno()))
+
+
+# The sandbox directory's name: exitagent-<backend>-<owner pid>-<random> (sandboxes.workspace).
+_OWNED = re.compile(r"exitagent-[a-z0-9_]+-(\d+)-[^/]+")
+
+
+def volume_name_prefix(backend: str) -> str:
+    return f"exitagent-{backend}-{os.getpid()}-"
+
+
+def reclaim_orphaned_volumes(base_dir: str | Path) -> list[Path]:
+    """Unmount and remove the sandbox volumes under ``base_dir`` whose owner process is gone."""
+    base_dir = Path(base_dir).resolve()
+    reclaimed = []
+    for mount_point in _tmpfs_mount_points():
+        owner = _OWNED.fullmatch(mount_point.name)
+        if mount_point.parent != base_dir or owner is None or _alive(int(owner.group(1))):
+            continue
+        unmount_volume(mount_point)
+        shutil.rmtree(mount_point, ignore_errors=True)
+        reclaimed.append(mount_point)
+        log.warning("sandbox_volume_reclaimed", path=str(mount_point), owner_pid=int(owner.group(1)))
+    return reclaimed
+
+
+def _tmpfs_mount_points() -> list[Path]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        if after.split(" ", 1)[0] == "tmpfs":  # mount point: field 5, octal-escaped
+            points.append(Path(before.split(" ")[4].encode().decode("unicode_escape")))
+    return points
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @functools.cache

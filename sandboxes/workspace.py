@@ -34,7 +34,7 @@ from exitagent.errors import SandboxError
 from sandboxes.base import ExecResult, SandboxSpec, sandbox_env, workspace_path
 from sandboxes.cgroups import CgroupPool, current_hierarchy, require_cgroups
 from sandboxes.runner import run_limited
-from sandboxes.volume import mount_volume, unmount_volume
+from sandboxes.volume import mount_volume, reclaim_orphaned_volumes, unmount_volume, volume_name_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +59,10 @@ class HostWorkspaceSandbox:
         """Make the directories (under ``base_dir``, default the system temp dir) and the inputs."""
         await cls._check_runtime()
         require_cgroups(current_hierarchy())
-        root = Path(tempfile.mkdtemp(prefix=f"exitagent-{cls.backend}-", dir=base_dir))
         disk = spec.limits.disk_bytes
+        if disk is not None:
+            await anyio.to_thread.run_sync(reclaim_orphaned_volumes, base_dir or tempfile.gettempdir())
+        root = Path(tempfile.mkdtemp(prefix=volume_name_prefix(cls.backend), dir=base_dir))
         sandbox = cls(spec, root, volume=disk is not None and mount_volume(root, disk))
         try:
             (root / "workspace").mkdir()

@@ -20,6 +20,7 @@ from exitagent.errors import SandboxUnavailable
 from sandboxes.base import Limits, open_sandbox
 from sandboxes.cgroups import ALLOW_ENV, ROOT_ENV, VERSION_ENV, current_hierarchy
 from sandboxes.seccomp import BLOCKED, filter_bpf
+from sandboxes.volume import mount_volume, reclaim_orphaned_volumes, unmount_volume, volume_name_prefix
 
 pytestmark = pytest.mark.anyio
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +68,24 @@ async def test_the_quota_covers_workspace_and_tmp_together(local_sandbox: Callab
     free_after = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
     assert abs(free_after - free_before) < 8 << 20  # the host's disk never held the data
     assert not mounted(root) and not root.exists()
+
+
+def test_a_volume_whose_owner_was_killed_is_reclaimed(tmp_path: Path) -> None:
+    """SIGKILL leaves a sandbox's volume mounted; the next sandbox made beside it unmounts it."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"exitagent-local-{int(gone.stdout)}-abc"  # that pid has exited
+    mine = tmp_path / volume_name_prefix("local").rstrip("-")
+    for directory in (orphan, mine):
+        directory.mkdir()
+        if not mount_volume(directory, 1 << 20):
+            pytest.skip("mounting a tmpfs needs root")
+        (directory / "kept").write_text("x")
+    try:
+        assert reclaim_orphaned_volumes(tmp_path) == [orphan]
+        assert not mounted(orphan) and not orphan.exists()
+        assert mounted(mine) and (mine / "kept").exists()  # a live owner's volume stays
+    finally:
+        unmount_volume(mine)
 
 
 async def test_no_quota_when_asked_for_none(local_sandbox: Callable[..., Any]) -> None:
