@@ -73,7 +73,7 @@ def reclaim_orphaned_volumes(base_dir: str | Path) -> list[Path]:
     reclaimed = []
     for mount_point in _tmpfs_mount_points():
         owner = _OWNED.fullmatch(mount_point.name)
-        if mount_point.parent != base_dir or owner is None or _alive(int(owner.group(1))):
+        if mount_point.parent != base_dir or owner is None or Path(f"/proc/{owner.group(1)}").exists():  # owner alive
             continue
         unmount_volume(mount_point)
         shutil.rmtree(mount_point, ignore_errors=True)
@@ -89,16 +89,6 @@ def _tmpfs_mount_points() -> list[Path]:
         if after.split(" ", 1)[0] == "tmpfs":  # mount point: field 5, octal-escaped
             points.append(Path(before.split(" ")[4].encode().decode("unicode_escape")))
     return points
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @functools.cache
