@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from exitagent import checkpoints, config, engine, gateway, models, precision
+from exitagent import checkpoints, config, engine, gateway, models, precision, served_form
 from exitagent import log as logging_setup
 from exitagent.errors import ConfigError, ExitAgentError, unwrap
 from exitagent.gateway import Gate, GatewayServer, create_app
@@ -97,7 +97,8 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     )
     if cfg.weights_dir is not None:  # RUN/weights: the run directory keeps the config of each process
         config.save(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None), cfg.weights_dir.parent, "serve")
-    base_dir = models.resolve(cfg.model)
+    # a tied output head is served as a tensor of its own, or reloads would keep the base head
+    base_dir = served_form.serving_copy(models.resolve(cfg.model), models.home() / "served")
     chosen, canary_check = choose_precision(cfg)
     reference = checkpoints.tensor_shapes(base_dir)
     port = cfg.engine_port or engine.free_port()

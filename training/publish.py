@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from exitagent import checkpoints
+from exitagent import checkpoints, served_form
 from exitagent.checkpoints import Canary
 
 CANARY_TEXT = (
@@ -55,6 +55,7 @@ def publish_from(source: Path, weights_dir: Path, step: int, canary: Canary, *, 
                     os.link(path, directory / path.name)
                 except OSError:
                     shutil.copy2(path, directory / path.name)
+        served_form.untie_head(directory)  # replaces (never writes through) the linked files it changes
         return canary
 
     published = checkpoints.publish(weights_dir, step, write, **manifest_extra)
@@ -73,6 +74,7 @@ def publish_model(model: Any, tokenizer: Any, weights_dir: Path, step: int, *, k
         # knows which tensors are tied (an explicit state_dict would duplicate lm_head).
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+        served_form.untie_head(directory)
         return canary
 
     path = checkpoints.publish(weights_dir, step, write, **manifest_extra)

@@ -83,6 +83,15 @@ def test_malformed_checkpoints_are_rejected_and_the_next_good_one_loads(
             assert any(expected in reason for reason in reasons), (expected, reasons)
         publish_model(model, tokenizer, weights, step=10, keep=100)
         assert server.wait_for_version("step-000010")["rejected"] == 5
+        # A tied head that moved must be served too (exitagent.served_form): before, an in-place
+        # reload kept the base head, and this checkpoint's canary failed.
+        with torch.no_grad():
+            model.get_input_embeddings().weight.add_(torch.randn_like(model.get_input_embeddings().weight) * 0.02)
+        publish_model(model, tokenizer, weights, step=11, keep=100)
+        assert server.wait_for_version("step-000011")["rejected"] == 5
+        events = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+        loaded = [e for e in events if e.get("event") == "checkpoint_loaded" and e["version"] == "step-000011"]
+        assert loaded and loaded[0]["canary_distance"] < 0.06, loaded  # bf16 serving: ~0.04; fp32: < 1e-4
         assert server.process.poll() is None
     finally:
         server.stop(signal.SIGTERM)
