@@ -242,7 +242,10 @@ def progress(run_dir: Path, server: launch.ServeProcess) -> str:
     updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
     recent = rewards[-20:]
     try:
-        served = server.policy()["version"]
+        policy = server.policy()
+        served = policy["version"]
+        if policy["rejected"]:  # a refused checkpoint stalls training (its groups turn stale): say so
+            served += f" ({policy['rejected']} checkpoints refused, last: {policy['last_error'][:120]})"
     except httpx.HTTPError:  # the server went away (Ctrl-C reaches it too); the next check says why
         served = "(server down)"
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "

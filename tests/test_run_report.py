@@ -41,3 +41,19 @@ def test_a_bad_evaluation_concurrency_is_a_usage_error(tmp_path: Path, capsys: p
         run.parse_config(["--run-dir", str(tmp_path), "--eval-concurrency", "0"])
     assert exited.value.code == 2
     assert "--eval-concurrency must be at least 1" in capsys.readouterr().err
+
+
+class PolicyOnly:
+    """The one thing ``run.progress`` asks of the server: its ``/policy`` answer."""
+
+    def __init__(self, **policy: object) -> None:
+        self.answer = {"version": "step-000003", "rejected": 0, "last_error": "", **policy}
+
+    def policy(self) -> dict[str, object]:
+        return self.answer
+
+
+def test_the_progress_line_says_when_the_server_refuses_checkpoints(tmp_path: Path) -> None:
+    assert run.progress(tmp_path, PolicyOnly()).endswith("served step-000003")  # type: ignore[arg-type]
+    line = run.progress(tmp_path, PolicyOnly(rejected=2, last_error="canary mismatch: 0.2 > 0.1"))  # type: ignore[arg-type]
+    assert "2 checkpoints refused, last: canary mismatch: 0.2 > 0.1" in line
