@@ -94,7 +94,7 @@ def test_bad_checkpoints_are_rejected_and_the_next_good_one_loads(server, traine
     rejected = server.policy()["rejected"]
     # Truncated after it was marked READY (a disk fault): the manifest catches it.
     truncated = publish_model(model, tokenizer, server.weights_dir, step=10)
-    with (truncated / "model.safetensors").open("r+b") as file:
+    with sorted(truncated.glob("*.safetensors"))[0].open("r+b") as file:
         file.truncate(10_000_000)
     # Incomplete: files but no READY marker. Never read.
     incomplete = server.weights_dir / "step-000020"

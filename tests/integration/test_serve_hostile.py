@@ -28,10 +28,15 @@ def _rewrite_manifest(path: Path) -> None:
     checkpoints.write_manifest(path)
 
 
+def weights_file(path: Path) -> Path:
+    return sorted(path.glob("*.safetensors"))[0]  # shard 1 of the served form (exitagent.served_form)
+
+
 def header_a_list(path: Path) -> None:
     raw = b"[1, 2]"
-    (path / "model.safetensors").unlink()  # a hard link to the trainer's file: replace, never write through
-    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    target = weights_file(path)
+    target.unlink()  # a hard link to the trainer's file: replace, never write through
+    target.write_bytes(struct.pack("<Q", len(raw)) + raw)
     _rewrite_manifest(path)
 
 
@@ -42,7 +47,7 @@ def entry_without_size(path: Path) -> None:
 
 
 def unlisted_weights(path: Path) -> None:
-    shutil.copyfile(path / "model.safetensors", path / "extra.safetensors")
+    shutil.copyfile(weights_file(path), path / "extra.safetensors")
 
 
 def canary_nan(path: Path) -> None:
