@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints
+from exitagent import checkpoints, served_form
 from exitagent.store import SQLiteStore
 from tests.stores import make_store
 from training.state import complete_states, sole_writer
@@ -63,8 +63,9 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tin
     published = checkpoints.ready_checkpoints(tmp_path / "weights")
     assert published[-1][0] == 3  # the last update was saved and published
     assert [p.name for p in complete_states(tmp_path / "trainer")] == ["state-000003"]  # older states pruned
+    served = served_form.serving_copy(tiny_model_dir, tmp_path / "served")  # what serve compares against
     for _, path in published:
-        checkpoints.verify(path, checkpoints.tensor_shapes(tiny_model_dir))
+        checkpoints.verify(path, checkpoints.tensor_shapes(served))
 
 
 def test_empty_store_under_steps_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
