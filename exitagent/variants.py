@@ -15,6 +15,7 @@ curriculum plots (sample depth, "sampled from iteration", start turn) are in its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -29,6 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from exitagent.precision import choose as choose_precision
+from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
 from exitagent.types import Variant
 
@@ -53,7 +56,9 @@ def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
     target = cfg.run_dir / "eval"
     if (target / "base.json").exists():
         return None
-    wanted = evaluation_key(cfg, BASE_POLICY)
+    # run measures with the precision it resolved ("auto" -> this machine's dtype): compare with that
+    resolved = dataclasses.replace(cfg, precision=choose_precision(cfg.precision, detect()).dtype)
+    wanted = evaluation_key(resolved, BASE_POLICY)
     for sibling in sorted(out_dir.glob(f"*-s{cfg.seed}")):
         source = sibling / "eval"
         if sibling == cfg.run_dir or not (source / "base.json").exists():

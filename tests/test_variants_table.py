@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent.run import BASE_POLICY, evaluation_key, parse_config
+from exitagent.run import BASE_POLICY, evaluation_key, parse_config, resolve_precision
 from exitagent.types import Variant
 from exitagent.variants import reuse_base_evaluation, summarise, write_table
 
@@ -17,7 +17,8 @@ def fake_run(root: Path, variant: Variant, seed: int, base: list[float], trained
              *flags: str) -> Path:
     """A finished run's evaluations, as ``exitagent.run`` with ``flags`` leaves them."""
     directory = root / f"{variant.value}-s{seed}"
-    cfg = parse_config(["--run-dir", str(directory), "--variant", variant.value, "--seed", str(seed), *flags])
+    cfg, _ = resolve_precision(  # as run does: its evaluations record the dtype "auto" resolved to
+        parse_config(["--run-dir", str(directory), "--variant", variant.value, "--seed", str(seed), *flags]))
     (directory / "eval").mkdir(parents=True)
     for name, curve, policy in (("base", base, BASE_POLICY), ("trained", trained, "step-000003")):
         result = {"accuracy_by_step": curve, "delta_k": curve[-1] - curve[0], "measured": evaluation_key(cfg, policy)}
