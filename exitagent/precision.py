@@ -92,26 +92,24 @@ def choose(requested: str, hardware: Hardware) -> Precision:
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU's feature flags (x86 ``flags``, Arm ``Features``); empty where unreadable."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+    return set((_cpuinfo_field(cpuinfo, "flags", "Features") or "").split())
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    return _cpuinfo_field(cpuinfo, "model name") or platform.processor() or "unknown CPU"
+
+
+def _cpuinfo_field(cpuinfo: Path, *keys: str) -> str | None:
+    """The first value under one of ``keys`` in a /proc/cpuinfo-style file; None where absent or unreadable."""
     try:
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
+        text = cpuinfo.read_text(errors="replace")
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            return value.strip()
+    return None
 
 
 def detect(device: str = AUTO) -> Hardware:
