@@ -161,6 +161,16 @@ def entry_values(entry: BufferEntry, created: float) -> tuple[Any, ...]:
             int(entry.errored), entry.step_kind.value, entry.group_id, created)
 
 
+# Both databases run these as written (``?`` becomes ``%s`` for PostgreSQL).
+CONSUME = (
+    "UPDATE groups SET consumed_by_step = ? WHERE id = ? AND "
+    "(consumed_by_step IS NULL OR (consumed_by_step = ? AND dropped = 0))"
+)
+PROGRESS = (
+    "SELECT count(*), sum(CASE WHEN consumed_by_step IS NULL THEN 1 ELSE 0 END), "
+    "min(CASE WHEN consumed_by_step IS NULL THEN version_step END), max(consumed_by_step) FROM groups"
+)
+
 ROLLOUT_SELECT = (
     "SELECT idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "
     "FROM rollouts WHERE group_id = ? ORDER BY idx"
