@@ -14,6 +14,7 @@ works, with a warning, and is never written into the run's saved configs.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from exitagent.store import STORE_FILENAME, CurriculumStore, SQLiteStore
 log = structlog.get_logger(__name__)
 
 URL_FILENAME = "store.url"
+STORE_HELP = "curriculum store: postgresql:// URL or SQLite path (default: RUN/store.url, else RUN/store.sqlite)"
 SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -110,3 +112,24 @@ def store_exists(run_dir: Path, flag: str = "") -> bool:
     """Whether opening would find a store rather than create one (a PostgreSQL store: always assumed)."""
     target = run_store_target(run_dir, flag)
     return is_url(target) or Path(target).exists()
+
+
+def pin_run_store(run_dir: Path, url: str) -> None:
+    """Write ``url`` as ``RUN/store.url`` (mode 600), where every process of the run finds it
+    without a flag, so no child gets the URL (or its password) on its command line."""
+    if not url:
+        return
+    if not is_url(url):
+        raise ConfigError(f"--store takes a postgresql:// URL, not {url!r}")
+    run_store_target(run_dir, url)  # the warning, for a password on the command line
+    path = Path(run_dir) / URL_FILENAME
+    if path.exists():
+        if path.read_text(encoding="utf-8").strip() != url:
+            raise ConfigError(f"{path} names another store; remove it to move the run (its groups stay behind)")
+        return
+    if (Path(run_dir) / STORE_FILENAME).exists():
+        raise ConfigError(f"{run_dir} already keeps its groups in {STORE_FILENAME}: use a new run directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+        out.write(url + "\n")

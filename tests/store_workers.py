@@ -1,12 +1,13 @@
 """Real processes on a curriculum store, for the concurrency and crash tests (no model: synthetic groups).
 
-    python -m tests.store_workers collect TARGET NAME COUNT [--tokens N] [--slow] [--go FILE] [--group-size G]
+    python -m tests.store_workers collect TARGET NAME COUNT [--tokens N] [--slow | --pause-once S] [--go FILE]
     python -m tests.store_workers consume TARGET LOG [--batch B] [--until N]
     python -m tests.store_workers race TARGET NAME GO_FILE
 
 ``collect`` records COUNT groups (-1: until killed) through the real curriculum (choose a start,
 plan and apply the update), ``--slow`` holds its first write transaction open after the buffer
-update (a test kills it there). ``consume`` is the trainer's protocol without the model: fetch,
+update (a test kills it there), ``--pause-once S`` does so for S seconds once (a test cuts its
+connection there). ``consume`` is the trainer's protocol without the model: fetch,
 ``mark_consumed`` by step N, then append "N id id ..." to LOG and fsync; on start it rolls back
 consumption by steps after the last logged one (``unconsume``), as ``training.update`` does after
 its last saved state. ``race`` inserts one child into a nearly full buffer, pausing between
@@ -58,7 +59,7 @@ def collect(store: CurriculumStore, args: argparse.Namespace) -> None:
     tasks = [Task(f"t{i}", "math", f"q{i}") for i in range(5)]
     cfg = CurriculumConfig(capacity=CAPACITY, min_buffer=4, group_size=args.group_size)
     curriculum = Curriculum(cfg, tasks, random.Random(args.name))
-    n = 0
+    n, paused = 0, False
     while args.count < 0 or n < args.count:
         with store.view() as buffer:
             start = curriculum.choose_start(buffer)
@@ -67,10 +68,12 @@ def collect(store: CurriculumStore, args: argparse.Namespace) -> None:
         update = plan_update(cfg, start, g)
 
         def apply(buffer: Buffer, update=update):  # type: ignore[no-untyped-def]
+            nonlocal paused
             result = apply_update(buffer, update, cfg)
-            if args.slow:  # children written, group not yet: the test kills us here
+            if args.slow or (args.pause_once and not paused):  # children written, group not yet
+                paused = True
                 print("inside", flush=True)
-                time.sleep(60)
+                time.sleep(60 if args.slow else args.pause_once)
             return result
 
         store.record_group(g, apply)
@@ -126,6 +129,7 @@ def main() -> None:
     c.add_argument("--tokens", type=int, default=50)
     c.add_argument("--group-size", type=int, default=4)
     c.add_argument("--slow", action="store_true")
+    c.add_argument("--pause-once", type=float, default=0.0)
     c.add_argument("--go", default="")
     k = commands.add_parser("consume")
     k.add_argument("target")
@@ -138,7 +142,7 @@ def main() -> None:
     r.add_argument("name")
     r.add_argument("go")
     args = parser.parse_args()
-    configure(json_lines=True, level="error")  # stdout is the test's channel
+    configure(json_lines=True, level="warning")  # stdout is the test's channel
     store = open_store(args.target, schema=SCHEMA)
     print("ready", flush=True)
     if getattr(args, "go", ""):
