@@ -44,7 +44,8 @@ SCHEMA = "workers"  # when TARGET is a URL without ?schema=
 CAPACITY = 16
 
 
-def _rollouts(task: Task, name: str, n: int, group_size: int, n_tokens: int) -> list[Rollout]:
+def synthetic_rollouts(task: Task, name: str, n: int, group_size: int, n_tokens: int) -> list[Rollout]:
+    """Group ``n`` of collector ``name``: alternating rewards 0 and 1, distinct texts, version n // 4."""
     rollouts = []
     for i in range(group_size):
         v = PolicyVersion.at_step(n // 4)
@@ -64,7 +65,7 @@ def collect(store: CurriculumStore, args: argparse.Namespace) -> None:
         with store.view() as buffer:
             start = curriculum.choose_start(buffer)
         g = curriculum.group(start, f"{args.name}-{n}", PolicyVersion.at_step(n // 4),
-                             _rollouts(start.task, args.name, n, args.group_size, args.tokens))
+                             synthetic_rollouts(start.task, args.name, n, args.group_size, args.tokens))
         update = plan_update(cfg, start, g)
 
         def apply(buffer: Buffer, update=update):  # type: ignore[no-untyped-def]

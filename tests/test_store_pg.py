@@ -17,10 +17,21 @@ from pathlib import Path
 
 import pytest
 
+from evaluators.base import ExactMatchEvaluator
+from exitagent import engine
+from exitagent.collect import collect
+from exitagent.collect import main as collect_main
 from exitagent.curriculum import __main__ as curriculum_cli
+from exitagent.diversity import HashEmbedder
 from exitagent.errors import ConfigError, StoreUnavailable
+from exitagent.policy import ScriptedPolicy
 from exitagent.store_url import URL_FILENAME, open_run_store, open_store, pin_run_store, redact, schema_for
+from exitagent.types import StepKind, Variant
 from tests.postgres import PASSWORD, Cluster
+from tests.test_collect import TASKS, answers
+from tests.test_collect import assert_consistent as collect_consistent
+from tests.test_collect import cli as collect_cli
+from tests.test_collect import config as collect_config
 from tests.test_store import REPO, assert_consistent, expect, group, raw, worker
 
 G = 4  # rollouts per group (store_workers' default)
@@ -96,30 +107,32 @@ def _check_run(target: str, log: Path) -> None:
 
 
 def test_four_collectors_and_a_trainer_killed_at_random(target: str, tmp_path: Path) -> None:
+    """Collectors run until killed; six times one process (a collector or the trainer) is killed
+    with SIGKILL at a random moment and started again; at the end every collector is killed too."""
     rng = random.Random(16)
     log = tmp_path / "consumed.log"
     open_store(target).close()
     names = [f"c{i}" for i in range(4)]
-    collectors = {name: worker("collect", target, name, "25", "--tokens", "2000") for name in names}
+    collectors = {name: worker("collect", target, name, "-1", "--tokens", "2000") for name in names}
     consumer = worker("consume", target, str(log), "--batch", "6")
-    kills = 0
-    for _ in range(6):  # kill -9 one of them at a random moment, then start it again
+    for _ in range(6):
         time.sleep(rng.uniform(0.3, 1.5))
         victim = rng.choice([*names, "trainer"])
         process = consumer if victim == "trainer" else collectors[victim]
-        if process.poll() is not None:
-            continue
+        assert process.poll() is None, f"{victim} died on its own"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-        kills += 1
         assert_consistent(target, group_size=G)
         if victim == "trainer":
             consumer = worker("consume", target, str(log), "--batch", "6")
         else:
             fresh = f"{victim}r{rng.randrange(10**6)}"  # a restarted collector has a new session id
-            collectors[victim] = worker("collect", target, fresh, "10", "--tokens", "2000")
-    _finish(list(collectors.values()), consumer)
-    assert kills >= 3
+            collectors[victim] = worker("collect", target, fresh, "-1", "--tokens", "2000")
+    for process in collectors.values():
+        assert process.poll() is None
+        os.kill(process.pid, signal.SIGKILL)
+    assert consumer.wait(timeout=120) == 0  # it stops after 3 s without new groups
+    assert raw(target, "SELECT count(*) FROM groups")[0][0] > 20
     _check_run(target, log)
 
 
@@ -142,3 +155,31 @@ def test_postgres_restart_mid_run_is_survived(postgres: Cluster, target: str, tm
     assert any("store_reconnecting" in e.read_text() for e in errors)  # the restart really cut them
     assert raw(target, "SELECT count(*) FROM groups") == [(160,)]  # nothing lost
     _check_run(target, log)
+
+
+@pytest.mark.anyio
+async def test_collect_runs_the_exit_curriculum_on_postgres(target: str, tmp_path: Path) -> None:
+    """The real collector (scripted policy, real evaluator) with two workers on a PostgreSQL store."""
+    cfg = collect_config(tmp_path, variant=Variant.EXIT, groups=10)
+    with open_store(target) as store:
+        summary = await collect(cfg, ScriptedPolicy(answers()), ExactMatchEvaluator(), store, TASKS,
+                                embedder=HashEmbedder())
+        collect_consistent(store)
+        assert summary.total_groups == 10 and summary.from_buffer >= 6
+        assert {g.step_kind for g in store.groups()[2:]} <= {StepKind.IMPROVE, StepKind.DIVERGE}
+
+
+def test_collect_cli_keeps_the_password_out_and_says_why_it_cannot_log_in(
+        postgres: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    wrong = postgres.url(tcp=True, password="wrong-secret")
+    assert collect_main(collect_cli(tmp_path, "--store", wrong)) == 2
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err.splitlines()[-1] and "wrong-secret" not in err
+    # The right password on the command line: a warning, and the saved config holds it redacted.
+    url = postgres.url(tcp=True, password=PASSWORD)
+    server_gone = f"http://127.0.0.1:{engine.free_port()}/v1"
+    assert collect_main(collect_cli(tmp_path, "--store", url, "--base-url", server_gone, "--server-deadline-s", "1",
+                                    "--groups", "2")) == 1
+    assert "password" in capsys.readouterr().err
+    saved = (tmp_path / "config" / "collect.json").read_text()
+    assert PASSWORD not in saved and "postgres:***@127.0.0.1" in saved
