@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from exitagent import checkpoints, served_form
 from exitagent.store import SQLiteStore
+from exitagent.store_url import open_run_store, pin_run_store
 from tests.stores import make_store
 from training.state import complete_states, sole_writer
 
@@ -45,9 +46,12 @@ def lineage(run_dir: Path) -> list[str]:
     return [group for _, groups in json.loads((state / "meta.json").read_text())["history"] for group in groups]
 
 
-@pytest.mark.parametrize("fault", ["after_consume:2", "before_publish:2", "mid_publish:2"])
-def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tiny_model_dir: Path,
-                                                             fault: str) -> None:
+@pytest.mark.parametrize("fault", ["after_consume:2", "before_publish:2", "mid_publish:2", "postgresql"])
+def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tiny_model_dir: Path, fault: str,
+                                                             request: pytest.FixtureRequest) -> None:
+    if fault == "postgresql":  # the same crash, with the run's store in PostgreSQL (found by RUN/store.url)
+        pin_run_store(tmp_path, request.getfixturevalue("postgres").url(schema=f"u_{os.getpid()}"))
+        fault = "after_consume:2"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     groups = make_store(tmp_path, model, tokenizer, 6, group_size=2)
@@ -57,7 +61,7 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tin
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trained = lineage(tmp_path)
     assert sorted(trained) == sorted(groups) and len(trained) == len(set(trained))  # each exactly once
-    with SQLiteStore.in_run(tmp_path) as store:
+    with open_run_store(tmp_path) as store:  # RUN/store.url when a test put one there
         consumed = {g.id: g.consumed_by_step for g in store.groups()}
     assert set(consumed.values()) <= {1, 2, 3, 4} and None not in consumed.values()
     published = checkpoints.ready_checkpoints(tmp_path / "weights")
