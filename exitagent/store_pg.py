@@ -1,7 +1,7 @@
 """The curriculum store in PostgreSQL, for collectors and trainers on several machines.
 
 Same contract as ``SQLiteStore`` (store.py), same buffer SQL (``_SqlBuffer``). One schema per run
-(tables as in store_rows.py, with ``DOUBLE PRECISION`` scores: PostgreSQL's ``REAL`` has 4 bytes
+(tables in store_rows.py beside SQLite's, with ``DOUBLE PRECISION`` scores: PostgreSQL's ``REAL`` has 4 bytes
 and would change eviction ties, and identity columns for the order groups were recorded in).
 
 Serial where the ExIt rules need it: every write transaction first takes the run's advisory lock
@@ -38,6 +38,9 @@ from exitagent.store import SCHEMA_VERSION, Buffer, StoreProgress, _check_consum
 from exitagent.store_rows import (
     ENTRY_COLUMNS,
     GROUP_SELECT,
+    PG_GROUP_INSERT,
+    PG_ROLLOUTS_OF,
+    PG_SCHEMA,
     PROGRESS,
     entry_from_row,
     group_from_row,
@@ -49,41 +52,6 @@ from exitagent.types import BufferEntry, Group, StoredGroup
 log = structlog.get_logger(__name__)
 
 R = TypeVar("R")
-
-SCHEMA = """
-CREATE TABLE schema_version (version INTEGER NOT NULL);
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE entries (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key TEXT NOT NULL, task_id TEXT NOT NULL,
-    prefix TEXT NOT NULL, iterate TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
-    parent_id BIGINT, version_step INTEGER NOT NULL, version_name TEXT NOT NULL, score DOUBLE PRECISION NOT NULL,
-    reward DOUBLE PRECISION, prev_reward DOUBLE PRECISION, errored INTEGER NOT NULL, step_kind TEXT NOT NULL,
-    group_id TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, evicted DOUBLE PRECISION);
-CREATE INDEX entries_live_score ON entries(score, id) WHERE evicted IS NULL;
-CREATE INDEX entries_live_key ON entries(key) WHERE evicted IS NULL;
-CREATE TABLE groups (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, id TEXT PRIMARY KEY, task_id TEXT NOT NULL,
-    entry_id BIGINT, step_kind TEXT NOT NULL, variant TEXT NOT NULL, version_step INTEGER NOT NULL,
-    version_name TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
-    created DOUBLE PRECISION NOT NULL, consumed_by_step INTEGER, dropped INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX groups_consumed ON groups(consumed_by_step);
-CREATE INDEX groups_waiting ON groups(version_step) WHERE consumed_by_step IS NULL;
-CREATE TABLE rollouts (
-    group_id TEXT NOT NULL REFERENCES groups(id), idx INTEGER NOT NULL, tokens BYTEA NOT NULL,
-    mask BYTEA NOT NULL, logprobs BYTEA NOT NULL, layout TEXT NOT NULL, reward DOUBLE PRECISION,
-    components TEXT NOT NULL, detail TEXT NOT NULL, failure TEXT NOT NULL, diversity DOUBLE PRECISION NOT NULL,
-    text TEXT NOT NULL, PRIMARY KEY (group_id, idx));
-"""
-
-GROUP_INSERT = (
-    "INSERT INTO groups (id, task_id, entry_id, step_kind, variant, version_step, version_name, depth, start_turn, "
-    "created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-ROLLOUTS_OF = (
-    "SELECT group_id, idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "
-    "FROM rollouts WHERE group_id = ANY(%s) ORDER BY group_id, idx"
-)
-
 
 class _NulFreeText(StrDumper):
     """PostgreSQL text cannot hold NUL; a model can write one. It is stored as U+FFFD (the one
@@ -282,7 +250,7 @@ class PostgresStore:
             tables = {r[0] for r in conn.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (self.schema,))}
             if not tables:
-                conn.execute(SCHEMA)
+                conn.execute(PG_SCHEMA)
                 conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
                 log.info("store_created", store=self.shown, schema=self.schema, schema_version=SCHEMA_VERSION)
                 return
@@ -329,7 +297,7 @@ class PostgresStore:
             with self._tx(write=True) as conn:
                 live = conn.execute("SELECT id, score, key FROM entries WHERE evicted IS NULL").fetchall()
                 done.append(update(_LockedBuffer(live, _SqlBuffer(_placeholders(conn), writable=True))))
-                conn.execute(GROUP_INSERT, (
+                conn.execute(PG_GROUP_INSERT, (
                     group.id, group.task_id, group.entry_id, group.step_kind.value, group.variant.value,
                     group.version.step, str(group.version), group.depth, group.start_turn, time.time()))
                 with conn.cursor() as cursor:
@@ -355,7 +323,7 @@ class PostgresStore:
             rows = conn.execute(f"{GROUP_SELECT} WHERE g.consumed_by_step IS NULL AND g.version_step >= %s "
                                 "ORDER BY g.seq LIMIT %s", (min_version, limit)).fetchall()
             rollouts: dict[str, list[Any]] = {row[0]: [] for row in rows}
-            for r in conn.execute(ROLLOUTS_OF, (list(rollouts),)):
+            for r in conn.execute(PG_ROLLOUTS_OF, (list(rollouts),)):
                 rollouts[r[0]].append(rollout_from_row(r[1:]))
             return [group_from_row(row, tuple(rollouts[row[0]])) for row in rows]
 
