@@ -162,9 +162,12 @@ class PostgresStore:
             kwargs={"connect_timeout": int(connect_timeout_s)},
             timeout=connect_timeout_s, name=f"exitagent-{schema}",
         )
-        self._pool.open(wait=True, timeout=connect_timeout_s)
         try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
             self._open_schema()
+        except psycopg.OperationalError as error:  # gone again between the check and the pool
+            self._pool.close()
+            raise StoreUnavailable(f"cannot open the curriculum store {self.shown}: {error}") from error
         except BaseException:
             self._pool.close()
             raise
