@@ -39,7 +39,7 @@ def is_url(target: str | Path) -> bool:
 
 def redact(target: str) -> str:
     """``target`` with any password replaced by ``***`` (for logs, errors and saved configs)."""
-    if not is_url(target):
+    if "://" not in target:
         return target
     parts = urlsplit(target)
     netloc = parts.netloc
@@ -52,7 +52,7 @@ def redact(target: str) -> str:
 
 
 def has_password(target: str) -> bool:
-    return is_url(target) and redact(target) != target
+    return redact(target) != target
 
 
 def split_schema(url: str) -> tuple[str, str | None]:
@@ -74,6 +74,8 @@ def open_store(target: str | Path, *, schema: str | None = None, **options: Any)
     """A SQLite store at path ``target``, or the PostgreSQL store at URL ``target`` (schema: the
     URL's ``?schema=``, else ``schema``)."""
     if not is_url(target):
+        if "://" in str(target):
+            raise ConfigError(f"unsupported store URL {redact(str(target))!r}: postgresql://... or a SQLite path")
         return SQLiteStore(target, **options)
     url, named = split_schema(str(target))
     if not (named or schema):
@@ -88,6 +90,8 @@ def open_store(target: str | Path, *, schema: str | None = None, **options: Any)
 def run_store_target(run_dir: Path, flag: str = "") -> str:
     """The run's store: ``flag``, else ``RUN/store.url``'s URL, else ``RUN/store.sqlite``."""
     if flag:
+        if "://" in flag and not is_url(flag):
+            raise ConfigError(f"unsupported store URL {redact(flag)!r}: postgresql://... or a SQLite path")
         if has_password(flag):
             log.warning("store_password_on_command_line", store=redact(flag),
                         hint=f"use PGPASSWORD, ~/.pgpass or {URL_FILENAME} in the run directory (mode 600)")

@@ -67,8 +67,13 @@ def test_password_on_the_command_line_is_warned_and_a_url_file_works(
     with pytest.raises(ConfigError, match="names another store"):
         pin_run_store(run, url + "&x=1")
     assert curriculum_cli.main(["show", str(run)]) == 0  # no flag: RUN/store.url
-    assert schema_for(run) == "my_run_1"
     assert "groups: 1 (" in capsys.readouterr().out
+    assert schema_for(run) == "my_run_1"
+    (run / URL_FILENAME).write_text("mysql://somewhere/else\n")
+    assert curriculum_cli.main(["show", str(run)]) == 2  # hostile URL file: one line, no traceback
+    assert curriculum_cli.main(["show", str(run), "--store", "mysql://x/y"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "must hold one postgresql:// URL" in errors[-2] and "unsupported store URL" in errors[-1]
 
 
 def test_a_session_cut_mid_transaction_is_retried_whole(target: str) -> None:

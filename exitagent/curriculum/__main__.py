@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exitagent.curriculum.view import format_summary, plot, summarize
-from exitagent.errors import StoreError
+from exitagent.errors import ExitAgentError
 from exitagent.log import configure
 from exitagent.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 
@@ -22,13 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--store", default="", help=STORE_HELP)
     args = parser.parse_args(argv)
     configure(level="warning")
-    if not store_exists(args.run_dir, args.store):  # opening would create an empty store
-        print(f"no curriculum store at {run_store_target(args.run_dir, args.store)}", file=sys.stderr)
-        return 2
     try:
+        if not store_exists(args.run_dir, args.store):  # opening would create an empty store
+            print(f"no curriculum store at {run_store_target(args.run_dir, args.store)}", file=sys.stderr)
+            return 2
         with open_run_store(args.run_dir, args.store) as store:
             entries, groups = store.entries(), store.groups()
-    except StoreError as error:
+    except ExitAgentError as error:  # an unreachable server, a refused login, a bad store.url
         print(f"curriculum show: {error}", file=sys.stderr)
         return 2
     print(format_summary(summarize(entries, groups)))
