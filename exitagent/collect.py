@@ -50,7 +50,8 @@ from exitagent.log import MetricsFile, configure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.staleness import StalenessGate
-from exitagent.store import CurriculumStore, SQLiteStore
+from exitagent.store import CurriculumStore
+from exitagent.store_url import STORE_HELP, open_run_store, redact
 from exitagent.types import StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)
@@ -59,6 +60,7 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class CollectConfig:
     run_dir: Path = field(metadata={"help": "run directory (the store, metrics and config live here)"})
+    store: str = field(default="", metadata={"help": STORE_HELP})
     base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
     domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
@@ -305,7 +307,8 @@ async def _watch_signals(stop: anyio.Event, work: anyio.CancelScope) -> None:
 
 async def _main(cfg: CollectConfig) -> int:
     tasks = load_tasks(cfg)
-    with SQLiteStore.in_run(cfg.run_dir) as store:  # before anything is written: a newer schema stops here
+    with open_run_store(cfg.run_dir, cfg.store) as store:  # before anything is written: a newer schema stops here
+        cfg = replace(cfg, store=redact(cfg.store))  # the saved config never holds a password
         policy = OpenAIPolicy(cfg.base_url, model=cfg.model, deadline_s=cfg.server_deadline_s,
                               max_context=cfg.max_context)
         async with policy, get_domain(cfg.domain).open_evaluator(cfg.settings()) as evaluator:

@@ -16,6 +16,7 @@ corrupt store or checkpoint, bad configuration. Each message is one line that sa
     │   └── SandboxCrashed     the runtime died under us
     ├── EvaluatorError         an evaluator that raised or timed out (its rollout is excluded)
     └── StoreError             the curriculum store: corrupt, or from a newer schema
+        └── StoreUnavailable   a store server that is unreachable, refuses the login, or stays away
 """
 
 
@@ -64,6 +65,10 @@ class EvaluatorError(ExitAgentError):
 
 
 class StoreError(ExitAgentError):
+    pass
+
+
+class StoreUnavailable(StoreError):
     pass
 
 

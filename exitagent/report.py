@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent.curriculum import view as curriculum_view
-from exitagent.store import SQLiteStore
+from exitagent.store_url import open_run_store
 
 
 def _rows(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -89,7 +89,7 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
     figures.mkdir(parents=True, exist_ok=True)
     _accuracy_plot(base, trained, figures / "accuracy.png")
     _training_plot(run_dir, figures / "training.png")
-    with SQLiteStore.in_run(run_dir) as store:
+    with open_run_store(run_dir) as store:  # RUN/store.url, else RUN/store.sqlite
         groups, entries = store.groups(), store.entries()
     curriculum_view.plot(groups, figures / "curriculum.png")
     summary = curriculum_view.format_summary(curriculum_view.summarize(entries, groups))

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from exitagent import checkpoints, config, engine, launch
+from exitagent import checkpoints, config, engine, launch, store_url
 from exitagent import log as logging_setup
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
@@ -73,6 +73,8 @@ class RunConfig:
     serve_flags: str = field(default="", metadata={"help": "extra flags for exitagent.serve, e.g. --enforce-eager"})
     precision: str = field(default="auto", metadata={
         "choices": PRECISIONS, "help": "serving and training dtype (auto: bf16 where the hardware runs it natively)"})
+    store: str = field(default="", metadata={
+        "help": "postgresql:// URL of the curriculum store, kept as RUN/store.url (default: RUN/store.sqlite)"})
 
     def __post_init__(self) -> None:
         normalise_precision(self.precision)
@@ -286,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     logging_setup.configure()
     cfg, chosen = resolve_precision(cfg)
     (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    try:  # collect, update and the report find the store by RUN/store.url: no URL on a child's command line
+        store_url.pin_run_store(cfg.run_dir, cfg.store)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    cfg = dataclasses.replace(cfg, store=store_url.redact(cfg.store))
     config.save(cfg, cfg.run_dir, "run")
     stop_requested = [False]
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))

@@ -11,7 +11,8 @@ consumed those groups (or dropped them, ``drop_stale``, which counts as consumed
 the version never moves, so standalone collection never pauses. With ``--max-unconsumed N`` it
 also pauses while N recorded groups are waiting for the trainer: on a shared machine (two CPU
 cores running vLLM and the trainer) running far ahead only takes CPU from the trainer and makes
-groups that will be stale. The gate checks the store at most every ``--poll-s`` seconds.
+groups that will be stale. The gate checks the store at most every ``--poll-s`` seconds, with one
+aggregate query (``CurriculumStore.progress``), however many collectors and groups there are.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ class StalenessGate:
         if probe is not None:
             served = await probe()
             self.observe(served.step if served.name != "unknown" else 0)
-        groups = self.store.groups()
+        # One aggregate query (the database counts), not every group header each poll.
+        progress = self.store.progress()
         # A group consumed by step N was trained (or dropped as stale) by the trainer while it held
         # version N - 1: that is the trainer's current version, and the one its own staleness rule
         # counts from. Counting from N paused collect for groups the trainer still wanted: it waited
         # for them, collect waited for it (seen in a run after a stale drop).
-        self.observe(max(((g.consumed_by_step or 1) - 1 for g in groups), default=0))
-        waiting = [g.version.step for g in groups if g.consumed_by_step is None]
-        self.waiting, self.oldest_waiting = len(waiting), min(waiting, default=None)
+        self.observe(max((progress.last_consumed_by or 1) - 1, 0))
+        self.waiting, self.oldest_waiting = progress.waiting, progress.oldest_waiting
         self._checked_at = time.monotonic()
         if not self.is_open and self._paused_since is None:
             self._paused_since = time.monotonic()

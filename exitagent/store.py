@@ -3,8 +3,9 @@
 The collector records each group, its children entries and the refresh of the entry it started
 from in one transaction (a killed collector never leaves half a group); the trainer fetches
 unconsumed groups and marks them consumed by its step (and can roll that back after restarting
-from an older checkpoint); a viewer reads. ``CurriculumStore`` is the seam (no SQLite in it, so
-a PostgreSQL store can follow); ``SQLiteStore`` is the default; ``MemoryBuffer`` is the fake
+from an older checkpoint); a viewer reads. ``CurriculumStore`` is the seam (no SQLite in it);
+``SQLiteStore`` is the default, ``PostgresStore`` (store_pg.py) serves runs on several machines,
+``store_url.open_store`` picks one by path or URL; ``MemoryBuffer`` is the fake
 buffer beside the SQL one. The buffer RULES (sampling, dedup, eviction) live in curriculum.py:
 the SQL here only stores and fetches.
 """
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -24,9 +25,11 @@ import structlog
 
 from exitagent.errors import StoreError
 from exitagent.store_rows import (
+    CONSUME,
     ENTRY_COLUMNS,
     GROUP_SELECT,
     MIGRATIONS,
+    PROGRESS,
     ROLLOUT_SELECT,
     SCHEMA,
     entry_from_row,
@@ -61,6 +64,20 @@ class Buffer(Protocol):
     def set_score(self, entry_id: int, score: float) -> bool: ...  # False when no longer live
 
 
+@dataclass(frozen=True)
+class StoreProgress:
+    """What the staleness gate needs, counted by the database instead of read group by group."""
+
+    groups: int
+    waiting: int  # recorded, not yet consumed (nor dropped) by the trainer
+    oldest_waiting: int | None  # the lowest policy step among those
+    last_consumed_by: int | None  # the newest trainer step that consumed (or dropped) a group
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoreProgress:
+        return cls(int(row[0]), int(row[1] or 0), row[2], row[3])
+
+
 class CurriculumStore(Protocol):
     """What the collector, the trainer and viewers need from a store."""
 
@@ -72,9 +89,12 @@ class CurriculumStore(Protocol):
     def unconsume(self, from_step: int) -> int: ...
     def entries(self, *, live: bool = True) -> list[BufferEntry]: ...
     def groups(self) -> list[StoredGroup]: ...
+    def progress(self) -> StoreProgress: ...
     def set_meta(self, key: str, value: str) -> None: ...
     def get_meta(self, key: str) -> str | None: ...
     def close(self) -> None: ...
+    def __enter__(self) -> CurriculumStore: ...
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class MemoryBuffer:
@@ -118,55 +138,58 @@ class MemoryBuffer:
 
 
 class _SqlBuffer:
-    """``Buffer`` over one open transaction of a ``SQLiteStore``."""
+    """``Buffer`` over one open transaction, of a ``SQLiteStore`` or a ``PostgresStore``.
 
-    def __init__(self, conn: sqlite3.Connection, *, writable: bool) -> None:
-        self._conn, self._writable = conn, writable
+    ``execute(sql, params)`` runs one statement written with ``?`` placeholders and returns its
+    cursor (the PostgreSQL store translates them); the SQL itself is common to both databases.
+    """
+
+    def __init__(self, execute: Callable[..., Any], *, writable: bool) -> None:
+        self._execute, self._writable = execute, writable
 
     def _check_writable(self) -> None:
         if not self._writable:
             raise StoreError("a buffer view is read-only: change the buffer inside record_group")
 
     def size(self) -> int:
-        return int(self._conn.execute("SELECT count(*) FROM entries WHERE evicted IS NULL").fetchone()[0])
+        return int(self._execute("SELECT count(*) FROM entries WHERE evicted IS NULL").fetchone()[0])
 
     def scores(self) -> list[tuple[int, float]]:
-        return list(self._conn.execute("SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY id"))
+        return [(i, s) for i, s in self._execute("SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY id")]
 
     def get(self, entry_id: int) -> BufferEntry | None:
-        row = self._conn.execute(
+        row = self._execute(
             f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ? AND evicted IS NULL", (entry_id,)
         ).fetchone()
         return entry_from_row(row) if row else None
 
     def has_key(self, key: str) -> bool:
-        row = self._conn.execute("SELECT 1 FROM entries WHERE key = ? AND evicted IS NULL", (key,)).fetchone()
+        row = self._execute("SELECT 1 FROM entries WHERE key = ? AND evicted IS NULL", (key,)).fetchone()
         return row is not None
 
     def lowest(self) -> tuple[int, float] | None:
-        row = self._conn.execute("SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY score, id LIMIT 1")
-        found = row.fetchone()
+        found = self._execute(
+            "SELECT id, score FROM entries WHERE evicted IS NULL ORDER BY score, id LIMIT 1").fetchone()
         return (found[0], found[1]) if found else None
 
     def insert(self, entry: BufferEntry) -> int:
         self._check_writable()
-        cursor = self._conn.execute(
+        row = self._execute(
             f"INSERT INTO entries ({ENTRY_COLUMNS.removeprefix('id, ')}, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             entry_values(entry, time.time()),
-        )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        ).fetchone()
+        return int(row[0])
 
     def evict(self, entry_id: int) -> None:
         # Evicted rows stay (flagged) so lineage and "sampled from iteration" survive for viewers.
         self._check_writable()
-        self._conn.execute("UPDATE entries SET evicted = ? WHERE id = ?", (time.time(), entry_id))
+        self._execute("UPDATE entries SET evicted = ? WHERE id = ?", (time.time(), entry_id))
 
     def set_score(self, entry_id: int, score: float) -> bool:
         self._check_writable()
-        cursor = self._conn.execute("UPDATE entries SET score = ? WHERE id = ? AND evicted IS NULL", (score, entry_id))
-        return cursor.rowcount == 1
+        cursor = self._execute("UPDATE entries SET score = ? WHERE id = ? AND evicted IS NULL", (score, entry_id))
+        return int(cursor.rowcount) == 1
 
 
 STORE_FILENAME = "store.sqlite"
@@ -275,12 +298,12 @@ class SQLiteStore:
     def view(self) -> Iterator[Buffer]:
         """A read-only, consistent snapshot of the buffer (e.g. to choose a start)."""
         with self._tx(write=False) as conn:
-            yield _SqlBuffer(conn, writable=False)
+            yield _SqlBuffer(conn.execute, writable=False)
 
     def record_group(self, group: Group, update: Callable[[Buffer], R]) -> R:
         """Atomically: run ``update`` on the buffer (children, refresh, eviction) and record ``group``."""
         with self._tx(write=True) as conn:
-            result = update(_SqlBuffer(conn, writable=True))
+            result = update(_SqlBuffer(conn.execute, writable=True))
             conn.execute(
                 "INSERT INTO groups (id, task_id, entry_id, step_kind, variant, version_step, version_name, depth, "
                 "start_turn, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -309,17 +332,15 @@ class SQLiteStore:
         return tuple(rollout_from_row(r) for r in conn.execute(ROLLOUT_SELECT, (group_id,)))
 
     def mark_consumed(self, group_ids: Sequence[str], step: int) -> None:
-        """Record that trainer step ``step`` consumed these groups; all or none (StoreError)."""
+        """Record that trainer step ``step`` consumed these groups; all or none (StoreError).
+
+        Idempotent: groups this same step already consumed count as consumed (a retry after a lost
+        acknowledgement), groups another step consumed are refused.
+        """
+        _check_distinct(group_ids)
         with self._tx(write=True) as conn:
-            cursor = conn.executemany(
-                "UPDATE groups SET consumed_by_step = ? WHERE id = ? AND consumed_by_step IS NULL",
-                [(step, group_id) for group_id in group_ids],
-            )
-            if cursor.rowcount != len(group_ids):
-                raise StoreError(
-                    f"step {step}: {len(group_ids) - cursor.rowcount} of {len(group_ids)} groups are unknown or "
-                    "already consumed (is a second trainer running on this run?)"
-                )
+            cursor = conn.executemany(CONSUME, [(step, group_id, step) for group_id in group_ids])
+            _check_consumed(cursor.rowcount, len(group_ids), step)
 
     def drop_stale(self, min_version: int, step: int) -> int:
         """Mark unconsumed groups older than ``min_version`` as dropped by ``step``; returns how many."""
@@ -352,6 +373,10 @@ class SQLiteStore:
         with self._tx(write=False) as conn:
             return [group_from_row(r) for r in conn.execute(f"{GROUP_SELECT} ORDER BY g.rowid")]
 
+    def progress(self) -> StoreProgress:
+        with self._tx(write=False) as conn:
+            return StoreProgress.from_row(conn.execute(PROGRESS).fetchone())
+
     def set_meta(self, key: str, value: str) -> None:
         with self._tx(write=True) as conn:
             conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -360,3 +385,16 @@ class SQLiteStore:
         with self._tx(write=False) as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
             return None if row is None else str(row[0])
+
+
+def _check_distinct(group_ids: Sequence[str]) -> None:
+    if len(set(group_ids)) != len(group_ids):
+        raise StoreError("mark_consumed was given the same group twice")
+
+
+def _check_consumed(updated: int, asked: int, step: int) -> None:
+    if updated != asked:
+        raise StoreError(
+            f"step {step}: {asked - updated} of {asked} groups are unknown or already consumed by another step "
+            "(is a second trainer running on this run?)"
+        )

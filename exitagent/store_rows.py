@@ -113,6 +113,42 @@ CREATE TABLE rollouts (
     text TEXT NOT NULL, PRIMARY KEY (group_id, idx));
 """
 
+# PostgreSQL (store_pg.py): the same tables, with DOUBLE PRECISION for REAL (4 bytes there),
+# identity columns for order, and BYTEA for BLOB.
+PG_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE entries (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key TEXT NOT NULL, task_id TEXT NOT NULL,
+    prefix TEXT NOT NULL, iterate TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
+    parent_id BIGINT, version_step INTEGER NOT NULL, version_name TEXT NOT NULL, score DOUBLE PRECISION NOT NULL,
+    reward DOUBLE PRECISION, prev_reward DOUBLE PRECISION, errored INTEGER NOT NULL, step_kind TEXT NOT NULL,
+    group_id TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, evicted DOUBLE PRECISION);
+CREATE INDEX entries_live_score ON entries(score, id) WHERE evicted IS NULL;
+CREATE INDEX entries_live_key ON entries(key) WHERE evicted IS NULL;
+CREATE TABLE groups (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, id TEXT PRIMARY KEY, task_id TEXT NOT NULL,
+    entry_id BIGINT, step_kind TEXT NOT NULL, variant TEXT NOT NULL, version_step INTEGER NOT NULL,
+    version_name TEXT NOT NULL, depth INTEGER NOT NULL, start_turn INTEGER NOT NULL,
+    created DOUBLE PRECISION NOT NULL, consumed_by_step INTEGER, dropped INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX groups_consumed ON groups(consumed_by_step);
+CREATE INDEX groups_waiting ON groups(version_step) WHERE consumed_by_step IS NULL;
+CREATE TABLE rollouts (
+    group_id TEXT NOT NULL REFERENCES groups(id), idx INTEGER NOT NULL, tokens BYTEA NOT NULL,
+    mask BYTEA NOT NULL, logprobs BYTEA NOT NULL, layout TEXT NOT NULL, reward DOUBLE PRECISION,
+    components TEXT NOT NULL, detail TEXT NOT NULL, failure TEXT NOT NULL, diversity DOUBLE PRECISION NOT NULL,
+    text TEXT NOT NULL, PRIMARY KEY (group_id, idx));
+"""
+
+PG_GROUP_INSERT = (
+    "INSERT INTO groups (id, task_id, entry_id, step_kind, variant, version_step, version_name, depth, start_turn, "
+    "created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+PG_ROLLOUTS_OF = (
+    "SELECT group_id, idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "
+    "FROM rollouts WHERE group_id = ANY(%s) ORDER BY group_id, idx"
+)
+
 # Migrations from version v to v + 1, as SQL scripts; none yet.
 MIGRATIONS: dict[int, str] = {}
 
@@ -160,6 +196,16 @@ def entry_values(entry: BufferEntry, created: float) -> tuple[Any, ...]:
             entry.parent_id, entry.version.step, str(entry.version), entry.score, entry.reward, entry.prev_reward,
             int(entry.errored), entry.step_kind.value, entry.group_id, created)
 
+
+# Both databases run these as written (``?`` becomes ``%s`` for PostgreSQL).
+CONSUME = (
+    "UPDATE groups SET consumed_by_step = ? WHERE id = ? AND "
+    "(consumed_by_step IS NULL OR (consumed_by_step = ? AND dropped = 0))"
+)
+PROGRESS = (
+    "SELECT count(*), sum(CASE WHEN consumed_by_step IS NULL THEN 1 ELSE 0 END), "
+    "min(CASE WHEN consumed_by_step IS NULL THEN version_step END), max(consumed_by_step) FROM groups"
+)
 
 ROLLOUT_SELECT = (
     "SELECT idx, tokens, mask, logprobs, layout, reward, components, detail, failure, diversity, text "

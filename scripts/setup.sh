@@ -17,10 +17,12 @@ python=${PYTHON:-python3}
   || die "Python >= 3.11 is needed; set PYTHON=/path/to/python3.11"
 
 # --- system pieces -----------------------------------------------------------------------------
-# bubblewrap is the default sandbox for model-written code; libseccomp2 compiles its syscall filter.
+# bubblewrap is the default sandbox for model-written code; libseccomp2 compiles its syscall filter;
+# the PostgreSQL server is what the store tests start a throw-away cluster of (tests/postgres.py).
 missing=()
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || missing+=(libseccomp2)
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing ${missing[*]} (apt)"
@@ -58,7 +60,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "${pip[@]}" install --no-deps "${extra[@]}" -r requirements/cpu.txt
   else
     # GPU: vllm brings a CUDA torch with matching torchvision, so ordinary resolution works.
-    "${pip[@]}" install -e ".[gpu,train,domains,e2b,dev]"
+    "${pip[@]}" install -e ".[gpu,train,domains,e2b,postgres,dev]"
     "${pip[@]}" install --no-deps -r requirements/no-deps.txt
   fi
   "${pip[@]}" install --no-deps -e .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,18 @@ import pytest
 from exitagent import launch, models
 from exitagent.competitions import Competition, prepare_one
 from exitagent.launch import ServeProcess
+from tests.postgres import Cluster, cluster_fixture
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throw-away PostgreSQL cluster for the session (tests/postgres.py); skipped where not installed."""
+    yield from cluster_fixture()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from exitagent.store import SQLiteStore
+from exitagent.store_url import open_run_store
 from exitagent.types import (
     Episode,
     Group,
@@ -44,9 +44,10 @@ def sampled(model: Any, tokenizer: Any, question: str, answer: str, version: Pol
 
 def make_store(run_dir: Path, model: Any, tokenizer: Any, n_groups: int, *, group_size: int = 4,
                version: int = 0) -> list[str]:
-    """Record ``n_groups`` scored groups in ``run_dir/store.sqlite``; returns their ids."""
+    """Record ``n_groups`` scored groups in the run's store (``RUN/store.url``, else
+    ``RUN/store.sqlite``); returns their ids."""
     ids = []
-    with SQLiteStore.in_run(run_dir) as store:
+    with open_run_store(run_dir) as store:
         for g in range(n_groups):
             a, b = 3 + g, 4 + 2 * g
             task = Task(f"add-{g}", "math", f"What is {a} + {b}?", str(a + b))

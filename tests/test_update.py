@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from exitagent import checkpoints, served_form
 from exitagent.store import SQLiteStore
+from exitagent.store_url import open_run_store, pin_run_store
 from tests.stores import make_store
 from training.state import complete_states, sole_writer
 
@@ -45,9 +48,12 @@ def lineage(run_dir: Path) -> list[str]:
     return [group for _, groups in json.loads((state / "meta.json").read_text())["history"] for group in groups]
 
 
-@pytest.mark.parametrize("fault", ["after_consume:2", "before_publish:2", "mid_publish:2"])
-def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tiny_model_dir: Path,
-                                                             fault: str) -> None:
+@pytest.mark.parametrize("fault", ["after_consume:2", "before_publish:2", "mid_publish:2", "postgresql"])
+def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tiny_model_dir: Path, fault: str,
+                                                             request: pytest.FixtureRequest) -> None:
+    if fault == "postgresql":  # the same crash, with the run's store in PostgreSQL (found by RUN/store.url)
+        pin_run_store(tmp_path, request.getfixturevalue("postgres").url(schema=f"u_{os.getpid()}"))
+        fault = "after_consume:2"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     groups = make_store(tmp_path, model, tokenizer, 6, group_size=2)
@@ -57,7 +63,7 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tin
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     trained = lineage(tmp_path)
     assert sorted(trained) == sorted(groups) and len(trained) == len(set(trained))  # each exactly once
-    with SQLiteStore.in_run(tmp_path) as store:
+    with open_run_store(tmp_path) as store:  # RUN/store.url when a test put one there
         consumed = {g.id: g.consumed_by_step for g in store.groups()}
     assert set(consumed.values()) <= {1, 2, 3, 4} and None not in consumed.values()
     published = checkpoints.ready_checkpoints(tmp_path / "weights")
@@ -66,6 +72,31 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tmp_path: Path, tin
     served = served_form.serving_copy(tiny_model_dir, tmp_path / "served")  # what serve compares against
     for _, path in published:
         checkpoints.verify(path, checkpoints.tensor_shapes(served))
+
+
+def test_the_trainer_survives_a_postgres_restart(tmp_path: Path, tiny_model_dir: Path, postgres: Any) -> None:
+    """pg_ctl restart while training.update runs on a PostgreSQL store: it reconnects, and every
+    group is still trained exactly once."""
+    pin_run_store(tmp_path, postgres.url(schema=f"r_{os.getpid()}"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    groups = make_store(tmp_path, model, tokenizer, 12, group_size=2)  # 6 steps: the restart lands mid-run
+    log = tmp_path / "update.err"
+    with log.open("w") as err:
+        trainer = subprocess.Popen([sys.executable, "-m", "training.update", "--run-dir", str(tmp_path), "--model",
+                                    str(tiny_model_dir), "--groups-per-step", "2", "--steps", "6", "--quiet",
+                                    "--idle-timeout-s", "30", "--poll-s", "0.2", "--max-staleness", "10"],
+                                   stderr=err, text=True)
+        metrics = tmp_path / "metrics" / "update.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and '"update"' in metrics.read_text()):  # mid-run: one update made
+            assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        postgres.restart()
+        assert trainer.wait(timeout=600) == 0, log.read_text()[-2000:]
+    assert "store_reconnecting" in log.read_text()  # the restart cut its connection
+    trained = lineage(tmp_path)
+    assert sorted(trained) == sorted(groups) and len(trained) == len(set(trained))
 
 
 def test_empty_store_under_steps_is_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:

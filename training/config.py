@@ -13,11 +13,13 @@ from pathlib import Path
 from exitagent.models import DEFAULT_MODEL
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import normalise as normalise_precision
+from exitagent.store_url import STORE_HELP
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
     run_dir: Path = field(metadata={"help": "run directory (store.sqlite, weights/, trainer/)"})
+    store: str = field(default="", metadata={"help": STORE_HELP})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "initial model: name, directory or hub id"})
     steps: int = field(default=0, metadata={"help": "stop once the run has made this many updates in all (0: follow)"})
     groups_per_step: int = field(default=128, metadata={"help": "groups (prompts) per update; paper: math 128"})

@@ -27,6 +27,7 @@ calls ``train_step``, ``save`` and ``publish`` on it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import signal
 import sys
@@ -40,7 +41,8 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.errors import ExitAgentError, unwrap
 from exitagent.log import MetricsFile
-from exitagent.store import SQLiteStore
+from exitagent.store import CurriculumStore
+from exitagent.store_url import open_run_store, redact
 from exitagent.types import StoredGroup, Variant
 from training import state as trainer_state
 from training.advantage import group_advantages
@@ -72,7 +74,7 @@ def items_from(groups: list[StoredGroup], cfg: UpdateConfig) -> tuple[list[Train
     return items, counts
 
 
-def gather(store: SQLiteStore, trainer: Trainer, cfg: UpdateConfig, metrics: MetricsFile) -> list[StoredGroup]:
+def gather(store: CurriculumStore, trainer: Trainer, cfg: UpdateConfig, metrics: MetricsFile) -> list[StoredGroup]:
     """Up to ``groups_per_step`` fresh groups; stale ones are dropped (and counted) first."""
     min_version = max(0, trainer.step - cfg.max_staleness)
     dropped = store.drop_stale(min_version, trainer.step + 1)
@@ -84,7 +86,7 @@ def gather(store: SQLiteStore, trainer: Trainer, cfg: UpdateConfig, metrics: Met
 
 async def run(cfg: UpdateConfig) -> int:
     trainer = Trainer.restore_or_start(cfg)
-    with SQLiteStore.in_run(cfg.run_dir) as store:
+    with open_run_store(cfg.run_dir, cfg.store) as store:
         released = store.unconsume(trainer.step + 1)
         if released:
             log.warning("consumption_rolled_back", groups=released, resumed_at=trainer.step)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_args(UpdateConfig, args)
         logging_setup.configure(json_lines=cfg.log_json or None)
         with trainer_state.sole_writer(cfg.run_dir / "trainer"):  # before anything of the run is written
-            config.save(cfg, cfg.run_dir, "update")
+            config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")  # no password
             return anyio.run(run, cfg)
     except BaseException as raised:  # re-raised below unless it is ours
         error = unwrap(raised)

@@ -1,4 +1,4 @@
-"""Show a run's buffer: ``python -m exitagent.curriculum show RUN_DIR [--plot out.png]``."""
+"""Show a run's buffer: ``python -m exitagent.curriculum show RUN_DIR [--store URL] [--plot out.png]``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exitagent.curriculum.view import format_summary, plot, summarize
+from exitagent.errors import ExitAgentError
 from exitagent.log import configure
-from exitagent.store import STORE_FILENAME, SQLiteStore
+from exitagent.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -18,14 +19,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = commands.add_parser("show", help="print the buffer of a run (and plot it)")
     show.add_argument("run_dir", type=Path)
     show.add_argument("--plot", type=Path, default=None, help="write curriculum plots to this PNG")
+    show.add_argument("--store", default="", help=STORE_HELP)
     args = parser.parse_args(argv)
     configure(level="warning")
-    path = args.run_dir / STORE_FILENAME
-    if not path.exists():  # opening would create an empty store
-        print(f"no curriculum store at {path}", file=sys.stderr)
+    try:
+        if not store_exists(args.run_dir, args.store):  # opening would create an empty store
+            print(f"no curriculum store at {run_store_target(args.run_dir, args.store)}", file=sys.stderr)
+            return 2
+        with open_run_store(args.run_dir, args.store) as store:
+            entries, groups = store.entries(), store.groups()
+    except ExitAgentError as error:  # an unreachable server, a refused login, a bad store.url
+        print(f"curriculum show: {error}", file=sys.stderr)
         return 2
-    with SQLiteStore(path) as store:
-        entries, groups = store.entries(), store.groups()
     print(format_summary(summarize(entries, groups)))
     if args.plot:
         plot(groups, args.plot)
