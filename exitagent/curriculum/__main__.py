@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from exitagent import config
 from exitagent.curriculum.view import format_summary, plot, summarize
 from exitagent.log import configure
 from exitagent.store import STORE_FILENAME, SQLiteStore
@@ -18,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show = commands.add_parser("show", help="print the buffer of a run (and plot it)")
     show.add_argument("run_dir", type=Path)
     show.add_argument("--plot", type=Path, default=None, help="write curriculum plots to this PNG")
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, "curriculum")
     configure(level="warning")
     path = args.run_dir / STORE_FILENAME
     if not path.exists():  # opening would create an empty store
