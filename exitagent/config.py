@@ -135,7 +135,7 @@ SHARED_BY: dict[str, str] = {
     "run": "exitagent.run:RunConfig",
     "update": "training.config:UpdateConfig",
 }
-SECTIONS = (*SHARED_BY, "variants", "models", "curriculum", "competitions")
+SECTIONS = (*SHARED_BY, "variants", "models", "curriculum", "competitions", "memory")
 _NOT_FROM_FILE = ("help", "version", "config")
 Settable = dict[str, list[tuple[argparse.ArgumentParser, argparse.Action]]]
 
