@@ -137,6 +137,7 @@ SHARED_BY: dict[str, str] = {
 }
 SECTIONS = (*SHARED_BY, "variants", "models", "curriculum", "competitions", "memory")
 _NOT_FROM_FILE = ("help", "version", "config")
+MAX_FILE_BYTES = 2**20
 Settable = dict[str, list[tuple[argparse.ArgumentParser, argparse.Action]]]
 
 
@@ -200,6 +201,10 @@ def _settable(parser: argparse.ArgumentParser) -> Settable:
 def read_file(path: Path) -> dict[str, Any]:
     """The TOML document at ``path``, or a ConfigError saying why not."""
     try:
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"--config {path}: not a regular file")
+        if path.exists() and path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"--config {path}: larger than {MAX_FILE_BYTES // 2**20} MiB; not a recipe")
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:

@@ -85,6 +85,9 @@ def test_missing_file_and_abbreviated_flag(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit):
         config.parse_args(parser, ["--config", str(tmp_path / "nope.toml")], "serve")
     assert f"--config {tmp_path / 'nope.toml'}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        config.parse_args(parser, ["--config", "/dev/zero"], "serve")
+    assert "/dev/zero: not a regular file" in capsys.readouterr().err
     (tmp_path / "r.toml").write_text("port = 1\n")
     with pytest.raises(SystemExit):  # argparse would take --conf for --config; the file would be skipped
         config.parse_args(parser, ["--conf", str(tmp_path / "r.toml")], "serve")
