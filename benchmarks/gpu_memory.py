@@ -167,6 +167,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.cuda.set_device(device)
     option = memory.BY_KEY[args.option]
+    import transformers  # noqa: F401  (imported before the baseline: library code is not the model's memory)
+
+    if (need := NEEDS.get(args.option)) is not None:
+        __import__(need)
     baseline, started = _rss_bytes(), time.monotonic()
     scored, scored_ref, trainable, _frozen = build(args.shape, option, device, world, args.lora_rank,
                                                     args.checkpointing)
