@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from evaluators.base import Evaluator
 from exitagent.client import OpenAIPolicy
-from exitagent.config import add_arguments, from_args, save
+from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.diversity import Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.collect", description=__doc__.split("\n\n")[0])
     add_arguments(parser, CollectConfig)
     try:
-        cfg = from_args(CollectConfig, parser.parse_args(argv))
+        cfg = from_args(CollectConfig, parse_args(parser, argv, "collect"))
         configure(level=cfg.log_level)
         return anyio.run(_main, cfg)
     except (ConfigError, StoreError) as error:

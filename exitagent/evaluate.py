@@ -51,7 +51,7 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent.config import add_arguments, from_args, to_json
+from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.log import configure
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.evaluate", description=__doc__.split("\n\n")[0])
     add_arguments(parser, EvalConfig)
     try:
-        cfg = from_args(EvalConfig, parser.parse_args(argv))
+        cfg = from_args(EvalConfig, parse_args(parser, argv, "evaluate"))
         configure(level=cfg.log_level)
         result = anyio.run(_main, cfg)
     except ExitAgentError as error:

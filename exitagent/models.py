@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from exitagent import checkpoints
+from exitagent import checkpoints, config
 from exitagent.errors import ConfigError, ModelError
 
 log = structlog.get_logger(__name__)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("verify", help="check a prepared model against its manifest").add_argument(
         "model", nargs="?", default=DEFAULT_MODEL
     )
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, "models")
     logging_setup.configure()
     try:
         if args.command == "prepare":

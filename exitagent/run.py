@@ -270,7 +270,7 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     parser = argparse.ArgumentParser(prog="python -m exitagent.run", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, RunConfig)
     try:
-        return config.from_args(RunConfig, parser.parse_args(argv))
+        return config.from_args(RunConfig, config.parse_args(parser, argv, "run"))
     except ConfigError as bad:
         parser.error(str(bad))
 

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.serve", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, ServeConfig)
     try:
-        cfg = config.from_args(ServeConfig, parser.parse_args(argv))
+        cfg = config.from_args(ServeConfig, config.parse_args(parser, argv, "serve"))
     except ConfigError as bad:
         parser.error(str(bad))  # one usage line and exit 2, before anything starts
     logging_setup.configure(json_lines=cfg.log_json or None)

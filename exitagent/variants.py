@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from exitagent import config
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
-    args, passthrough = parser.parse_known_args(argv)
+    args, passthrough = config.parse_known_args(parser, argv, "variants")  # --config goes on to run
     try:
         variants = [Variant(v) for v in args.variants.split(",") if v]
         seeds = [int(s) for s in args.seeds.split(",") if s]

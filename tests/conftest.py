@@ -68,3 +68,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
     yield server
     if server.process.poll() is None:
         server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need CUDA: skipped where torch sees no GPU (torch is imported only if
+    such a test was collected)."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))

@@ -142,7 +142,7 @@ async def run(cfg: UpdateConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.update", description=__doc__.split("\n\n")[0])
     config.add_arguments(parser, UpdateConfig)
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, "update")
     try:
         cfg = config.from_args(UpdateConfig, args)
         logging_setup.configure(json_lines=cfg.log_json or None)

@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 
+from exitagent import config
 from exitagent.competitions import RECORDED, catalog_ids, prepare, prepare_one, recorded
 from exitagent.competitions.catalog import SPECS
 from exitagent.errors import ExitAgentError
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cal = commands.add_parser("calibrate", help="re-derive worst/best from the reference programs")
     cal.add_argument("--only", default="", help="comma-separated competition ids (default: all)")
     cal.add_argument("--time-limit-s", type=float, default=120.0)
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, "competitions")
     configure(level="warning")
     ids = [i.strip() for i in getattr(args, "only", "").split(",") if i.strip()] or catalog_ids()
     try:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from exitagent import config
 from exitagent.curriculum.view import format_summary, plot, summarize
 from exitagent.errors import ExitAgentError
 from exitagent.log import configure
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("run_dir", type=Path)
     show.add_argument("--plot", type=Path, default=None, help="write curriculum plots to this PNG")
     show.add_argument("--store", default="", help=STORE_HELP)
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv, "curriculum")
     configure(level="warning")
     try:
         if not store_exists(args.run_dir, args.store):  # opening would create an empty store
