@@ -7,7 +7,7 @@
 One measurement does what an update does, on ``--tokens`` tokens: the policy's forward (bf16
 autocast over fp32 master weights, or bf16 weights), the reference's forward without gradients,
 log-probabilities through the head in chunks, a GRPO-shaped loss with a KL term, backward, gradient
-clipping and one optimizer step. Options are those of ``training.memory`` (the computed table):
+clipping and one optimizer step. Options are those of ``training.memory_table`` (the computed table):
 ``fp32``, ``bf16-ref``, ``adam8`` and ``bf16-sr`` (torchao's AdamW8bit), ``lora`` (peft, rank 64).
 Under ``torchrun`` with more than one process the model is sharded with FSDP2 (``fully_shard`` per
 decoder layer, then the root: embeddings and head), bf16 all-gathers and fp32 gradient reduction.
@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import memory
+from training import memory_table as memory
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)

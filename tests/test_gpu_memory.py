@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import memory
+from training import memory_table as memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_memory
@@ -53,7 +53,10 @@ def test_table_measures_one_process_and_two_fsdp_ranks() -> None:
     assert len(rows) == 4
     for row in rows:
         measured = row.split("|")[6].strip()
-        assert measured.endswith("(cpu)") and float(measured.split()[0]) > 0, row
+        # On a CPU the figure is the growth of the process's peak RSS: a tiny model's update may not
+        # raise the peak its imports already set, so 0.0 is a valid reading here (a GPU reads exactly).
+        assert measured.endswith("(cpu)") and float(measured.split()[0]) >= 0, row
+        assert float(row.split("|")[7]) > 0, row  # the update ran and was timed
 
 
 @pytest.mark.gpu

@@ -1,10 +1,10 @@
-"""training.memory: exact parameter counts, one row against a hand computation, docs/memory.md current."""
+"""training.memory_table: exact parameter counts, one row against a hand computation, docs/memory.md current."""
 
 from __future__ import annotations
 
 import pytest
 
-from training import memory
+from training import memory_table as memory
 
 
 def test_llama_3b_count_by_hand() -> None:
@@ -43,4 +43,4 @@ def test_offload_moves_the_state_to_the_host() -> None:
 
 
 def test_docs_memory_md_is_current() -> None:
-    assert memory.main(["--check"]) == 0, "run: python -m training.memory"
+    assert memory.main(["--check"]) == 0, "run: python -m training.memory_table"
