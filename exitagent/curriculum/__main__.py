@@ -7,8 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from exitagent.curriculum.view import format_summary, plot, summarize
-from exitagent.log import configure
+from exitagent.curriculum.view import format_collectors, format_summary, plot, summarize
+from exitagent.log import configure, read_metrics
 from exitagent.store import STORE_FILENAME, SQLiteStore
 
 
@@ -27,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with SQLiteStore(path) as store:
         entries, groups = store.entries(), store.groups()
     print(format_summary(summarize(entries, groups)))
+    print(format_collectors(read_metrics(args.run_dir, "collect", "group")))  # every collector's file
     if args.plot:
         plot(groups, args.plot)
         print(f"plots written to {args.plot}")
