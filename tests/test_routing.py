@@ -4,8 +4,13 @@ ejection and recovery, failover of a group whose server dies, and refusal of mix
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -262,3 +267,44 @@ async def test_collect_over_two_servers_one_dying_records_whole_groups_with_thei
     assert max(r["version_skew"] for r in rows) == 2
     assert len(list((tmp_path / "metrics").glob("collect-*-*.jsonl"))) == 1  # this collector's own file
     assert json.loads((tmp_path / "config" / "collect.json").read_text())["base_url"] == [a.base_url, b.base_url]
+
+
+@contextmanager
+def policy_server(body: dict[str, Any]) -> Iterator[str]:
+    """A loopback HTTP server that answers ``GET /policy`` with ``body`` (and 404 to anything else)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = json.dumps(body).encode() if self.path == "/policy" else b"{}"
+            self.send_response(200 if self.path in ("/policy", "/health") else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_collect_command_refuses_servers_of_different_base_models(tmp_path: Path) -> None:
+    """Over real loopback HTTP: one clear line, exit 2, and not one group recorded."""
+    same = {"version": "base", "base": {"name": "smollm2-135m", "fingerprint": "cf1925c958c02923"}}
+    other = {"version": "base", "base": {"name": "qwen2.5-7b", "fingerprint": "0123456789abcdef"}}
+    with policy_server(same) as first, policy_server(other) as second:
+        command = [sys.executable, "-m", "exitagent.collect", "--run-dir", str(tmp_path), "--base-url", first,
+                   "--base-url", second, "--groups", "1", "--no-progress", "--log-level", "error"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("collect: the policy servers serve different base models") and "qwen2.5-7b" in line
+    with SQLiteStore.in_run(tmp_path) as store:
+        assert store.groups() == []
