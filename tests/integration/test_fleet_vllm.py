@@ -3,19 +3,23 @@ serves, and one collector over both records each group's exact version and serve
 
 About 8-10 GiB of memory (two engines with a 1 GiB KV cache each) and 4-6 minutes on two cores.
 
-vLLM's own data parallelism (``serve --data-parallel-size 2``) is not started here: vLLM's CPU
-backend binds each engine's OpenMP threads to cores of its own and keeps one core free for the
-API process (``VLLM_CPU_OMP_THREADS_BIND=auto``), so two engines need more than the two cores CI
-has. That a reload reaches every data-parallel engine is read from vLLM's code (docs/scaling.md).
+Also vLLM's own data parallelism on the CPU build: ``serve --data-parallel-size 2`` with
+``VLLM_CPU_OMP_THREADS_BIND="0|1"`` (one core list per engine) runs two engines behind one API
+process, and one reload reaches both (vLLM broadcasts utility calls to every engine; docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import re
 import signal
+import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,7 +28,7 @@ from exitagent import checkpoints, launch
 from exitagent.launch import ServeProcess
 from exitagent.log import read_metrics
 from exitagent.store import SQLiteStore
-from training.publish import publish_model
+from training.publish import compute_canary, publish_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -102,3 +106,38 @@ def test_two_servers_reload_prune_and_collect(fleet, model_dir: Path) -> None:
     rows = read_metrics(run_dir, "collect", "group")
     assert {r["server"] for r in rows} == {a.base_url, b.base_url}  # both servers answered groups
     assert all(r["version"] == "step-000004" and r["version_skew"] == 0 for r in rows)
+
+
+def test_one_reload_reaches_both_data_parallel_engines(tmp_path: Path, model_dir: Path) -> None:
+    """Two engines behind one serve: after one reload, canary requests answered by either engine all
+    show the new weights (one MLP zeroed: the base model would be far off), and the engine log shows
+    that both engines took prompt tokens."""
+    server = launch.start_serve(tmp_path, "--kv-cache-gib", "1", "--poll-s", "0.5", "--enforce-eager",
+                                "--data-parallel-size", "2", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    try:
+        model, tokenizer = changed_model(model_dir, 3)
+        canary = compute_canary(model, tokenizer)
+        publish_model(model, tokenizer, server.weights_dir, step=1)
+        info = server.wait_for_version("step-000001", timeout_s=300)
+        assert info["rejected"] == 0, info["last_error"]
+
+        def gap(_: int) -> float:
+            body = {"model": "policy", "prompt": list(canary.token_ids), "max_tokens": 1, "temperature": 0.0,
+                    "prompt_logprobs": 0}
+            answer = httpx.post(f"{server.base_url}/completions", json=body, timeout=120)
+            answer.raise_for_status()
+            entries = answer.json()["choices"][0]["prompt_logprobs"][1:]
+            served = [float(e[str(t)]["logprob"]) for t, e in zip(canary.token_ids[1:], entries, strict=True)]
+            return statistics.fmean(abs(a - b) for a, b in zip(served, canary.logprobs, strict=True))
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent, so vLLM's balancer uses both engines
+            gaps = list(pool.map(gap, range(16)))
+        assert max(gaps) < 0.1, gaps
+        time.sleep(11)  # vLLM logs each engine's throughput every 10 s
+    finally:
+        server.stop()
+    log = (tmp_path / "logs" / "vllm.log").read_text()
+    prompt_rates = {engine: float(rate) for engine, rate in
+                    re.findall(r"Engine (\d+): Avg prompt throughput: ([\d.]+)", log)
+                    if float(rate) > 0}
+    assert set(prompt_rates) == {"000", "001"}, prompt_rates  # both engines answered canary requests
