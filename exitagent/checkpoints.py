@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ from exitagent.faults import crash_point
 READY = "READY"
 MANIFEST = "manifest.json"
 CANARY = "canary.json"
-SERVED = "SERVED.json"  # written by the server into the weights directory: what it serves now
+SERVED_DIR = "served"  # one record per server: served/HOST-PORT.json, what that server serves now
+SERVED = "SERVED.json"  # the single record of earlier versions: still read, never written
 STEP_DIR = re.compile(r"step-(\d{6,})")
 
 
@@ -314,29 +316,64 @@ def publish(weights_dir: Path, step: int, write: Callable[[Path], Canary], **man
     return final
 
 
-def write_served(weights_dir: Path, info: dict[str, Any]) -> None:
-    """Record which checkpoint is being served (``info["checkpoint"]``), atomically."""
-    tmp = weights_dir / f".{SERVED}.tmp"
+def server_id(port: int, host: str | None = None) -> str:
+    """The name of one server's record: its machine and gateway port (a restart on the same port
+    replaces its own record instead of leaving one behind)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", host or socket.gethostname()) or "host"
+    return f"{name}-{port}"
+
+
+def write_served(weights_dir: Path, info: dict[str, Any], server: str) -> None:
+    """Record which checkpoint ``server`` serves (``info["checkpoint"]``) in ``served/SERVER.json``,
+    atomically. Each server has its own file: with one shared file, servers on one weights directory
+    overwrote each other and pruning could delete a checkpoint another server was serving."""
+    folder = weights_dir / SERVED_DIR
+    final = folder / f"{server}.json"
+    tmp = folder / f".{server}.json.tmp-{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, weights_dir / SERVED)
+        folder.mkdir(exist_ok=True)
+        tmp.write_text(json.dumps({**info, "server": server, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        os.replace(tmp, final)
     except OSError as error:  # a full disk: the previous record stays whole, no partial file is left
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not record the served checkpoint in {weights_dir / SERVED}: "
+        raise CheckpointError(f"could not record the served checkpoint in {final}: "
                               f"{error.strerror or error}") from error
 
 
-def served_checkpoint(weights_dir: Path) -> Path | None:
-    try:
-        return Path(json.loads((weights_dir / SERVED).read_text())["checkpoint"])
-    except (OSError, ValueError, KeyError):
-        return None
+def forget_served(weights_dir: Path, server: str) -> None:
+    """Remove ``server``'s record (a clean shutdown): it no longer holds a checkpoint back from pruning."""
+    (weights_dir / SERVED_DIR / f"{server}.json").unlink(missing_ok=True)
+
+
+def served_records(weights_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every live server's record, by server id. A record whose server ran on this machine and whose
+    process is gone is skipped (a ``kill -9``); records from other machines are kept, because
+    nothing here can tell whether their servers live (a restart on the same port replaces its own).
+    The single ``SERVED.json`` of earlier versions is read too, as server ``legacy``."""
+    records: dict[str, dict[str, Any]] = {}
+    paths = sorted((weights_dir / SERVED_DIR).glob("*.json")) if (weights_dir / SERVED_DIR).is_dir() else []
+    for path in [*paths, weights_dir / SERVED]:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("checkpoint"), str):
+            continue
+        pid = info.get("pid")
+        if info.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            continue
+        records[str(info.get("server", "legacy")) if path.name != SERVED else "legacy"] = info
+    return records
+
+
+def served_checkpoints(weights_dir: Path) -> set[Path]:
+    """The checkpoint directories any live server serves (see ``served_records``)."""
+    return {Path(info["checkpoint"]) for info in served_records(weights_dir).values()}
 
 
 def prune(weights_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` published checkpoints, never the one being served."""
-    served = served_checkpoint(weights_dir)
-    protect = {served.resolve()} if served else set()
+    """Delete all but the newest ``keep`` published checkpoints, never one that any server serves."""
+    protect = {path.resolve() for path in served_checkpoints(weights_dir)}
     published = ready_checkpoints(weights_dir)
     removed = []
     for _, path in published[: max(0, len(published) - keep)]:

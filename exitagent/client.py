@@ -24,7 +24,7 @@ import openai
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exitagent.errors import ServerError, ServerUnsupported
+from exitagent.errors import ServerError, ServerUnavailable, ServerUnsupported
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams
 from exitagent.tools import ActionError, load_json
 from exitagent.types import Message, PolicyVersion, Sample, ToolCall
@@ -113,9 +113,10 @@ class OpenAIPolicy:
                 with attempt:
                     raw = await self._openai.chat.completions.with_raw_response.create(**body, extra_body=extra)
         except openai.APIError as error:
-            raise ServerError(f"policy server {self.base_url} failed: {type(error).__name__}: {error}") from error
+            kind = ServerUnavailable if is_transient(error) else ServerError
+            raise kind(f"policy server {self.base_url} failed: {type(error).__name__}: {error}") from error
         except httpx.HTTPError as error:
-            raise ServerError(f"policy server {self.base_url} unreachable: {error}") from error
+            raise ServerUnavailable(f"policy server {self.base_url} unreachable: {error}") from error
         version_name = raw.headers.get(VERSION_HEADER)
         version = PolicyVersion.parse(version_name) if version_name else UNKNOWN
         return self._samples(raw.parse(), version)
@@ -147,12 +148,37 @@ class OpenAIPolicy:
     async def policy_version(self) -> PolicyVersion:
         """The version the server is serving now (``exitagent.serve``'s ``/policy``), else ``unknown``."""
         try:
+            return PolicyVersion.parse((await self.policy_info() or {})["version"])
+        except (ServerError, ValueError, KeyError, TypeError):
+            return UNKNOWN
+
+    async def policy_info(self) -> dict[str, Any] | None:
+        """``exitagent.serve``'s ``GET /policy`` (version, base model), or None from another server.
+        Raises ``ServerUnavailable`` when the server does not answer at all."""
+        try:
             response = await self._http.get(self.base_url.removesuffix("/v1") + "/policy", timeout=10.0)
-            if response.status_code == 200:
-                return PolicyVersion.parse(response.json()["version"])
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        return UNKNOWN
+        except httpx.HTTPError as error:
+            raise ServerUnavailable(f"policy server {self.base_url} unreachable: {error}") from error
+        try:
+            info = response.json() if response.status_code == 200 else None
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    async def model_names(self) -> list[str]:
+        """What ``GET /v1/models`` lists for servers without ``/policy``: each model's id and root."""
+        try:
+            response = await self._http.get(self.base_url + "/models", timeout=10.0)
+            rows = response.json().get("data", []) if response.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
+        return sorted(f"{row.get('id')}={row.get('root')}" for row in rows if isinstance(row, dict))
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._http.get(self.base_url.removesuffix("/v1") + "/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 def _tool_call(call: Any) -> ToolCall:

@@ -7,10 +7,16 @@ Each of ``--concurrency`` workers repeats: pass the staleness gate, choose a sta
 or once the buffer holds B_min entries and with probability p, a buffer entry with a replay,
 improve or divergence step), sample G responses in one request, score them, add the diversity
 multipliers (full ExIt), then record the group, its children and the refresh of its start in one
-store transaction (``Curriculum.record``). Per-group metrics go to ``RUN/metrics/collect.jsonl``,
-the config to ``RUN/config/collect.json`` and ``RUN/config/curriculum.json``.
+store transaction (``Curriculum.record``). Per-group metrics go to
+``RUN/metrics/collect-HOST-PID.jsonl`` (one file per collector: many may share a run), the config
+to ``RUN/config/collect.json`` and ``RUN/config/curriculum.json``.
 
 Staleness gate: ``staleness.py`` (collection pauses while the trainer is behind).
+
+Several servers: ``--base-url`` given more than once. Each group goes to the least busy server and
+stays there; a server that stops answering is ejected and probed again later, and its groups in
+flight run again elsewhere (``exitagent.routing``). Servers that serve different base models are
+refused at start. Each group's metrics name its server and the version skew between servers.
 
 Stopping and resuming. SIGINT or SIGTERM: start no new group, finish the groups in flight, exit 0.
 A second signal: discard the groups in flight (nothing of them is written) and exit 130. A group is
@@ -40,15 +46,16 @@ import structlog
 from tqdm import tqdm
 
 from evaluators.base import Evaluator
-from exitagent.client import OpenAIPolicy
+from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.diversity import Embedder, MiniLMEmbedder
-from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
-from exitagent.log import MetricsFile, configure
+from exitagent.log import MetricsFile, collector_metrics, configure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
+from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
 from exitagent.store import CurriculumStore
 from exitagent.store_url import STORE_HELP, open_run_store, redact
@@ -61,7 +68,8 @@ log = structlog.get_logger(__name__)
 class CollectConfig:
     run_dir: Path = field(metadata={"help": "run directory (the store, metrics and config live here)"})
     store: str = field(default="", metadata={"help": STORE_HELP})
-    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
+    base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
+        "help": "OpenAI-compatible policy server; several: each group goes to the least busy (exitagent.routing)"})
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
     domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
@@ -89,6 +97,8 @@ class CollectConfig:
     memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
     max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
+    failover_s: float = field(default=30.0, metadata={
+        "help": "with several servers: how long one may fail before its group moves to another (s)"})
     max_unconsumed: int = field(default=0, metadata={"help": "pause while this many groups wait for the trainer"})
     poll_s: float = field(default=2.0, metadata={"help": "staleness gate: seconds between store checks"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
@@ -96,6 +106,7 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         get_domain(self.domain)
+        object.__setattr__(self, "base_url", routing.urls(self.base_url))
         if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
             raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
@@ -141,7 +152,7 @@ class _Run:
 
     cfg: CollectConfig
     domain: Domain
-    policy: Policy
+    policy: RoutedPolicy
     evaluator: Evaluator
     store: CurriculumStore
     curriculum: Curriculum
@@ -170,8 +181,14 @@ async def _one_group(run: _Run, group_id: str) -> None:
     began = time.monotonic()
     with run.store.view() as buffer:
         start = run.curriculum.choose_start(buffer)
-    rolled = await run.domain.roll_out(start, run.policy, run.evaluator, group_size=run.cfg.group_size,
-                                       params=run.cfg.sampling(), settings=run.cfg.settings())
+    servers: list[str] = []  # more than one: a server stopped answering and the group ran again elsewhere
+
+    async def on(server: Pinned) -> RolledGroup:
+        servers.append(server.base_url)
+        return await run.domain.roll_out(start, server, run.evaluator, group_size=run.cfg.group_size,
+                                         params=run.cfg.sampling(), settings=run.cfg.settings())
+
+    rolled = await run.policy.run_pinned(on)
     run.shortened += rolled.start != start
     start, result = rolled.start, rolled.result
     if run.embedder is not None:
@@ -186,14 +203,15 @@ async def _one_group(run: _Run, group_id: str) -> None:
     run.crashed += _crashed(result)
     run.from_buffer += start.entry is not None
     run.rewards += rewards
-    _write_metrics(run, start, group_id, result, update.score, time.monotonic() - began)
+    _write_metrics(run, start, group_id, result, update.score, time.monotonic() - began, servers)
 
 
 def _crashed(result: GroupResult) -> int:
     return sum(r.episode.stop_reason is StopReason.CRASHED for r in result.rollouts)
 
 
-def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, score: float, seconds: float) -> None:
+def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, score: float, seconds: float,
+                   servers: list[str]) -> None:
     with run.store.view() as buffer:
         scores = [s for _, s in buffer.scores()]
     rewards = [r.reward for r in result.rollouts if r.reward is not None]
@@ -208,6 +226,10 @@ def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, 
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
         truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3), seconds=round(seconds, 3),
+        # several servers: which one answered, how far apart the servers' versions are, and how far
+        # apart the oldest and newest sample of this group are (a reload landed mid-group)
+        server=servers[-1], server_attempts=len(servers), version_skew=run.policy.router.skew(),
+        group_version_spread=result.newest.step - result.version.step,
     )
     run.bar.set_postfix(reward=f"{reward_mean or 0:.2f}", buffer=len(scores), version=result.version.step,
                         failed=run.failed, refresh=False)
@@ -243,11 +265,15 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
     """Collect groups into ``store`` until the run holds ``cfg.groups`` (or ``stop`` is set).
 
     ``embedder`` is used for the diversity bonus when the variant has it (full ExIt); the default
-    is the packaged MiniLM. Raises ``ServerError`` when the policy server is gone for good (groups
-    in flight are discarded; recorded ones stay), ``ConfigError`` for a run dir this config does not fit.
+    is the packaged MiniLM. ``policy`` may be a ``RoutedPolicy`` over several servers; any other
+    policy is routed as the only one. Raises ``ServerError`` when the policy servers are gone for
+    good (groups in flight are discarded; recorded ones stay), ``ConfigError`` for a run dir this
+    config does not fit, or servers that serve different base models.
     """
     curriculum_cfg = cfg.curriculum()
     existing = _check_run(cfg, store, tasks)
+    routed = policy if isinstance(policy, RoutedPolicy) else RoutedPolicy([policy], deadline_s=cfg.server_deadline_s)
+    await routed.check_same_base()
     save(cfg, cfg.run_dir, "collect")
     save(curriculum_cfg, cfg.run_dir, "curriculum")
     if curriculum_cfg.diversity_bonus and embedder is None:
@@ -255,11 +281,11 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
         await anyio.to_thread.run_sync(embedder.embed, ["load the model now, not mid-run"])
     rng = random.Random(f"exitagent-collect:{cfg.seed}:{existing}")  # a rerun does not replay the same draws
     quota = max(cfg.groups - existing, 0) if cfg.groups else None
-    metrics = MetricsFile(cfg.run_dir / "metrics" / "collect.jsonl")
+    metrics = MetricsFile(collector_metrics(cfg.run_dir))
     bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,
                desc="groups", dynamic_ncols=True)
-    gate = StalenessGate(store, policy, cfg.max_staleness, cfg.poll_s, cfg.max_unconsumed)
-    run = _Run(cfg, get_domain(cfg.domain), policy, evaluator, store, Curriculum(curriculum_cfg, tasks, rng), gate,
+    gate = StalenessGate(store, routed, cfg.max_staleness, cfg.poll_s, cfg.max_unconsumed)
+    run = _Run(cfg, get_domain(cfg.domain), routed, evaluator, store, Curriculum(curriculum_cfg, tasks, rng), gate,
                stop or anyio.Event(), metrics, bar, embedder if curriculum_cfg.diversity_bonus else None, quota)
     log.info("collect_started", session=run.session, variant=cfg.variant.value, existing=existing, quota=quota)
     try:
@@ -309,8 +335,8 @@ async def _main(cfg: CollectConfig) -> int:
     tasks = load_tasks(cfg)
     with open_run_store(cfg.run_dir, cfg.store) as store:  # before anything is written: a newer schema stops here
         cfg = replace(cfg, store=redact(cfg.store))  # the saved config never holds a password
-        policy = OpenAIPolicy(cfg.base_url, model=cfg.model, deadline_s=cfg.server_deadline_s,
-                              max_context=cfg.max_context)
+        policy = routing.open_servers(cfg.base_url, deadline_s=cfg.server_deadline_s, failover_s=cfg.failover_s,
+                                      model=cfg.model, max_context=cfg.max_context)
         async with policy, get_domain(cfg.domain).open_evaluator(cfg.settings()) as evaluator:
             stop, work, summary, error = anyio.Event(), anyio.CancelScope(), None, None
             async with anyio.create_task_group() as group:

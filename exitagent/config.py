@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, sk
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
+        if typing.get_origin(kind) is tuple:  # tuple[str, ...]: the flag may be given several times
+            parser.add_argument(_flag(f.name), action="append", type=str, default=None,
+                                help=f"{help_text} (repeatable; default: {' '.join(map(str, default or ()))})")
+            continue
         parse: Any = kind
         choices = f.metadata.get("choices")  # a str field with a fixed set of values
         if isinstance(kind, type) and issubclass(kind, Enum):
@@ -93,6 +97,10 @@ def from_args(config_type: type[C], args: argparse.Namespace, **overrides: Any) 
             continue
         value = getattr(args, f.name)
         kind, _ = _base_type(hints[f.name])
+        if typing.get_origin(kind) is tuple:
+            if value is None:
+                continue  # not given: the field's default
+            value = tuple(value)
         if value is not None and isinstance(kind, type) and issubclass(kind, Enum):
             value = kind(value)
         values[f.name] = value

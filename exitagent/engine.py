@@ -71,6 +71,10 @@ class EngineSpec:
     dtype: str = "bfloat16"
     log_file: Path | None = None
     enforce_eager: bool = False  # skip graph compilation: starts much faster, generates slower
+    data_parallel_size: int = 1  # engines behind one API process (vLLM balances requests among them)
+    tensor_parallel_size: int = 1  # devices one engine's layers are split over
+    tool_call_parser: str | None = None  # vLLM's server-side tool-call parsing (--enable-auto-tool-choice)
+    reasoning_parser: str | None = None  # splits a reasoning model's thinking from its answer
 
 
 def _command(spec: EngineSpec) -> list[str]:
@@ -90,6 +94,17 @@ def _command(spec: EngineSpec) -> list[str]:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.enforce_eager:
         command.append("--enforce-eager")
+    # Data parallelism under one API process: vLLM broadcasts every utility call (pause,
+    # collective_rpc reload_weights, reset_prefix_cache, the weight version) to all engines
+    # (DPLBAsyncMPClient in vllm/v1/engine/core_client.py), so one reload reaches every copy.
+    if spec.data_parallel_size > 1:
+        command += ["--data-parallel-size", str(spec.data_parallel_size)]
+    if spec.tensor_parallel_size > 1:
+        command += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.tool_call_parser:
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
+    if spec.reasoning_parser:
+        command += ["--reasoning-parser", spec.reasoning_parser]
     return command
 
 

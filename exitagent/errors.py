@@ -9,6 +9,7 @@ corrupt store or checkpoint, bad configuration. Each message is one line that sa
     ├── ModelError             a model or checkpoint that cannot be prepared or loaded
     │   └── CheckpointError    a published checkpoint that is incomplete, corrupt or incompatible
     ├── ServerError            the inference server: failed to start, died, or unreachable
+    │   ├── ServerUnavailable  it did not answer (connection, timeout, 429, 5xx) within its deadline
     │   ├── ServerUnsupported  the server lacks a feature exitagent needs (e.g. token ids)
     │   └── ReloadError        a weight reload that failed or did not verify
     ├── SandboxError           the sandbox infrastructure (not the code run inside it)
@@ -38,6 +39,10 @@ class CheckpointError(ModelError):
 
 class ServerError(ExitAgentError):
     pass
+
+
+class ServerUnavailable(ServerError):
+    """A server that stopped answering: a routed collector moves the group to another server."""
 
 
 class ServerUnsupported(ServerError):

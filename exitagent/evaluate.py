@@ -51,11 +51,13 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
+from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.log import configure
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
+from exitagent.routing import RoutedPolicy
 from exitagent.trajectories import TaskResult
 from exitagent.types import Task
 
@@ -68,7 +70,8 @@ RIGHT_AT = 1.0  # a score at least this is "right" for corrections (math scores 
 @dataclass(frozen=True)
 class EvalConfig:
     out: Path = field(metadata={"help": "result JSON (the curve goes next to it as .png)"})
-    base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible policy server"})
+    base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
+        "help": "OpenAI-compatible policy server; several: each task goes to the least busy (exitagent.routing)"})
     model: str = field(default="policy", metadata={"help": "served model name"})
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
     domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
@@ -91,12 +94,15 @@ class EvalConfig:
     memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
     max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
+    failover_s: float = field(default=30.0, metadata={
+        "help": "with several servers: how long one may fail before its task moves to another (s)"})
     keep_texts: bool = field(default=False, metadata={"help": "write every iterate's text into the JSON"})
     progress: bool = field(default=True, metadata={"help": "progress bar on stderr"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def __post_init__(self) -> None:
         get_domain(self.domain)
+        object.__setattr__(self, "base_url", routing.urls(self.base_url))
         if self.steps < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
             raise ConfigError("steps must be >= 0; samples, concurrency and max-tokens >= 1")
 
@@ -214,9 +220,12 @@ async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], 
     runner, knobs = domain or get_domain("math"), settings or DomainSettings(max_context=policy.max_context)
 
     async def run(index: int) -> None:
+        async def on(server: Policy) -> TaskResult:  # a task's steps stay on one server (exitagent.routing)
+            return await runner.evaluate_task(server, evaluator, tasks[index], steps=steps, samples=samples,
+                                              params=params, settings=knobs, tick=tick)
+
         async with limiter:
-            results[index] = await runner.evaluate_task(policy, evaluator, tasks[index], steps=steps, samples=samples,
-                                                        params=params, settings=knobs, tick=tick)
+            results[index] = await (policy.run_pinned(on) if isinstance(policy, RoutedPolicy) else on(policy))
 
     log.info("evaluation_started", tasks=len(tasks), steps=steps, samples=samples, concurrency=concurrency)
     try:
@@ -283,16 +292,16 @@ def write_report(cfg: EvalConfig, result: EvalResult) -> None:
 async def _main(cfg: EvalConfig) -> EvalResult:
     from tqdm import tqdm
 
-    from exitagent.client import OpenAIPolicy
-
     domain = get_domain(cfg.domain)
     tasks = domain.load_tasks(cfg.task_spec())
-    policy = OpenAIPolicy(cfg.base_url, model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
-                          deadline_s=cfg.server_deadline_s, max_context=cfg.max_context)
+    policy = routing.open_servers(cfg.base_url, deadline_s=cfg.server_deadline_s, failover_s=cfg.failover_s,
+                                  model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
+                                  max_context=cfg.max_context)
     bar = tqdm(total=len(tasks) * cfg.samples * (cfg.steps + 1), unit="iterate", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
     try:
         async with policy, domain.open_evaluator(cfg.settings()) as evaluator:
+            await policy.check_same_base()
             result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
                                     concurrency=cfg.concurrency, domain=domain, settings=cfg.settings(),
                                     on_progress=bar.update)

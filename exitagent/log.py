@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -56,3 +58,31 @@ class MetricsFile:
 
     def close(self) -> None:
         self._file.close()
+
+
+def collector_metrics(run_dir: Path, name: str = "collect") -> Path:
+    """This process's metrics file, ``RUN/metrics/NAME-HOST-PID.jsonl``: collectors on many machines
+    share a run directory, and appending to one file from several hosts interleaves lines."""
+    host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
+    return run_dir / "metrics" / f"{name}-{host}-{os.getpid()}.jsonl"
+
+
+def read_metrics(run_dir: Path, name: str = "collect", kind: str | None = None) -> list[dict[str, Any]]:
+    """Every collector's rows (``NAME.jsonl`` of earlier versions and each ``NAME-HOST-PID.jsonl``),
+    merged in time order, each with its file's stem as ``source``; ``kind`` keeps one kind of row.
+    A torn last line (a writer killed
+    mid-line) is skipped."""
+    folder = run_dir / "metrics"
+    paths = [folder / f"{name}.jsonl", *sorted(folder.glob(f"{name}-*.jsonl"))] if folder.is_dir() else []
+    rows = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and (kind is None or row.get("kind") == kind):
+                rows.append({**row, "source": path.stem})  # which collector wrote it
+    return sorted(rows, key=lambda row: float(row.get("time", 0.0)))

@@ -128,16 +128,17 @@ class ServingState:
     rejected: set[Path] = field(default_factory=set)
     last_error: str = ""
     last_reload_s: float = 0.0
+    base: dict[str, str] = field(default_factory=dict)  # the base model's name and fingerprint (models.identity)
 
     def as_json(self) -> dict[str, Any]:
         return {"version": str(self.version), "step": self.version.step, "checkpoint": str(self.directory),
                 "reloads": self.reloads, "rejected": len(self.rejected), "last_error": self.last_error,
-                "last_reload_s": self.last_reload_s}
+                "last_reload_s": self.last_reload_s, "base": self.base}
 
     def public_json(self) -> dict[str, Any]:
         """What the gateway's public ``GET /policy`` shows: ``as_json`` without host paths.
 
-        ``as_json`` (written to SERVED.json for the run's own processes) keeps the checkpoint's full
+        ``as_json`` (written to ``served/SERVER.json`` for the run's own processes) keeps the checkpoint's full
         path; strangers get only its directory name, and every absolute path quoted in the last error
         is cut to its final component (the server log keeps the full text).
         """
@@ -155,8 +156,9 @@ class Reloader:
 
     def __init__(self, admin: Admin, weights_dir: Path, state: ServingState,
                  reference: dict[str, tuple[str, tuple[int, ...]]], exclusive: Exclusive,
-                 check: CanaryCheck = DEFAULT_CHECK) -> None:
+                 check: CanaryCheck = DEFAULT_CHECK, server: str = "serve") -> None:
         self.admin = admin
+        self.server = server  # names this server's record in the weights directory (checkpoints.server_id)
         self.check = check
         self.weights_dir = weights_dir
         self.state = state
@@ -191,10 +193,10 @@ class Reloader:
         return False
 
     def record_served(self) -> None:
-        """Write SERVED.json. A failure (a full disk) is logged: serving goes on, and the trainer's
-        pruning then merely lacks the newest record (it protects the one recorded before)."""
+        """Write this server's ``served/SERVER.json``. A failure (a full disk) is logged: serving goes
+        on, and the trainer's pruning then merely lacks the newest record (it protects the one before)."""
         try:
-            checkpoints.write_served(self.weights_dir, self.state.as_json())
+            checkpoints.write_served(self.weights_dir, self.state.as_json(), self.server)
         except CheckpointError as error:
             log.error("served_record_failed", error=str(error))
 

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent.curriculum import view as curriculum_view
+from exitagent.log import read_metrics
 from exitagent.store_url import open_run_store
 
 
@@ -44,7 +45,7 @@ def _accuracy_plot(base: dict[str, Any], trained: dict[str, Any], out: Path) -> 
 
 
 def _training_plot(run_dir: Path, out: Path) -> None:
-    collect = _rows(run_dir / "metrics" / "collect.jsonl")
+    collect = read_metrics(run_dir, "collect", "group")  # every collector's file, in time order
     updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     rewards = [r["reward_mean"] for r in collect if r.get("reward_mean") is not None]
@@ -93,6 +94,7 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
         groups, entries = store.groups(), store.entries()
     curriculum_view.plot(groups, figures / "curriculum.png")
     summary = curriculum_view.format_summary(curriculum_view.summarize(entries, groups))
+    summary += "\n" + curriculum_view.format_collectors(read_metrics(run_dir, "collect", "group"))
     updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
     k = len(base["accuracy_by_step"]) - 1
     gain = 100 * (trained["accuracy_by_step"][0] - base["accuracy_by_step"][0])

@@ -239,7 +239,7 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
 
 
 def progress(run_dir: Path, server: launch.ServeProcess) -> str:
-    rewards = [row["reward_mean"] for row in _rows(run_dir / "metrics" / "collect.jsonl")
+    rewards = [row["reward_mean"] for row in logging_setup.read_metrics(run_dir, "collect", "group")
                if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
     updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
     recent = rewards[-20:]

@@ -63,6 +63,12 @@ class ServeConfig:
     canary_tolerance: float | None = field(default=None, metadata={
         "help": "mean |dlogp| a reloaded checkpoint's canary may differ by (default: by serving dtype)"})
     canary_tokens: int = field(default=16, metadata={"help": "canary log-probabilities compared on each reload"})
+    data_parallel_size: int = field(default=1, metadata={
+        "help": "vLLM engines behind this server, one per GPU (docs/scaling.md: this or several serve processes)"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one engine's layers are split over"})
+    tool_call_parser: str | None = field(default=None, metadata={
+        "help": "vLLM tool-call parser (e.g. hermes, llama3_json); turns on --enable-auto-tool-choice"})
+    reasoning_parser: str | None = field(default=None, metadata={"help": "vLLM reasoning parser (e.g. deepseek_r1)"})
     engine_port: int = field(default=0, metadata={"help": "loopback port of the vLLM engine (0: any free)"})
     poll_s: float = field(default=1.0, metadata={"help": "how often to look for new checkpoints (s)"})
     startup_timeout_s: float = field(default=900.0, metadata={"help": "how long vLLM may take to start (s)"})
@@ -73,6 +79,8 @@ class ServeConfig:
         precision.normalise(self.dtype)  # a typo fails before vLLM spends minutes starting
         if self.canary_tokens < 1 or (self.canary_tolerance is not None and not self.canary_tolerance > 0):
             raise ValueError("--canary-tokens and --canary-tolerance must be positive")
+        if min(self.data_parallel_size, self.tensor_parallel_size) < 1:
+            raise ValueError("--data-parallel-size and --tensor-parallel-size must be at least 1")
 
 
 def choose_precision(cfg: ServeConfig) -> tuple[precision.Precision, CanaryCheck]:
@@ -97,24 +105,29 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     )
     if cfg.weights_dir is not None:  # RUN/weights: the run directory keeps the config of each process
         config.save(dataclasses.replace(cfg, api_key="***" if cfg.api_key else None), cfg.weights_dir.parent, "serve")
+    model_dir = models.resolve(cfg.model)
     # a tied output head is served as a tensor of its own, or reloads would keep the base head
-    base_dir = served_form.serving_copy(models.resolve(cfg.model), models.home() / "served")
+    base_dir = served_form.serving_copy(model_dir, models.home() / "served")
     chosen, canary_check = choose_precision(cfg)
     reference = checkpoints.tensor_shapes(base_dir)
     port = cfg.engine_port or engine.free_port()
     log_file = cfg.log_file or models.home() / "logs" / f"vllm-{cfg.port}.log"
-    state = ServingState(version=PolicyVersion(0, "base"), directory=base_dir)
+    state = ServingState(version=PolicyVersion(0, "base"), directory=base_dir,
+                         base=models.identity(cfg.model, model_dir))  # collectors refuse a mix of base models
     gate = Gate(drain_timeout_s=cfg.drain_timeout_s)
 
     def spec_for(directory: Path) -> engine.EngineSpec:
         return engine.EngineSpec(
             model_dir=directory, served_name=cfg.served_model_name, port=port, max_model_len=cfg.max_model_len,
             kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, log_file=log_file,
-            enforce_eager=cfg.enforce_eager, dtype=chosen.dtype,
+            enforce_eager=cfg.enforce_eager, dtype=chosen.dtype, data_parallel_size=cfg.data_parallel_size,
+            tensor_parallel_size=cfg.tensor_parallel_size, tool_call_parser=cfg.tool_call_parser,
+            reasoning_parser=cfg.reasoning_parser,
         )
 
     vllm = engine.Engine(spec_for(base_dir))
     admin = Admin(vllm.url, cfg.served_model_name)
+    server_id = checkpoints.server_id(cfg.port)  # names this server's record in the weights directory
     try:
         await vllm.start(cfg.startup_timeout_s)
         app = create_app(vllm.url, state, gate, api_key=api_key, limits=limits)
@@ -134,11 +147,14 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
             if ready is not None:
                 ready.set()
             if cfg.weights_dir is not None:
-                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive, canary_check)
+                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive, canary_check,
+                                    server=server_id)
                 reloader.record_served()
                 tasks.start_soon(_watch, reloader, cfg.poll_s)
             tasks.start_soon(_supervise, vllm, admin, spec_for, state, gate, cfg.startup_timeout_s)
     finally:
+        if cfg.weights_dir is not None:  # this server no longer holds a checkpoint back from pruning
+            checkpoints.forget_served(cfg.weights_dir, server_id)
         with anyio.CancelScope(shield=True):
             await admin.aclose()
             await vllm.stop()

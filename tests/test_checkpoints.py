@@ -95,10 +95,44 @@ def test_republishing_a_crashed_step_replaces_the_leftover(tmp_path: Path) -> No
 
 def test_prune_keeps_newest_and_the_served_one(tmp_path: Path) -> None:
     paths = [checkpoints.publish(tmp_path, step, writer()) for step in range(1, 6)]
-    checkpoints.write_served(tmp_path, {"checkpoint": str(paths[0])})
+    checkpoints.write_served(tmp_path, {"checkpoint": str(paths[0])}, "host-8000")
     removed = checkpoints.prune(tmp_path, keep=2)
     assert removed == paths[1:3]
     assert [p for _, p in checkpoints.ready_checkpoints(tmp_path)] == [paths[0], *paths[3:]]
+
+
+def test_prune_keeps_what_any_server_serves(tmp_path: Path) -> None:
+    """Two servers on one weights directory: each has its own record, neither overwrites the
+    other's, and pruning keeps both checkpoints (one shared SERVED.json lost one of them)."""
+    paths = [checkpoints.publish(tmp_path, step, writer()) for step in range(1, 7)]
+    checkpoints.write_served(tmp_path, {"checkpoint": str(paths[0])}, checkpoints.server_id(8000, "node-a"))
+    checkpoints.write_served(tmp_path, {"checkpoint": str(paths[1])}, checkpoints.server_id(8001, "node-a"))
+    assert checkpoints.served_checkpoints(tmp_path) == {paths[0], paths[1]}
+    assert checkpoints.prune(tmp_path, keep=2) == paths[2:4]
+    assert [p for _, p in checkpoints.ready_checkpoints(tmp_path)] == [paths[0], paths[1], *paths[4:]]
+    checkpoints.forget_served(tmp_path, "node-a-8000")  # a clean shutdown releases its checkpoint
+    assert checkpoints.prune(tmp_path, keep=2) == [paths[0]]
+
+
+def test_a_record_of_a_dead_server_on_this_machine_protects_nothing(tmp_path: Path) -> None:
+    import socket
+
+    paths = [checkpoints.publish(tmp_path, step, writer()) for step in range(1, 4)]
+    (tmp_path / checkpoints.SERVED_DIR).mkdir()
+    dead = 2**22 + 7  # above the kernel's largest pid: no such process
+    record = {"checkpoint": str(paths[0]), "host": socket.gethostname(), "pid": dead, "server": "x-1"}
+    (tmp_path / checkpoints.SERVED_DIR / "x-1.json").write_text(json.dumps(record))
+    elsewhere = {**record, "checkpoint": str(paths[1]), "host": "another-machine", "server": "y-1"}
+    (tmp_path / checkpoints.SERVED_DIR / "y-1.json").write_text(json.dumps(elsewhere))
+    (tmp_path / checkpoints.SERVED_DIR / "z-1.json").write_text("{not json")  # a torn file: ignored
+    assert checkpoints.served_checkpoints(tmp_path) == {paths[1]}  # kill -9 here; alive for all we know there
+    assert checkpoints.prune(tmp_path, keep=1) == [paths[0]]
+
+
+def test_the_single_served_file_of_earlier_versions_still_protects(tmp_path: Path) -> None:
+    paths = [checkpoints.publish(tmp_path, step, writer()) for step in range(1, 4)]
+    (tmp_path / checkpoints.SERVED).write_text(json.dumps({"checkpoint": str(paths[0])}))
+    assert checkpoints.prune(tmp_path, keep=1) == [paths[1]]
 
 
 def test_canary_distance() -> None:

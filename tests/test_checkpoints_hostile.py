@@ -205,12 +205,12 @@ def test_publishing_into_a_full_disk_is_one_error_and_leaves_nothing(small_disk:
 
 
 def test_recording_the_served_version_on_a_full_disk_keeps_the_old_record(small_disk: Path) -> None:
-    checkpoints.write_served(small_disk, {"checkpoint": "step-000001"})
+    checkpoints.write_served(small_disk, {"checkpoint": "step-000001"}, "a-1")
     disks.fill(small_disk)
     with pytest.raises(CheckpointError, match="could not record"):
-        checkpoints.write_served(small_disk, {"checkpoint": "step-000002", "pad": "x" * 8192})
-    assert checkpoints.served_checkpoint(small_disk) == Path("step-000001")
-    assert not list(small_disk.glob(".*tmp"))
+        checkpoints.write_served(small_disk, {"checkpoint": "step-000002", "pad": "x" * 8192}, "a-1")
+    assert checkpoints.served_checkpoints(small_disk) == {Path("step-000001")}
+    assert not list(small_disk.rglob(".*tmp*"))
 
 
 def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: Path) -> None:
@@ -223,5 +223,5 @@ def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: 
     disks.fill(small_disk)
     state.last_error = "x" * 8192  # more than the few bytes the fill may have left
     reloader.record_served()  # logged (served_record_failed), not raised
-    assert checkpoints.served_checkpoint(small_disk) == small_disk / "base"
-    assert not list(small_disk.glob(".*tmp"))
+    assert checkpoints.served_checkpoints(small_disk) == {small_disk / "base"}
+    assert not list(small_disk.rglob(".*tmp*"))

@@ -6,7 +6,6 @@ a server that dies mid-run, reruns on the same run dir, and the command line's b
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from exitagent import engine
 from exitagent.collect import CollectConfig, collect, main
 from exitagent.diversity import HashEmbedder
 from exitagent.errors import ConfigError, ServerError
+from exitagent.log import read_metrics
 from exitagent.policy import ScriptedPolicy, render
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
 from exitagent.store import SQLiteStore
@@ -57,8 +57,7 @@ def config(tmp_path: Path, **overrides: Any) -> CollectConfig:
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics" / "collect.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_metrics(run_dir, "collect")
 
 
 def assert_consistent(store: SQLiteStore) -> None:

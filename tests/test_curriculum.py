@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import replace
@@ -14,6 +15,7 @@ from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.__main__ import main as show_main
 from exitagent.curriculum.view import summarize
 from exitagent.errors import ConfigError
+from exitagent.log import read_metrics
 from exitagent.store import MemoryBuffer, SQLiteStore
 from exitagent.types import (
     BufferEntry,
@@ -276,3 +278,27 @@ def test_show_prints_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "buffer size: 8" in out and "sampled from iteration: 1:" in out and "step kinds:" in out
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_show_merges_the_metrics_of_every_collector(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test_record_through_sqlite_store(tmp_path)
+    folder = tmp_path / "metrics"
+    folder.mkdir(exist_ok=True)
+
+    def rows(name: str, *values: tuple[float, str, int]) -> None:
+        lines = [json.dumps({"time": t, "kind": "group", "server": s, "version_skew": k}) for t, s, k in values]
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+    rows("collect.jsonl", (1.0, "http://a/v1", 0))  # an earlier version's single file
+    rows("collect-node1-11.jsonl", (2.0, "http://a/v1", 0), (5.0, "http://b/v1", 2))
+    rows("collect-node2-12.jsonl", (3.0, "http://b/v1", 1))
+    with (folder / "collect-node2-12.jsonl").open("a") as torn:
+        torn.write('{"time": 4.0, "kind": "gr')  # a collector killed mid-line
+    merged = read_metrics(tmp_path, "collect", "group")
+    assert [r["time"] for r in merged] == [1.0, 2.0, 3.0, 5.0]
+    capsys.readouterr()
+    assert show_main(["show", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "collectors: 3 (collect: 1  collect-node1-11: 2  collect-node2-12: 1)" in out
+    assert "servers: 2 (http://a/v1: 2  http://b/v1: 2)" in out
+    assert "version skew between servers: max 2, mean 0.75, last 2" in out

@@ -31,6 +31,7 @@ from exitagent.domains.tool_use import ToolUseDomain, task_of
 from exitagent.environments.bfcl import BfclEnv, get_entry
 from exitagent.environments.bfcl_toolbox import REFUSED_CALL, BfclToolbox
 from exitagent.environments.calls import execute
+from exitagent.log import read_metrics
 from exitagent.policy import SamplingParams, ScriptedPolicy
 from exitagent.store import SQLiteStore
 from exitagent.tools import parse_action
@@ -208,7 +209,7 @@ async def test_collect_keeps_going_through_hostile_actions_and_a_crashing_rollou
     crashed = [r for g in groups for r in g.rollouts if r.failure.startswith("crashed: ValueError")]
     assert crashed and summary.crashed_rollouts == len(crashed) and all(r.reward is None for r in crashed)
     assert all(r.reward is not None for g in groups for r in g.rollouts if not r.failure)
-    rows = [json.loads(line) for line in (tmp_path / "metrics" / "collect.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path, "collect")
     assert rows[-1]["rollouts_crashed_total"] == len(crashed)
 
 

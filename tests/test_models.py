@@ -44,3 +44,19 @@ def test_cli_reports_errors_in_one_line() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: unknown model")
+
+
+def test_the_base_identity_tells_weights_apart_not_names_or_paths(tmp_path: Path) -> None:
+    from tests.test_checkpoints import write_safetensors
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for directory in (first, second):
+        directory.mkdir()
+        write_safetensors(directory / "model.safetensors", {"embed.weight": (8, 4), "head.weight": (4, 8)})
+    one, same = models.identity(str(first), first), models.identity("org/model", second)
+    assert one["name"] == "a" and same["name"] == "org/model"  # a path shows only its last part (public /policy)
+    assert one["fingerprint"] == same["fingerprint"]  # same weights under another name and path
+    data = bytearray((second / "model.safetensors").read_bytes())
+    data[-1] = 1  # the last byte of the last tensor
+    (second / "model.safetensors").write_bytes(bytes(data))
+    assert models.identity("org/model", second)["fingerprint"] != one["fingerprint"]

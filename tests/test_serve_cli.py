@@ -89,3 +89,22 @@ def test_api_key_from_the_environment_conflicts_with_the_flag() -> None:
 def test_gateway_limits_must_be_positive() -> None:
     result = run_serve("--port", "0", "--max-body-mib", "0")
     assert result.returncode == 2 and "must be positive" in last_line(result)
+
+
+def test_parallelism_and_parsers_reach_the_vllm_command_line(tmp_path: Path) -> None:
+    from exitagent import engine
+
+    plain = engine._command(engine.EngineSpec(model_dir=tmp_path, served_name="policy", port=1))
+    flags = {"--data-parallel-size", "--tensor-parallel-size", "--tool-call-parser", "--reasoning-parser"}
+    assert not flags & set(plain)
+    spec = engine.EngineSpec(model_dir=tmp_path, served_name="policy", port=1, data_parallel_size=4,
+                             tensor_parallel_size=2, tool_call_parser="hermes", reasoning_parser="deepseek_r1")
+    command = " ".join(engine._command(spec))
+    for passed in ("--data-parallel-size 4", "--tensor-parallel-size 2",
+                   "--enable-auto-tool-choice --tool-call-parser hermes", "--reasoning-parser deepseek_r1"):
+        assert passed in command
+
+
+def test_parallel_sizes_must_be_positive() -> None:
+    result = run_serve("--data-parallel-size", "0")
+    assert result.returncode == 2 and "must be at least 1" in result.stderr

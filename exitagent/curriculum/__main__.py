@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exitagent import config
-from exitagent.curriculum.view import format_summary, plot, summarize
+from exitagent.curriculum.view import format_collectors, format_summary, plot, summarize
 from exitagent.errors import ExitAgentError
-from exitagent.log import configure
+from exitagent.log import configure, read_metrics
 from exitagent.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 
 
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"curriculum show: {error}", file=sys.stderr)
         return 2
     print(format_summary(summarize(entries, groups)))
+    print(format_collectors(read_metrics(args.run_dir, "collect", "group")))  # every collector's file
     if args.plot:
         plot(groups, args.plot)
         print(f"plots written to {args.plot}")

@@ -59,6 +59,23 @@ def format_summary(summary: BufferSummary) -> str:
     return "\n".join(lines)
 
 
+def format_collectors(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Collect metrics merged from every collector (``log.read_metrics``): groups per collector and
+    per server, and how far apart the servers' policy versions were."""
+    if not rows:
+        return "collectors: no collect metrics yet"
+    collectors = Counter(str(r.get("source", "?")) for r in rows)
+    servers = Counter(str(r["server"]) for r in rows if r.get("server"))
+    skews = [int(r["version_skew"]) for r in rows if isinstance(r.get("version_skew"), int)]
+    lines = [f"collectors: {len(collectors)} ({'  '.join(f'{k}: {v}' for k, v in sorted(collectors.items()))})"]
+    if servers:
+        lines.append(f"servers: {len(servers)} ({'  '.join(f'{k}: {v}' for k, v in sorted(servers.items()))})")
+    if skews:
+        lines.append(f"version skew between servers: max {max(skews)}, mean {sum(skews) / len(skews):.2f}, "
+                     f"last {skews[-1]}")
+    return "\n".join(lines)
+
+
 def plot(groups: Sequence[StoredGroup], out: Path) -> None:
     """Sample depth, "sampled from iteration" and start turn over training, as one PNG."""
     import matplotlib

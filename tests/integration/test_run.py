@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from exitagent.log import read_metrics
 from exitagent.run import trained_seconds
 
 pytestmark = pytest.mark.vllm
@@ -32,10 +33,7 @@ def _ours(run_dir: Path) -> list[psutil.Process]:
 
 
 def _groups(run_dir: Path) -> int:
-    path = run_dir / "metrics" / "collect.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"group"' in line)
+    return len(read_metrics(run_dir, "collect", "group"))
 
 
 def test_ctrl_c_mid_training_stops_everything_and_the_same_command_resumes(tmp_path: Path) -> None:

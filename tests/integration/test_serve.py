@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
@@ -84,8 +83,8 @@ def test_published_checkpoint_is_served_and_changes_output(server, trainer_model
     assert version == "step-000001"
     assert after != before
     model.load_state_dict(original)
-    served = json.loads((server.weights_dir / checkpoints.SERVED).read_text())
-    assert served["checkpoint"].endswith("step-000001")
+    (record,) = checkpoints.served_records(server.weights_dir).values()
+    assert record["checkpoint"].endswith("step-000001") and record["base"]["name"] == "smollm2-135m"
 
 
 def test_bad_checkpoints_are_rejected_and_the_next_good_one_loads(server, trainer_model) -> None:
