@@ -56,16 +56,19 @@ class ServeProcess:
         return self.process.wait(timeout=timeout_s)
 
 
-def start_serve(run_dir: Path, *extra: str, port: int = 0, env: dict[str, str] | None = None) -> ServeProcess:
+def start_serve(run_dir: Path, *extra: str, port: int = 0, env: dict[str, str] | None = None,
+                name: str = "serve") -> ServeProcess:
     """Start serve with ``run_dir/weights`` as its weights directory; return once it answers
-    (serve gives vLLM ``--startup-timeout-s`` to start, then exits with its log tail)."""
+    (serve gives vLLM ``--startup-timeout-s`` to start, then exits with its log tail). ``name``
+    tells several servers' logs apart: RUN/logs/NAME.log and its vLLM's RUN/logs/NAME-vllm.log."""
     weights = run_dir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     port = port or engine.free_port()
-    log_path = run_dir / "logs" / "serve.log"
+    log_path = run_dir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    vllm_log = run_dir / "logs" / ("vllm.log" if name == "serve" else f"{name}-vllm.log")
     command = [sys.executable, "-m", "exitagent.serve", "--port", str(port), "--weights-dir", str(weights),
-               "--log-file", str(run_dir / "logs" / "vllm.log"), "--log-json", *extra]
+               "--log-file", str(vllm_log), "--log-json", *extra]
     # SIGTERM when the caller dies, kill -9 included: serve then stops its vLLM (which in turn would
     # get SIGTERM from the kernel if serve itself were killed). Call this from a long-lived thread.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_path.open("a"), text=True,

@@ -75,11 +75,18 @@ class RunConfig:
         "choices": PRECISIONS, "help": "serving and training dtype (auto: bf16 where the hardware runs it natively)"})
     store: str = field(default="", metadata={
         "help": "postgresql:// URL of the curriculum store, kept as RUN/store.url (default: RUN/store.sqlite)"})
+    servers: int = field(default=1, metadata={
+        "help": "vLLM servers on one weights directory, each hot-reloading every checkpoint (a one-machine "
+                "rehearsal of a cluster; docs/scaling.md)"})
+    collectors: int = field(default=1, metadata={
+        "help": "collect processes, each routing its groups over every server (seeds seed, seed+1, ...)"})
 
     def __post_init__(self) -> None:
         normalise_precision(self.precision)
         if self.eval_concurrency < 1:
             raise ValueError("--eval-concurrency must be at least 1")
+        if self.servers < 1 or self.collectors < 1:
+            raise ValueError("--servers and --collectors must be at least 1")
 
 
 # collect and update share the CPU with vLLM. OpenMP's default lets idle worker threads spin, which
@@ -147,10 +154,18 @@ def saved_evaluation(cfg: RunConfig, name: str, policy: str) -> dict[str, Any] |
     return None
 
 
-def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str, Any]:
+def served_version(servers: list[launch.ServeProcess]) -> str:
+    """The one version every server serves; an evaluation over servers that disagree would mix policies."""
+    versions = {server.policy()["version"] for server in servers}
+    if len(versions) != 1:
+        raise ExitAgentError(f"the servers serve different versions {sorted(versions)}; evaluating needs one")
+    return versions.pop()
+
+
+def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> dict[str, Any]:
     """Held-out arithmetic, K self-improvement steps, avg@n; kept in RUN/eval/NAME.json (a resumed
     run reuses it when it still fits: ``saved_evaluation``)."""
-    policy = server.policy()["version"]
+    policy = served_version(servers)
     if (saved := saved_evaluation(cfg, name, policy)) is not None:
         return saved
     out = cfg.run_dir / "eval" / f"{name}.json"
@@ -158,7 +173,7 @@ def evaluate(cfg: RunConfig, server: launch.ServeProcess, name: str) -> dict[str
     print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
           f"n={cfg.eval_samples}) ...", flush=True)
     measuring = out.with_name(f".{name}.measuring.json")  # out appears only with its key in it
-    command = [sys.executable, "-m", "exitagent.evaluate", "--base-url", server.base_url, "--domain", "math",
+    command = [sys.executable, "-m", "exitagent.evaluate", *_base_urls(servers), "--domain", "math",
                "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
@@ -189,7 +204,11 @@ def _record_training(run_dir: Path, seconds: float) -> None:
     os.replace(tmp, run_dir / TRAIN_CLOCK)
 
 
-def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool]) -> None:
+def _base_urls(servers: list[launch.ServeProcess]) -> list[str]:
+    return [flag for server in servers for flag in ("--base-url", server.base_url)]
+
+
+def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: list[bool]) -> None:
     """collect + update for what is left of ``train_minutes``, with a progress line every 15 s."""
     already = trained_seconds(cfg.run_dir)
     budget = cfg.train_minutes * 60 - already
@@ -199,13 +218,18 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
     if already:
         print(f"[run] continuing: {already / 60:.1f} of {cfg.train_minutes:g} training minutes done", flush=True)
     run = str(cfg.run_dir)
-    collect = _child(cfg, "collect", "exitagent.collect", "--run-dir", run, "--base-url", server.base_url,
-                     "--variant", cfg.variant.value, "--levels", cfg.levels, "--group-size", str(cfg.group_size),
-                     "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.temperature),
-                     "--concurrency", "4", "--min-buffer", "16",
-                     # two batches ahead of the trainer at most: the CPU is shared with it
-                     "--max-unconsumed", str(2 * cfg.groups_per_step),
-                     "--capacity", "256", "--seed", str(cfg.seed), "--no-progress")
+    # Different seeds: collectors with one seed would draw the same tasks (the store would dedup
+    # their buffer entries, but the groups would be twins). The first keeps the run's seed.
+    names = ["collect" if i == 0 else f"collect-{i}" for i in range(cfg.collectors)]  # their log files
+    collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
+                         *_base_urls(servers), "--variant", cfg.variant.value, "--levels", cfg.levels,
+                         "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
+                         "--temperature", str(cfg.temperature), "--concurrency", "4", "--min-buffer", "16",
+                         # two batches ahead of the trainer at most (all collectors together: the
+                         # staleness gate counts the store's unconsumed groups): the CPU is shared with it
+                         "--max-unconsumed", str(2 * cfg.groups_per_step),
+                         "--capacity", "256", "--seed", str(cfg.seed + i), "--no-progress")
+                  for i in range(cfg.collectors)]
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
                     "--temperature", str(cfg.temperature), "--precision", cfg.precision,
@@ -215,13 +239,13 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
     started, next_report = time.monotonic(), 15.0
     try:
         while not stop_requested[0] and (elapsed := time.monotonic() - started) < budget:
-            for process, name in ((collect, "collect"), (update, "update")):
+            for process, name in zip((*collectors, update), (*names, "update"), strict=True):
                 if process.poll() is not None:
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
             if elapsed >= next_report:
                 next_report += 15.0
                 _record_training(cfg.run_dir, already + elapsed)
-                print(f"[run] {(already + elapsed) / 60:5.1f} min | {progress(cfg.run_dir, server)}", flush=True)
+                print(f"[run] {(already + elapsed) / 60:5.1f} min | {progress(cfg.run_dir, servers)}", flush=True)
             time.sleep(1)  # a Ctrl-C is seen within a second
     finally:
         _record_training(cfg.run_dir, already + time.monotonic() - started)
@@ -230,28 +254,35 @@ def train(cfg: RunConfig, server: launch.ServeProcess, stop_requested: list[bool
         # budget the groups in flight can no longer be trained on: a second signal discards them,
         # so their generation does not slow the trainer's last step. After a Ctrl-C run sends one
         # signal only: a resumed run can still train on them.
-        for process in (collect, update):
+        for process in (*collectors, update):
             _signal(process)
         if not stop_requested[0]:
-            _signal(collect)
-        _wait_or_kill(collect, grace_s=60)
+            for process in collectors:
+                _signal(process)
+        for process in collectors:
+            _wait_or_kill(process, grace_s=60)
         _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
 
 
-def progress(run_dir: Path, server: launch.ServeProcess) -> str:
+def progress(run_dir: Path, servers: list[launch.ServeProcess]) -> str:
     rewards = [row["reward_mean"] for row in logging_setup.read_metrics(run_dir, "collect", "group")
                if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
     updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
     recent = rewards[-20:]
-    try:
-        policy = server.policy()
-        served = policy["version"]
-        if policy["rejected"]:  # a refused checkpoint stalls training (its groups turn stale): say so
-            served += f" ({policy['rejected']} checkpoints refused, last: {policy['last_error'][:120]})"
-    except httpx.HTTPError:  # the server went away (Ctrl-C reaches it too); the next check says why
-        served = "(server down)"
+    served = " / ".join(_served(server) for server in servers)  # one per server: they reload seconds apart
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "
             f"updates {len(updates):3d} | served {served}")
+
+
+def _served(server: launch.ServeProcess) -> str:
+    try:
+        policy = server.policy()
+    except httpx.HTTPError:  # the server went away (Ctrl-C reaches it too); the next check says why
+        return "(server down)"
+    served = str(policy["version"])
+    if policy["rejected"]:  # a refused checkpoint stalls training (its groups turn stale): say so
+        served += f" ({policy['rejected']} checkpoints refused, last: {policy['last_error'][:120]})"
+    return served
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -273,6 +304,20 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         return config.from_args(RunConfig, config.parse_args(parser, argv, "run"))
     except ConfigError as bad:
         parser.error(str(bad))
+
+
+def start_server(cfg: RunConfig, index: int) -> launch.ServeProcess:
+    """Server ``index`` of ``cfg.servers``. On the CPU build several servers on one machine each get
+    their own cores: vLLM binds its threads to cores itself, and two engines bound to the same core
+    both run at half speed (docs/scaling.md: 50 vs 60 groups/min on two cores)."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    cores = sorted(os.sched_getaffinity(0))
+    if 1 < cfg.servers <= len(cores) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        share = cores[index * len(cores) // cfg.servers:(index + 1) * len(cores) // cfg.servers]
+        env = {"OMP_NUM_THREADS": str(len(share)), "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share))}
+    port = ["--port", str(cfg.port + index)] if cfg.port else []
+    return launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", "--dtype", cfg.precision, *port,
+                              *cfg.serve_flags.split(), env=env, name="serve" if index == 0 else f"serve-{index}")
 
 
 def resolve_precision(cfg: RunConfig) -> tuple[RunConfig, Precision]:
@@ -297,11 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     config.save(cfg, cfg.run_dir, "run")
     stop_requested = [False]
     signal.signal(signal.SIGINT, lambda *_: stop_requested.__setitem__(0, True))
-    print(f"[run] run directory {cfg.run_dir}; starting the server (about two minutes on a CPU) ...", flush=True)
+    print(f"[run] run directory {cfg.run_dir}; starting {cfg.servers} server(s) (about two minutes on a CPU) ...",
+          flush=True)
+    servers: list[launch.ServeProcess] = []
     try:
-        server = launch.start_serve(cfg.run_dir, "--kv-cache-gib", "3", "--dtype", cfg.precision,
-                                    *(["--port", str(cfg.port)] if cfg.port else []), *cfg.serve_flags.split(),
-                                    env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        for index in range(cfg.servers):  # one after the other: vLLM's start-up takes every core it sees
+            servers.append(start_server(cfg, index))
     except ExitAgentError as error:  # Ctrl-C reaches serve too, which then exits before it is ready
         if stop_requested[0]:
             print(f"[run] stopped while the server was starting; run the same command again to continue "
@@ -309,18 +355,23 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if len(servers) < cfg.servers:
+            for server in servers:
+                server.stop()
     try:
-        base = evaluate(cfg, server, "base")
+        base = evaluate(cfg, servers, "base")
         if not stop_requested[0]:
-            train(cfg, server, stop_requested)
+            train(cfg, servers, stop_requested)
         if stop_requested[0]:
             print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
             return 130
         published = checkpoints.ready_checkpoints(cfg.run_dir / "weights")
         if published:
             latest = published[-1][0]
-            server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
-        trained = evaluate(cfg, server, "trained")
+            for server in servers:
+                server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
+        trained = evaluate(cfg, servers, "trained")
         machine = f"{chosen.hardware.describe()}; precision {chosen.dtype} ({chosen.reason})"
         report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started)
         print(f"[run] report: {report}", flush=True)
@@ -332,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
     return 0
 
 
