@@ -71,6 +71,7 @@ class EngineSpec:
     dtype: str = "bfloat16"
     log_file: Path | None = None
     enforce_eager: bool = False  # skip graph compilation: starts much faster, generates slower
+    lora_rank: int = 0  # > 0: serve LoRA adapters up to this rank on top of the model (exitagent.adapters)
 
 
 def _command(spec: EngineSpec) -> list[str]:
@@ -90,6 +91,10 @@ def _command(spec: EngineSpec) -> list[str]:
         command += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
     if spec.enforce_eager:
         command.append("--enforce-eager")
+    if spec.lora_rank:
+        from exitagent import adapters
+
+        command += adapters.engine_flags(spec.lora_rank)
     return command
 
 
@@ -134,7 +139,8 @@ class Engine:
         return "\n".join(text[-lines:])
 
     async def start(self, timeout_s: float = 900.0) -> None:
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_cache_gib)}
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_cache_gib),
+               **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.spec.lora_rank else {})}
         log_file = self.spec.log_file or Path(os.devnull)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("ab") as out:

@@ -104,9 +104,18 @@ class Admin:
     async def set_version(self, version: str) -> None:
         await self._post("/update_weight_version", {"new_version": version})
 
+    async def after_restart(self, directory: Path, version: str) -> None:
+        """Bring a restarted engine (started on ``directory``) back to ``version``."""
+        await self.set_version(version)
+
+    @property
+    def canary_model(self) -> str:
+        """The model name the canary asks for (a server of adapters: the adapter's)."""
+        return self.served_name
+
     async def prompt_logprobs(self, token_ids: tuple[int, ...]) -> list[float]:
         """The served model's log-probability of each prompt token after the first."""
-        body = {"model": self.served_name, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
+        body = {"model": self.canary_model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": 0}
         response = await self._client.post("/v1/completions", json=body)
         if response.status_code != 200:
@@ -128,6 +137,8 @@ class ServingState:
     rejected: set[Path] = field(default_factory=set)
     last_error: str = ""
     last_reload_s: float = 0.0
+    adapter: str = ""  # with LoRA: the vLLM name of the adapter served under public_name (exitagent.adapters)
+    public_name: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {"version": str(self.version), "step": self.version.step, "checkpoint": str(self.directory),
@@ -155,8 +166,9 @@ class Reloader:
 
     def __init__(self, admin: Admin, weights_dir: Path, state: ServingState,
                  reference: dict[str, tuple[str, tuple[int, ...]]], exclusive: Exclusive,
-                 check: CanaryCheck = DEFAULT_CHECK) -> None:
+                 check: CanaryCheck = DEFAULT_CHECK, verify: Callable[[Path], Canary] | None = None) -> None:
         self.admin = admin
+        self.verify = verify or (lambda path: checkpoints.verify(path, reference))  # adapters: exitagent.adapters
         self.check = check
         self.weights_dir = weights_dir
         self.state = state
@@ -182,7 +194,7 @@ class Reloader:
             return False
         for step, path in candidates:
             try:
-                canary = self.check.apply(await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference))
+                canary = self.check.apply(await anyio.to_thread.run_sync(self.verify, path))
             except Exception as error:  # whatever is wrong with a checkpoint rejects it, not serve
                 self._reject(path, _reason(error))
                 continue

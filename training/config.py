@@ -46,6 +46,22 @@ class UpdateConfig:
     precision: str = field(default="auto", metadata={
         "choices": PRECISIONS, "help": "compute dtype (bfloat16: autocast; fp32 master weights either way); auto: "
                                       "bf16 where the hardware runs it natively, else float32"})
+    # Memory options (bytes per parameter: training/memory.py). Each trades something for memory.
+    reference_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
+        "dtype of the KL reference model: bfloat16 halves its memory (4 -> 2 bytes/param), and its logprobs "
+        "move by ~1e-2 nats (bf16 rounding), which the KL term at beta 1e-3 does not notice; ignored with LoRA")})
+    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "adamw8bit"), "help": (
+        "adamw8bit: torchao's block-quantised moments, 2 instead of 8 bytes/param; costs quantisation noise in "
+        "the moments and, on the CPU, time (see benchmarks/trainer.py)")})
+    weights_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
+        "bfloat16: trained weights and gradients in bf16 (8 -> 4 bytes/param), stepped with stochastic rounding "
+        "(torchao) so updates below bf16's spacing still count on average; costs noise in every weight")})
+    lora_rank: int = field(default=0, metadata={"help": (
+        "train and publish a LoRA adapter of this rank instead of the whole model (0: full fine-tuning); the "
+        "reference is the base model, no copy. Costs capacity; serve needs --lora-rank >= it")})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (update = alpha / rank * B A)"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
+        "help": "comma-separated module names LoRA adapts (the model's linear layers)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     idle_timeout_s: float = field(default=0.0, metadata={"help": "exit if no groups arrive for this long (0: wait)"})
@@ -59,4 +75,6 @@ class UpdateConfig:
             raise ValueError("groups_per_step, publish_every and keep must be positive")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
+        if self.lora_rank < 0 or (self.lora_rank and (self.lora_alpha < 1 or not self.lora_targets.strip())):
+            raise ValueError("--lora-rank must be >= 0, and with it --lora-alpha positive and --lora-targets set")
         normalise_precision(self.precision)  # an unknown value fails here, before the model loads
