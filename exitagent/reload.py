@@ -70,14 +70,14 @@ class Admin:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
+        """A 200 is success; the answer is not parsed (the LoRA routes answer plain text)."""
         try:
             response = await self._client.post(path, json=body)
         except httpx.HTTPError as error:
             raise ServerError(f"vLLM admin call {path} failed: {type(error).__name__}: {error}") from error
         if response.status_code != 200:
             raise ReloadError(f"vLLM admin call {path} answered {response.status_code}: {response.text[:300]}")
-        return response.json() if response.content else None
 
     async def healthy(self) -> bool:
         try:
