@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -99,20 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     _machine.print_machine()
     common = [f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}", f"--steps={args.steps}",
               f"--lora-rank={args.lora_rank}"]
-    results = {}
-    for variant in args.variants.split(","):
+    print(f"{args.batch} x {args.seq} tokens per step, activation checkpointing on, {args.steps} timed steps, "
+          f"model {args.model.name}, LoRA rank {args.lora_rank} on every linear layer")
+    print(f"{'variant':<11}{'trainable M':>12}{'step s':>8}{'tokens/s':>10}{'peak RSS MiB':>14}"
+          f"{'step growth MiB':>17}{'optimizer state MiB':>21}", flush=True)
+    for variant in args.variants.split(","):  # each row as soon as it is measured
         out = subprocess.run([sys.executable, __file__, f"--variant={variant}", *common],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{out.stderr[-2000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{args.batch} x {args.seq} tokens per step, activation checkpointing on, {args.steps} timed steps, "
-          f"model {args.model.name}, LoRA rank {args.lora_rank} on every linear layer")
-    print(f"{'variant':<11}{'trainable M':>12}{'step s':>8}{'tokens/s':>10}{'peak RSS MiB':>14}"
-          f"{'step growth MiB':>17}{'optimizer state MiB':>21}")
-    for variant, r in results.items():
+        r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{variant:<11}{r['trainable_m']:>12.1f}{r['step_s']:>8.2f}{r['tokens_per_s']:>10.0f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['step_growth_mib']:>17.0f}{r['optimizer_state_mib']:>21.1f}")
+              f"{r['peak_rss_mib']:>14.0f}{r['step_growth_mib']:>17.0f}{r['optimizer_state_mib']:>21.1f}", flush=True)
+    print(f"load average after the run: {os.getloadavg()[0]:.1f} (other processes on the machine skew tokens/s)")
 
 
 if __name__ == "__main__":

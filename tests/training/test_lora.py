@@ -121,3 +121,24 @@ def test_the_reference_is_the_adapter_disabled_then_a_frozen_copy(tmp_path: Path
     resumed = Trainer.restore_or_start(cfg)  # the frozen copy comes back from the trainer state
     with torch.no_grad():
         assert torch.allclose(token_logprobs(resumed.reference, ids, torch.ones_like(ids))[0], reference, atol=1e-6)
+
+
+def test_training_update_lora_from_the_command_line(tmp_path: Path, tiny_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    make_store(tmp_path, model, AutoTokenizer.from_pretrained(tiny_dir), 4, group_size=2)
+    command = [sys.executable, "-m", "training.update", "--run-dir", str(tmp_path), "--model", str(tiny_dir),
+               "--groups-per-step", "2", "--steps", "2", "--lr", "1e-3", "--quiet", "--idle-timeout-s", "5",
+               "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--optimizer", "adamw8bit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [step for step, _ in checkpoints.ready_checkpoints(tmp_path / "weights")] == [1, 2]
+    served = checkpoints.tensor_shapes(served_form.serving_copy(tiny_dir, tmp_path / "served"))
+    adapters.verify(tmp_path / "weights" / "step-000002", served, max_rank=8)
+    command[command.index("--run-dir") + 1] = str(tmp_path / "fresh")  # (a saved adapter keeps its own targets)
+    command[command.index("--lora-targets") + 1] = "no_such_layer"
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: cannot attach a LoRA"), \
+        bad.stderr[-1000:]
