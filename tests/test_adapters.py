@@ -117,3 +117,69 @@ def test_the_public_name_is_routed_to_the_verified_adapter() -> None:
         assert adapters.route_body(body, state) == body
     state.adapter = ""  # the base model: nothing to route
     assert adapters.route_body(b'{"model": "policy"}', state) == b'{"model": "policy"}'
+
+
+class FakeLoraEngine:
+    """vLLM's LoRA and version routes as a MockTransport: records calls, knows which names are loaded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.loaded: set[str] = set()
+
+    def handle(self, request: Any) -> Any:
+        import httpx
+
+        body = json.loads(request.content or b"{}")
+        self.calls.append((request.url.path, body))
+        if request.url.path == "/v1/load_lora_adapter":
+            if not (Path(body["lora_path"]) / adapters.WEIGHTS).is_file():
+                return httpx.Response(404, json={"error": {"message": "No adapter found"}})
+            self.loaded.add(body["lora_name"])
+            return httpx.Response(200, text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+        if request.url.path == "/v1/unload_lora_adapter":
+            self.loaded.discard(body["lora_name"])
+            return httpx.Response(200, text="Success")
+        return httpx.Response(200, json={})
+
+
+@pytest.mark.anyio
+async def test_adapters_load_under_new_names_and_come_back_after_an_engine_restart(tmp_path: Path) -> None:
+    import httpx
+
+    from exitagent.errors import ReloadError
+
+    fake = FakeLoraEngine()
+    state = ServingState(PolicyVersion(0, "base"), tmp_path / "base", public_name="policy")
+    admin = adapters.AdapterAdmin("http://engine", "policy", state)
+    admin._client = httpx.AsyncClient(base_url="http://engine", transport=httpx.MockTransport(fake.handle))
+    steps = []
+    for step in (1, 2, 3):
+        steps.append(tmp_path / f"step-{step:06d}")
+        steps[-1].mkdir()
+        for name in adapters.ADAPTER_FILES:
+            (steps[-1] / name).write_text("{}")
+        await admin.load(steps[-1], f"step-{step:06d}")
+        assert state.adapter == f"policy-step-{step:06d}" and admin.canary_model == state.adapter
+    assert fake.loaded == {"policy-step-000002", "policy-step-000003"}  # the one before stays, for a restore
+    refused = tmp_path / "step-000004"  # vLLM refuses it (no weights): the served adapter does not change
+    refused.mkdir()
+    (refused / adapters.CONFIG).write_text("{}")
+    with pytest.raises(ReloadError, match="404"):
+        await admin.load(refused, "step-000004")
+    assert state.adapter == "policy-step-000003"
+    fake.loaded.clear()  # the engine died and was restarted on the base model
+    await admin.after_restart(steps[-1], "step-000003")
+    assert fake.loaded == {"policy-step-000003"} and state.adapter == "policy-step-000003"
+    assert fake.calls[-1] == ("/update_weight_version", {"new_version": "step-000003"})
+    await admin.load(tmp_path / "base", "base")  # back to the bare base: nothing routed
+    assert state.adapter == "" and admin.canary_model == "policy"
+    await admin.aclose()
+
+
+def test_the_engine_command_enables_lora_only_when_asked(tmp_path: Path) -> None:
+    from exitagent import engine
+
+    plain = engine.Engine(engine.EngineSpec(tmp_path, "policy", 1234)).command()
+    lora = engine.Engine(engine.EngineSpec(tmp_path, "policy", 1234, lora_rank=16)).command()
+    assert "--enable-lora" not in plain
+    assert lora[lora.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in lora
