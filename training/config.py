@@ -56,7 +56,8 @@ class UpdateConfig:
         "the moments and step time (benchmarks/memory_options.py)")})
     weights_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
         "bfloat16: trained weights and gradients in bf16 (8 -> 4 bytes/param), stepped with stochastic rounding "
-        "(torchao) so updates below bf16's spacing still count on average; costs noise in every weight")})
+        "(torchao) so updates below bf16's spacing still count on average; costs noise in every weight. The "
+        "canary is then computed in bf16: serve in bf16 (its tolerance allows that)")})
     lora_rank: int = field(default=0, metadata={"help": (
         "train and publish a LoRA adapter of this rank instead of the whole model (0: full fine-tuning): no "
         "gradients or AdamW state for the base, no reference copy (the adapter disabled), checkpoints of MBs. "
