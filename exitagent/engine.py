@@ -75,6 +75,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1  # devices one engine's layers are split over
     tool_call_parser: str | None = None  # vLLM's server-side tool-call parsing (--enable-auto-tool-choice)
     reasoning_parser: str | None = None  # splits a reasoning model's thinking from its answer
+    lora_rank: int = 0  # > 0: serve LoRA adapters up to this rank on top of the model (exitagent.adapters)
 
 
 def _command(spec: EngineSpec) -> list[str]:
@@ -105,6 +106,10 @@ def _command(spec: EngineSpec) -> list[str]:
         command += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
     if spec.reasoning_parser:
         command += ["--reasoning-parser", spec.reasoning_parser]
+    if spec.lora_rank:
+        from exitagent import adapters
+
+        command += adapters.engine_flags(spec.lora_rank)
     return command
 
 
@@ -149,7 +154,8 @@ class Engine:
         return "\n".join(text[-lines:])
 
     async def start(self, timeout_s: float = 900.0) -> None:
-        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_cache_gib)}
+        env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(self.spec.kv_cache_gib),
+               **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if self.spec.lora_rank else {})}
         log_file = self.spec.log_file or Path(os.devnull)
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("ab") as out:

@@ -70,14 +70,14 @@ class Admin:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def _post(self, path: str, body: dict[str, Any] | None = None) -> None:
+        """A 200 is success; the answer is not parsed (the LoRA routes answer plain text)."""
         try:
             response = await self._client.post(path, json=body)
         except httpx.HTTPError as error:
             raise ServerError(f"vLLM admin call {path} failed: {type(error).__name__}: {error}") from error
         if response.status_code != 200:
             raise ReloadError(f"vLLM admin call {path} answered {response.status_code}: {response.text[:300]}")
-        return response.json() if response.content else None
 
     async def healthy(self) -> bool:
         try:
@@ -104,9 +104,18 @@ class Admin:
     async def set_version(self, version: str) -> None:
         await self._post("/update_weight_version", {"new_version": version})
 
+    async def after_restart(self, directory: Path, version: str) -> None:
+        """Bring a restarted engine (started on ``directory``) back to ``version``."""
+        await self.set_version(version)
+
+    @property
+    def canary_model(self) -> str:
+        """The model name the canary asks for (a server of adapters: the adapter's)."""
+        return self.served_name
+
     async def prompt_logprobs(self, token_ids: tuple[int, ...]) -> list[float]:
         """The served model's log-probability of each prompt token after the first."""
-        body = {"model": self.served_name, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
+        body = {"model": self.canary_model, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": 0}
         response = await self._client.post("/v1/completions", json=body)
         if response.status_code != 200:
@@ -129,6 +138,8 @@ class ServingState:
     last_error: str = ""
     last_reload_s: float = 0.0
     base: dict[str, str] = field(default_factory=dict)  # the base model's name and fingerprint (models.identity)
+    adapter: str = ""  # with LoRA: the vLLM name of the adapter served under public_name (exitagent.adapters)
+    public_name: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {"version": str(self.version), "step": self.version.step, "checkpoint": str(self.directory),
@@ -156,9 +167,11 @@ class Reloader:
 
     def __init__(self, admin: Admin, weights_dir: Path, state: ServingState,
                  reference: dict[str, tuple[str, tuple[int, ...]]], exclusive: Exclusive,
-                 check: CanaryCheck = DEFAULT_CHECK, server: str = "serve") -> None:
+                 check: CanaryCheck = DEFAULT_CHECK, verify: Callable[[Path], Canary] | None = None,
+                 server: str = "serve") -> None:
         self.admin = admin
         self.server = server  # names this server's record in the weights directory (checkpoints.server_id)
+        self.verify = verify or (lambda path: checkpoints.verify(path, reference))  # adapters: exitagent.adapters
         self.check = check
         self.weights_dir = weights_dir
         self.state = state
@@ -184,7 +197,7 @@ class Reloader:
             return False
         for step, path in candidates:
             try:
-                canary = self.check.apply(await anyio.to_thread.run_sync(checkpoints.verify, path, self.reference))
+                canary = self.check.apply(await anyio.to_thread.run_sync(self.verify, path))
             except Exception as error:  # whatever is wrong with a checkpoint rejects it, not serve
                 self._reject(path, _reason(error))
                 continue

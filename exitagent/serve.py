@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import signal
 import sys
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from exitagent import checkpoints, config, engine, gateway, models, precision, served_form
+from exitagent import adapters, checkpoints, config, engine, gateway, models, precision, served_form
 from exitagent import log as logging_setup
 from exitagent.errors import ConfigError, ExitAgentError, unwrap
 from exitagent.gateway import Gate, GatewayServer, create_app
@@ -33,6 +34,8 @@ from exitagent.reload import Admin, CanaryCheck, Reloader, ServingState
 from exitagent.types import PolicyVersion
 
 log = structlog.get_logger(__name__)
+
+LORA_RANKS = (0, 1, 8, 16, 32, 64, 128, 256, 320, 512)  # 0: no adapters; the rest: vLLM's --max-lora-rank
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class ServeConfig:
     tool_call_parser: str | None = field(default=None, metadata={
         "help": "vLLM tool-call parser (e.g. hermes, llama3_json); turns on --enable-auto-tool-choice"})
     reasoning_parser: str | None = field(default=None, metadata={"help": "vLLM reasoning parser (e.g. deepseek_r1)"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "serve the trainer's LoRA adapters (training.update --lora-rank) of up to this rank on the base "
+                "model, each loaded under a new name (1, 8, 16, 32, 64, ...; 0: full-weight checkpoints). Costs "
+                "the adapter's extra matmuls per token; saves publishing and reloading the whole model"})
     engine_port: int = field(default=0, metadata={"help": "loopback port of the vLLM engine (0: any free)"})
     poll_s: float = field(default=1.0, metadata={"help": "how often to look for new checkpoints (s)"})
     startup_timeout_s: float = field(default=900.0, metadata={"help": "how long vLLM may take to start (s)"})
@@ -81,6 +88,8 @@ class ServeConfig:
             raise ValueError("--canary-tokens and --canary-tolerance must be positive")
         if min(self.data_parallel_size, self.tensor_parallel_size) < 1:
             raise ValueError("--data-parallel-size and --tensor-parallel-size must be at least 1")
+        if self.lora_rank not in LORA_RANKS:
+            raise ValueError(f"--lora-rank must be one of {', '.join(map(str, LORA_RANKS))} (what vLLM accepts)")
 
 
 def choose_precision(cfg: ServeConfig) -> tuple[precision.Precision, CanaryCheck]:
@@ -118,16 +127,22 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
 
     def spec_for(directory: Path) -> engine.EngineSpec:
         return engine.EngineSpec(
-            model_dir=directory, served_name=cfg.served_model_name, port=port, max_model_len=cfg.max_model_len,
+            model_dir=base_dir if cfg.lora_rank else directory, served_name=cfg.served_model_name, port=port,
+            max_model_len=cfg.max_model_len,
             kv_cache_gib=cfg.kv_cache_gib, gpu_memory_utilization=cfg.gpu_memory_utilization, log_file=log_file,
             enforce_eager=cfg.enforce_eager, dtype=chosen.dtype, data_parallel_size=cfg.data_parallel_size,
             tensor_parallel_size=cfg.tensor_parallel_size, tool_call_parser=cfg.tool_call_parser,
-            reasoning_parser=cfg.reasoning_parser,
+            reasoning_parser=cfg.reasoning_parser, lora_rank=cfg.lora_rank,
         )
 
     vllm = engine.Engine(spec_for(base_dir))
     admin = Admin(vllm.url, cfg.served_model_name)
     server_id = checkpoints.server_id(cfg.port)  # names this server's record in the weights directory
+    verify = None
+    if cfg.lora_rank:  # adapters on the base model, each under a versioned name (exitagent.adapters)
+        state.public_name = cfg.served_model_name
+        admin = adapters.AdapterAdmin(vllm.url, cfg.served_model_name, state)
+        verify = functools.partial(adapters.verify, base=reference, max_rank=cfg.lora_rank)
     try:
         await vllm.start(cfg.startup_timeout_s)
         app = create_app(vllm.url, state, gate, api_key=api_key, limits=limits)
@@ -147,7 +162,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
             if ready is not None:
                 ready.set()
             if cfg.weights_dir is not None:
-                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive, canary_check,
+                reloader = Reloader(admin, cfg.weights_dir, state, reference, gate.exclusive, canary_check, verify,
                                     server=server_id)
                 reloader.record_served()
                 tasks.start_soon(_watch, reloader, cfg.poll_s)
@@ -194,7 +209,7 @@ async def _supervise(vllm: engine.Engine, admin: Admin, spec_for: Callable[[Path
 
         async def restart() -> None:  # retried with backoff; raises (ending serve) once it gives up
             await vllm.restart(spec_for(state.directory), timeout_s)
-            await admin.set_version(str(state.version))
+            await admin.after_restart(state.directory, str(state.version))
 
         await gate.exclusive(restart)
         failures = 0

@@ -24,6 +24,7 @@ import anyio
 import httpx
 import structlog
 
+from exitagent import adapters
 from exitagent.gate import Gate
 from exitagent.reload import ServingState
 
@@ -120,7 +121,9 @@ class Upstream:
 
     async def _relay(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes,
                      version: str, reply: _Reply) -> None:
-        request = self._client.build_request(method, path, headers=headers, content=body)
+        # inside the gate: a server of LoRA adapters sends the policy's name to the adapter now verified
+        content = adapters.route_body(body, self.state)
+        request = self._client.build_request(method, path, headers=headers, content=content)
         response = await self._client.send(request, stream=True)
         try:
             out = [(name.lower(), value) for name, value in response.headers.raw

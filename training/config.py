@@ -48,6 +48,25 @@ class UpdateConfig:
     precision: str = field(default="auto", metadata={
         "choices": PRECISIONS, "help": "compute dtype (bfloat16: autocast; fp32 master weights either way); auto: "
                                       "bf16 where the hardware runs it natively, else float32"})
+    # Memory options (bytes per parameter: training/memory.py). Each trades something for memory.
+    reference_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
+        "dtype of the KL reference model: bfloat16 halves its memory (4 -> 2 bytes/param); costs bf16 rounding "
+        "in its logprobs (~0.04 nats/token on the 135M model) and, on CPUs without native bf16, time; "
+        "ignored with LoRA")})
+    optimizer: str = field(default="adamw", metadata={"choices": ("adamw", "adamw8bit"), "help": (
+        "adamw8bit: torchao's block-quantised moments, 2 instead of 8 bytes/param; costs quantisation noise in "
+        "the moments and step time (benchmarks/memory_options.py)")})
+    weights_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "help": (
+        "bfloat16: trained weights and gradients in bf16 (8 -> 4 bytes/param), stepped with stochastic rounding "
+        "(torchao) so updates below bf16's spacing still count on average; costs noise in every weight. The "
+        "canary is then computed in bf16: serve in bf16 (its tolerance allows that)")})
+    lora_rank: int = field(default=0, metadata={"help": (
+        "train and publish a LoRA adapter of this rank instead of the whole model (0: full fine-tuning): no "
+        "gradients or AdamW state for the base, no reference copy (the adapter disabled), checkpoints of MBs. "
+        "Costs capacity (a rank-r update); serve needs --lora-rank >= it")})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (update = alpha / rank * B A)"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
+        "help": "comma-separated module names LoRA adapts (the model's linear layers)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     idle_timeout_s: float = field(default=0.0, metadata={"help": "exit if no groups arrive for this long (0: wait)"})
@@ -61,4 +80,6 @@ class UpdateConfig:
             raise ValueError("groups_per_step, publish_every and keep must be positive")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
+        if self.lora_rank < 0 or (self.lora_rank and (self.lora_alpha < 1 or not self.lora_targets.strip())):
+            raise ValueError("--lora-rank must be >= 0, and with it --lora-alpha positive and --lora-targets set")
         normalise_precision(self.precision)  # an unknown value fails here, before the model loads

@@ -20,6 +20,7 @@ from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
 from exitagent.store import CurriculumStore
 from exitagent.types import StoredGroup
+from training import lora, memory
 from training import state as trainer_state
 from training.config import UpdateConfig
 from training.data import TrainItem, make_micro_batches
@@ -43,13 +44,15 @@ def _load(directory: Any, dtype: torch.dtype, device: torch.device) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: UpdateConfig, model: Any, tokenizer: Any, reference: Any, step: int) -> None:
+    def __init__(self, cfg: UpdateConfig, model: Any, tokenizer: Any, reference: Any, step: int,
+                 adapter: Any = None) -> None:
         self.cfg = cfg
         self.device = next(model.parameters()).device
         self.precision = precision.choose(cfg.precision, precision.detect(self.device.type))
         log.info("precision_chosen", dtype=self.precision.dtype, reason=self.precision.reason,
-                 capability=self.precision.hardware.describe(), master_weights="float32")
+                 capability=self.precision.hardware.describe(), master_weights=cfg.weights_dtype)
         self.model, self.tokenizer, self.reference = model, tokenizer, reference
+        self.adapter = adapter  # LoRA: the peft model around ``model`` (training.lora); None: full fine-tuning
         self.step = step
         self.bad_steps = 0
         self.history: list[list[Any]] = []  # [step, group ids] of every update in this model's lineage
@@ -58,7 +61,8 @@ class Trainer:
                                    beta=cfg.beta, aggregation=cfg.aggregation,  # type: ignore[arg-type]
                                    drop_truncated=cfg.drop_truncated, drop_unparseable=cfg.drop_unparseable,
                                    temperature=cfg.temperature)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = memory.build_optimizer(model.parameters(), kind=cfg.optimizer, weights_dtype=cfg.weights_dtype,
+                                                lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     @property
     def state_dir(self) -> Any:
@@ -73,7 +77,8 @@ class Trainer:
         base = models.resolve(cfg.model)
         saved = trainer_state.load_latest(cfg.run_dir / "trainer")
         source = saved[0] if saved else base
-        model = _load(source, torch.float32, device)  # fp32 master weights; compute as cfg.precision says
+        weights = memory.dtype_of(cfg.weights_dtype, "--weights-dtype")  # master weights; compute: cfg.precision
+        model = _load(base if cfg.lora_rank else source, weights, device)
         # benchmarks/trainer.py: about half the peak memory for ~13% more time; without it each group's
         # prompt runs once for its G responses (loss.token_logprobs), so small models train faster off
         if cfg.activation_checkpointing:
@@ -82,10 +87,18 @@ class Trainer:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
+        adapter = None
+        if cfg.lora_rank:  # the trainer works on the causal LM with the adapter's layers injected
+            adapter = lora.attach(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                                  saved=saved[0] if saved else None)
+            model = adapter.get_base_model()
         reference = None
-        if cfg.beta > 0:
-            reference = _load(base, torch.float32, device).eval().requires_grad_(False)
-        trainer = cls(cfg, model, tokenizer, reference, step=saved[1].step if saved else 0)
+        if cfg.beta > 0 and adapter is not None:
+            reference = lora.AdapterReference(adapter)  # the adapter disabled: no copy of the model
+        elif cfg.beta > 0:
+            reference_dtype = memory.dtype_of(cfg.reference_dtype, "--reference-dtype")
+            reference = _load(base, reference_dtype, device).eval().requires_grad_(False)
+        trainer = cls(cfg, model, tokenizer, reference, step=saved[1].step if saved else 0, adapter=adapter)
         if saved:
             state = saved[1]
             trainer.optimizer.load_state_dict(state.optimizer)
@@ -175,7 +188,8 @@ class Trainer:
         reference = self.reference.state_dict() if self.reference is not None and self.reference_moved else None
         saved = trainer_state.TrainerState(self.step, self.optimizer.state_dict(), reference,
                                            trainer_state.rng_state(), self.bad_steps, self.history)
-        trainer_state.save(self.state_dir, saved, self.model, self.tokenizer)
+        checkpointed = self.model if self.adapter is None else lora.AdapterSaver(self.adapter)
+        trainer_state.save(self.state_dir, saved, checkpointed, self.tokenizer)
         crash_point("before_publish", self.step)
         self._publish()
 
@@ -183,5 +197,9 @@ class Trainer:
         directory = self.state_dir / f"state-{self.step:06d}"
         self.model.eval()
         canary = compute_canary(self.model, self.tokenizer)
-        path = publish_from(directory, self.cfg.run_dir / "weights", self.step, canary, keep=self.cfg.keep)
+        weights = self.cfg.run_dir / "weights"
+        if self.adapter is not None:
+            path = lora.publish_adapter(directory, weights, self.step, canary, base=self.model, keep=self.cfg.keep)
+        else:
+            path = publish_from(directory, weights, self.step, canary, keep=self.cfg.keep)
         log.info("checkpoint_published", step=self.step, path=str(path))
