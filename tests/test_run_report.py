@@ -54,6 +54,9 @@ class PolicyOnly:
 
 
 def test_the_progress_line_says_when_the_server_refuses_checkpoints(tmp_path: Path) -> None:
-    assert run.progress(tmp_path, PolicyOnly()).endswith("served step-000003")  # type: ignore[arg-type]
-    line = run.progress(tmp_path, PolicyOnly(rejected=2, last_error="canary mismatch: 0.2 > 0.1"))  # type: ignore[arg-type]
+    assert run.progress(tmp_path, [PolicyOnly()]).endswith("served step-000003")  # type: ignore[arg-type]
+    line = run.progress(tmp_path, [PolicyOnly(rejected=2, last_error="canary mismatch: 0.2 > 0.1")])  # type: ignore[arg-type]
     assert "2 checkpoints refused, last: canary mismatch: 0.2 > 0.1" in line
+    # several servers (run --servers): one version each, they reload seconds apart
+    two = run.progress(tmp_path, [PolicyOnly(), PolicyOnly(version="step-000002")])  # type: ignore[list-item]
+    assert two.endswith("served step-000003 / step-000002")
