@@ -33,7 +33,7 @@ from psycopg.types.string import StrDumper
 from psycopg_pool import ConnectionPool
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from exitagent.errors import StoreError, StoreUnavailable
+from exitagent.errors import ConfigError, StoreError, StoreUnavailable
 from exitagent.store import SCHEMA_VERSION, Buffer, StoreProgress, _check_consumed, _check_distinct, _SqlBuffer
 from exitagent.store_rows import (
     ENTRY_COLUMNS,
@@ -193,6 +193,8 @@ class PostgresStore:
             else:
                 hint = "is PostgreSQL running there, and reachable from this machine?"
             raise StoreUnavailable(f"cannot open the curriculum store {self.shown}: {text} ({hint})") from error
+        except psycopg.ProgrammingError as error:  # libpq could not parse the URL itself
+            raise ConfigError(f"not a valid PostgreSQL URL {self.shown}: {error}") from error
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         conn.adapters.register_dumper(str, _NulFreeText)

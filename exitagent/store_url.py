@@ -48,6 +48,8 @@ def redact(target: str) -> str:
         if ":" in userinfo:
             netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
     query = "&".join(re.sub(r"^password=.*", "password=***", piece) for piece in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
+        return target  # nothing to hide (and urlunsplit would turn "postgresql:///db" into "postgresql:/db")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
@@ -57,11 +59,12 @@ def has_password(target: str) -> bool:
 
 def split_schema(url: str) -> tuple[str, str | None]:
     """(the URL without ``schema=``, which libpq would refuse, and that schema)."""
-    parts = urlsplit(url)
-    pieces = [p for p in parts.query.split("&") if p]
-    schema = dict(parse_qsl(parts.query)).get("schema")
-    kept = "&".join(p for p in pieces if not p.startswith("schema="))
-    return urlunsplit(parts._replace(query=kept)), schema
+    # Cut the query by hand: urlunsplit drops an empty host ("postgresql:///db" -> "postgresql:/db"),
+    # which is how a URL leaves host, port and user to PGHOST and friends (pg_virtualenv sets them).
+    base, _, query = url.partition("?")
+    schema = dict(parse_qsl(query)).get("schema")
+    kept = "&".join(p for p in query.split("&") if p and not p.startswith("schema="))
+    return (f"{base}?{kept}" if kept else base), schema
 
 
 def schema_for(run_dir: Path) -> str:

@@ -54,6 +54,18 @@ def test_unreachable_server_and_refused_login(postgres: Cluster, monkeypatch: py
         assert store.groups() == []
 
 
+def test_a_url_without_host_takes_it_from_the_environment(postgres: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``postgresql:///DB?schema=S`` leaves host, port, user and password to libpq's PG* variables
+    (what pg_virtualenv sets: scripts/rehearse_cluster.sh); a URL libpq cannot parse is one error."""
+    for name, value in {"PGHOST": str(postgres.socket_dir), "PGPORT": str(postgres.port), "PGUSER": "postgres"}.items():
+        monkeypatch.setenv(name, value)
+    assert redact("postgresql:///postgres?schema=env") == "postgresql:///postgres?schema=env"
+    with open_store("postgresql:///postgres?schema=env") as store:
+        assert store.groups() == []
+    with pytest.raises(ConfigError, match="not a valid PostgreSQL URL"):
+        open_store("postgresql:///postgres?schema=x&notakey=1", connect_timeout_s=3)
+
+
 def test_password_on_the_command_line_is_warned_and_a_url_file_works(
         postgres: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = postgres.url(schema=f"t_{uuid.uuid4().hex[:8]}", tcp=True, password=PASSWORD)
