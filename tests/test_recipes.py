@@ -34,7 +34,7 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"domain": "math", "steps": 16, "samples": 8},
     },
     "tooluse-qwen7b.toml": {
-        "serve": {"model": "Qwen/Qwen2.5-7B-Instruct"},
+        "serve": {"model": "Qwen/Qwen2.5-7B-Instruct", "tool_call_parser": "hermes"},  # Qwen2.5's tool-call format
         "update": {"model": "Qwen/Qwen2.5-7B-Instruct", "groups_per_step": 16, "lr": 1e-6, "ref_every": 100,
                    "ref_alpha": 1.0, "epsilon": 0.2},
         "collect": {"domain": "tool_use", "group_size": 8, "capacity": 640, "min_buffer": 320, "p_buffer": 0.5,
@@ -42,7 +42,7 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate": {"domain": "tool_use", "steps": 4, "samples": 8, "max_turns": 60},
     },
     "mle-r1qwen7b.toml": {
-        "serve": {"model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"},
+        "serve": {"model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "reasoning_parser": "deepseek_r1"},
         "update": {"model": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "groups_per_step": 4, "lr": 1e-6,
                    "ref_every": 100, "ref_alpha": 0.5, "epsilon": 0.2},
         "collect": {"domain": "mle", "group_size": 8, "capacity": 24, "min_buffer": 3, "p_buffer": 0.5,
