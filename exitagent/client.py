@@ -16,6 +16,7 @@ silently re-tokenized.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,8 +65,14 @@ def to_openai(message: Message) -> dict[str, Any]:
     return out
 
 
+# The bearer token of a gateway started with an API key (serve reads the same variable): collectors,
+# evaluate and the embedded agent send it without a flag, so it never shows in a process list.
+API_KEY_ENV = "EXITAGENT_API_KEY"
+
+
 class OpenAIPolicy:
-    """A policy served over the OpenAI API (``exitagent.serve``, plain vLLM, or any compatible server)."""
+    """A policy served over the OpenAI API (``exitagent.serve``, plain vLLM, or any compatible server).
+    ``api_key`` defaults to ``$EXITAGENT_API_KEY``."""
 
     def __init__(self, base_url: str, *, model: str = "policy", api_key: str | None = None,
                  require_token_ids: bool = True, deadline_s: float = 300.0, request_timeout_s: float = 600.0,
@@ -77,7 +84,10 @@ class OpenAIPolicy:
         self.deadline_s = deadline_s
         self.max_context = max_context
         # ``transport`` is the test seam (httpx.MockTransport): everything else is the real client.
+        api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}  # our own calls (/v1/models) too
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=10.0), transport=transport,
+                                       headers=headers,
                                        limits=httpx.Limits(max_connections=max_connections,
                                                            max_keepalive_connections=max_connections))
         # openai 3.x is built on httpx2 but accepts an httpx client (openai/_httpx2.py adapts it), so

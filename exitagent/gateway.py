@@ -42,6 +42,7 @@ import structlog
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
+from exitagent.client import API_KEY_ENV
 from exitagent.errors import ConfigError
 from exitagent.gate import Gate
 from exitagent.reload import ServingState
@@ -52,7 +53,6 @@ __all__ = ["ROUTES", "VERSION_HEADER", "Gate", "GatewayServer", "Limits", "Refus
 
 log = structlog.get_logger(__name__)
 
-API_KEY_ENV = "EXITAGENT_API_KEY"
 
 # Every route the gateway answers, with its methods: what exitagent's own clients use (chat and
 # plain completions, the model list, health, version, /policy) and nothing else.

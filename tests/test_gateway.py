@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from exitagent.client import API_KEY_ENV, OpenAIPolicy
 from exitagent.gateway import ROUTES, Limits, Refused, check_target
 from tests.gateway_stack import ATTACKS, SECRET_DIR, gateway_stack, raw_request, request_bytes
 
@@ -73,6 +74,20 @@ async def test_api_key_is_required_on_v1_and_compared_safely() -> None:
         assert good.status == 200
         assert (await raw_request(stack.port, request_bytes("GET", "/health"))).status == 200
         assert all(raw != b"/v1/completions" for _, raw, _ in stack.seen)
+
+
+async def test_our_client_sends_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collectors, evaluate and the agent reach a keyed gateway with $EXITAGENT_API_KEY and no flag
+    (serve reads the same variable), also on their own calls beside the OpenAI SDK's (/v1/models)."""
+    async with gateway_stack(FAST, api_key="k3y") as stack:
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+        async with OpenAIPolicy(stack.url + "/v1") as keyless:
+            await keyless.model_names()
+        assert not any(raw == b"/v1/models" for _, raw, _ in stack.seen)  # refused at the gateway
+        monkeypatch.setenv(API_KEY_ENV, "k3y")
+        async with OpenAIPolicy(stack.url + "/v1") as keyed:
+            await keyed.model_names()
+        assert any(raw == b"/v1/models" for _, raw, _ in stack.seen)
 
 
 async def test_policy_reveals_no_host_path() -> None:
