@@ -86,6 +86,9 @@ class CollectConfig:
     max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
     max_staleness: int = field(default=2, metadata={"help": "pause while unconsumed groups are older than this"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw and the curriculum"})
+    collector_index: int = field(default=0, metadata={
+        "help": "with several collectors on one run: a different index each (same --seed: the same task set, "
+                "which the shared buffer's entries refer to; the index gives each its own draws)"})
     capacity: int | None = field(default=None, metadata={"help": "buffer capacity N (domain default)"})
     min_buffer: int | None = field(default=None, metadata={"help": "B_min (domain default)"})
     p_buffer: float | None = field(default=None, metadata={"help": "p: chance to start from the buffer"})
@@ -274,12 +277,14 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
     existing = _check_run(cfg, store, tasks)
     routed = policy if isinstance(policy, RoutedPolicy) else RoutedPolicy([policy], deadline_s=cfg.server_deadline_s)
     await routed.check_same_base()
-    save(cfg, cfg.run_dir, "collect")
+    save(cfg, cfg.run_dir, "collect" if not cfg.collector_index else f"collect-{cfg.collector_index}")
     save(curriculum_cfg, cfg.run_dir, "curriculum")
     if curriculum_cfg.diversity_bonus and embedder is None:
         embedder = MiniLMEmbedder()
         await anyio.to_thread.run_sync(embedder.embed, ["load the model now, not mid-run"])
-    rng = random.Random(f"exitagent-collect:{cfg.seed}:{existing}")  # a rerun does not replay the same draws
+    # a rerun does not replay the same draws (existing), nor does a second collector (its index)
+    index = f":{cfg.collector_index}" if cfg.collector_index else ""
+    rng = random.Random(f"exitagent-collect:{cfg.seed}{index}:{existing}")
     quota = max(cfg.groups - existing, 0) if cfg.groups else None
     metrics = MetricsFile(collector_metrics(cfg.run_dir))
     bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,

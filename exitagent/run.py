@@ -79,7 +79,7 @@ class RunConfig:
         "help": "vLLM servers on one weights directory, each hot-reloading every checkpoint (a one-machine "
                 "rehearsal of a cluster; docs/scaling.md)"})
     collectors: int = field(default=1, metadata={
-        "help": "collect processes, each routing its groups over every server (seeds seed, seed+1, ...)"})
+        "help": "collect processes, each routing its groups over every server (collector index 0, 1, ...)"})
 
     def __post_init__(self) -> None:
         normalise_precision(self.precision)
@@ -218,8 +218,8 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     if already:
         print(f"[run] continuing: {already / 60:.1f} of {cfg.train_minutes:g} training minutes done", flush=True)
     run = str(cfg.run_dir)
-    # Different seeds: collectors with one seed would draw the same tasks (the store would dedup
-    # their buffer entries, but the groups would be twins). The first keeps the run's seed.
+    # One seed (the buffer's entries name tasks of that seed's task set), one index each: collectors
+    # with equal draws would collect twin groups.
     names = ["collect" if i == 0 else f"collect-{i}" for i in range(cfg.collectors)]  # their log files
     collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
                          *_base_urls(servers), "--variant", cfg.variant.value, "--levels", cfg.levels,
@@ -228,7 +228,8 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                          # two batches ahead of the trainer at most (all collectors together: the
                          # staleness gate counts the store's unconsumed groups): the CPU is shared with it
                          "--max-unconsumed", str(2 * cfg.groups_per_step),
-                         "--capacity", "256", "--seed", str(cfg.seed + i), "--no-progress")
+                         "--capacity", "256", "--seed", str(cfg.seed), "--collector-index", str(i),
+                         "--no-progress")
                   for i in range(cfg.collectors)]
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
                     "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),

@@ -6,6 +6,7 @@ a server that dies mid-run, reruns on the same run dir, and the command line's b
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -216,6 +217,28 @@ async def test_rerun_continues_the_run(tmp_path: Path) -> None:
     assert (first.groups, second.groups, second.total_groups, third.groups) == (3, 4, 7, 0)
     assert len(set(ids)) == 7 and len({i.split("-")[0] for i in ids}) == 2  # one id prefix per invocation
     assert not idle.calls
+
+
+async def test_collectors_share_a_run_with_one_seed_and_draw_apart(tmp_path: Path) -> None:
+    """run --collectors N: one seed (the buffer's entries name tasks of its task set; a collector
+    with another seed's tasks could not replay them), a different index each for different draws."""
+    async def draws(run_dir: Path, index: int) -> list[str]:
+        with SQLiteStore.in_run(run_dir) as store:
+            await collect(config(run_dir, groups=6, collector_index=index, concurrency=1),
+                          ScriptedPolicy(answers()), ExactMatchEvaluator(), store, TASKS, embedder=HashEmbedder())
+            return [g.task_id for g in sorted(store.groups(), key=lambda g: g.created)]
+
+    assert await draws(tmp_path / "a", 0) == await draws(tmp_path / "b", 0)  # reproducible
+    assert await draws(tmp_path / "c", 1) != await draws(tmp_path / "d", 0)
+    shared = tmp_path / "shared"
+    with SQLiteStore.in_run(shared) as store:
+        async with anyio.create_task_group() as both:
+            for index in (0, 1):
+                both.start_soon(functools.partial(collect, config(shared, groups=12, collector_index=index),
+                                                  ScriptedPolicy(answers()), ExactMatchEvaluator(), store, TASKS,
+                                                  embedder=HashEmbedder()))
+        assert len(store.groups()) >= 12
+        assert_consistent(store)
 
 
 async def test_rerun_refuses_another_variant_or_task_set(tmp_path: Path) -> None:
