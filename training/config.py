@@ -47,6 +47,13 @@ class UpdateConfig:
         "choices": PRECISIONS, "help": "compute dtype (bfloat16: autocast; fp32 master weights either way); auto: "
                                       "bf16 where the hardware runs it natively, else float32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    fsdp_cpu_offload: bool = field(default=False, metadata={
+        "help": "under torchrun: keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy) "
+                "and step the optimizer on the CPU. Frees ~16 bytes/parameter of GPU memory (all but activations "
+                "and one layer's gathered weights); costs host RAM of the same size and a copy of every weight and "
+                "gradient over PCIe each step (typically 2-5x slower steps). On a CPU run it only costs time"})
+    dist_timeout_s: float = field(default=600.0, metadata={
+        "help": "under torchrun: a collective that waits longer (a rank died or hangs) stops every rank with an error"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     idle_timeout_s: float = field(default=0.0, metadata={"help": "exit if no groups arrive for this long (0: wait)"})
     poll_s: float = field(default=2.0, metadata={"help": "how often to look for new groups"})
@@ -59,4 +66,6 @@ class UpdateConfig:
             raise ValueError("groups_per_step, publish_every and keep must be positive")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError("dist_timeout_s must be positive")
         normalise_precision(self.precision)  # an unknown value fails here, before the model loads

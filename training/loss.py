@@ -24,6 +24,7 @@ the differentiable ratio, which makes its gradient the unbiased reverse-KL gradi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -322,6 +323,12 @@ def loss_normaliser(batches: Sequence[MicroBatch], config: LossConfig) -> float:
     return float(sum(int((m.sum(-1) > 0).sum()) for m in masks))
 
 
+def _logprobs_of(model: Any) -> Any:
+    """``token_logprobs`` bound to ``model``; a sharded policy (``training.distributed.Policy``) has its
+    own, run as an FSDP forward so the head's weight is gathered while the chunks read it."""
+    return getattr(model, "token_logprobs", None) or functools.partial(token_logprobs, model)
+
+
 def micro_batch_loss(
     model: Any,
     batch: MicroBatch,
@@ -344,14 +351,14 @@ def micro_batch_loss(
     device = next(model.parameters()).device
     tokens_BT, attention_BT = batch.tokens_BT.to(device), batch.attention_BT.to(device)
     mask_BT = effective_mask(batch, config).to(device)
-    logprobs_BT, entropy_BT = token_logprobs(model, tokens_BT, attention_BT, score_BT=mask_BT > 0,
-                                             chunk=chunk, return_entropy=return_entropy,
-                                             temperature=config.temperature, prefix_len=batch.prefix_len)
+    logprobs_BT, entropy_BT = _logprobs_of(model)(tokens_BT, attention_BT, score_BT=mask_BT > 0,
+                                                  chunk=chunk, return_entropy=return_entropy,
+                                                  temperature=config.temperature, prefix_len=batch.prefix_len)
     ref_BT = None
     if config.beta > 0 and ref_model is not None:
         with torch.no_grad():
-            ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
-                                       temperature=config.temperature, prefix_len=batch.prefix_len)
+            ref_BT, _ = _logprobs_of(ref_model)(tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
+                                                temperature=config.temperature, prefix_len=batch.prefix_len)
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
                      mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
                      ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)
