@@ -130,7 +130,7 @@ class Policy(torch.nn.Module):
     def token_logprobs(self, tokens_BT: torch.Tensor, attention_BT: torch.Tensor, **kwargs: Any) -> Any:
         from training.loss import token_logprobs
 
-        return token_logprobs(self.lm, tokens_BT, attention_BT, **kwargs)
+        return token_logprobs(self.lm, tokens_BT, attention_BT, two_passes=True, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.lm(*args, **kwargs)

@@ -189,7 +189,20 @@ class ShardedTrainer(Trainer):
         self._apply(result, grad_norm)
         return result, grad_norm, tokens
 
+    def _apply(self, result: dict[str, float], grad_norm: float) -> None:
+        self._reshard()
+        super()._apply(result, grad_norm)
+
+    def _reshard(self) -> None:
+        """Back to shards only. FSDP leaves a root unit gathered after a forward without backward
+        (the reference's, the canary's): its parameters would be plain tensors, not the shards that
+        the refresh and the checkpoint read."""
+        for model in (self.model, self.reference):
+            if model is not None:
+                model.reshard()
+
     def _save_and_publish(self) -> None:
+        self._reshard()
         state = trainer_state.TrainerState(self.step, {}, None, {}, self.bad_steps, self.history)
         full = distributed.full_state_dict(self.model)
         if self.world.is_main:
@@ -232,7 +245,7 @@ class ShardedTrainer(Trainer):
         """The canary needs every rank (a forward of the sharded model); rank 0 publishes."""
         self.model.eval()
         canary = compute_canary(self.model, self.tokenizer, tolerance=self.canary_tolerance)
-        self.model.reshard()
+        self._reshard()
         if self.world.is_main:
             directory = self.state_dir / f"state-{self.step:06d}"
             path = publish_from(directory, self.cfg.run_dir / "weights", self.step, canary, keep=self.cfg.keep,
