@@ -48,10 +48,10 @@ class UpdateConfig:
                                       "bf16 where the hardware runs it natively, else float32"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     fsdp_cpu_offload: bool = field(default=False, metadata={
-        "help": "under torchrun: keep parameters, gradients and AdamW state in host memory (FSDP2 CPUOffloadPolicy) "
-                "and step the optimizer on the CPU. Frees ~16 bytes/parameter of GPU memory (all but activations "
-                "and one layer's gathered weights); costs host RAM of the same size and a copy of every weight and "
-                "gradient over PCIe each step (typically 2-5x slower steps). On a CPU run it only costs time"})
+        "help": "torchrun on GPUs: parameters, gradients and AdamW state live in host memory (FSDP2 "
+                "CPUOffloadPolicy). Frees ~16 bytes/parameter/world size of GPU memory (all but activations and "
+                "the layer being computed); costs as much host RAM, a host<->GPU copy of every weight and "
+                "gradient per step, and AdamW on the CPU: slower steps (not measured here: no GPU)"})
     dist_timeout_s: float = field(default=600.0, metadata={
         "help": "under torchrun: a collective that waits longer (a rank died or hangs) stops every rank with an error"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})

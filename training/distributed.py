@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 import torch
 import torch.distributed as dist
 
-from exitagent.errors import ConfigError
+from exitagent.errors import ConfigError, ExitAgentError, ModelError
 from training.data import MicroBatch
 
 log = structlog.get_logger(__name__)
@@ -61,8 +62,11 @@ def from_env() -> World | None:
     return World(rank, size, local_size)
 
 
-def check_layout(world: World, device: str) -> None:
+def check_layout(world: World, device: str, cpu_offload: bool = False) -> None:
     """Refuse layouts that cannot work, before any process group forms."""
+    if cpu_offload and device != "cuda":
+        raise ConfigError("--fsdp-cpu-offload moves GPU ranks' shards to host memory; this run is on the CPU, "
+                          "where they are already: leave it off")
     if world.size % world.local_size:
         raise ConfigError(f"world size {world.size} is not a multiple of the {world.local_size} processes per node: "
                           f"every node must run the same --nproc-per-node")
@@ -77,9 +81,9 @@ def check_layout(world: World, device: str) -> None:
                           f"gives the trainer: each rank needs a core of its own (use at most {cores})")
 
 
-def start(world: World, device: str, timeout_s: float) -> torch.device:
+def start(world: World, device: str, timeout_s: float, cpu_offload: bool = False) -> torch.device:
     """Join the process group; a collective that waits longer than ``timeout_s`` raises, never hangs."""
-    check_layout(world, device)
+    check_layout(world, device, cpu_offload)
     where = device_of(device)
     if device == "cuda":
         torch.cuda.set_device(where)
@@ -111,6 +115,21 @@ def broadcast(value: Any, world: World) -> Any:
     box = [value if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_rank0(read: Callable[[], Any], world: World) -> Any:
+    """``read()`` on rank 0 (which alone reads the run's and the model's files), its result on every
+    rank; when it raises one of ours, every rank raises it (none waits for a broadcast that never comes)."""
+    outcome: tuple[str | None, Any] = (None, None)
+    if world.is_main:
+        try:
+            outcome = (None, read())
+        except ExitAgentError as raised:
+            outcome = (str(raised), None)
+    message, value = broadcast(outcome, world)
+    if message is not None:
+        raise ModelError(message if world.is_main else f"rank 0: {message}")
+    return value
 
 
 # --- the sharded policy --------------------------------------------------------------------------
@@ -153,38 +172,38 @@ def shard(lm: Any, cpu_offload: bool) -> Policy:
 
 
 def load(source: Any, world: World, device: torch.device, cpu_offload: bool, *, frozen: bool = False) -> Policy:
-    """Read ``source`` on rank 0 only, build the other ranks' copy on the meta device, shard both,
-    then broadcast the weights into the shards."""
+    """Read ``source`` on rank 0 only (into host memory), build every rank's copy on the meta device,
+    shard it, then broadcast rank 0's weights into the shards. The other ranks never read ``source``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from training.trainer import _load
 
-    if world.is_main:
-        lm = _load(source, torch.float32, device)
-        full = {f"lm.{k}": v for k, v in lm.state_dict().items()}
-        buffers = {name: b.clone() for name, b in lm.named_buffers()}
-    else:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
-        full, buffers = {}, None
+    full: dict[str, Any] = {}
+
+    def read() -> tuple[Any, dict[str, torch.Tensor]]:
+        lm = _load(source, torch.float32, torch.device("cpu"))
+        full.update({f"lm.{k}": v for k, v in lm.state_dict().items()})
+        # Non-persistent buffers (rotary frequencies) are in no state dict: they go with the config.
+        return lm.config, dict(lm.named_buffers())
+
+    config, buffers = from_rank0(read, world)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if getattr(lm.config, "tie_word_embeddings", False):
         lm.tie_weights()
     policy = shard(lm, cpu_offload)
-    if not world.is_main:
-        # Real (empty) shards before the broadcast fills them: loading into meta tensors would
-        # assign new parameters, and untie the head from the embeddings.
-        policy.to_empty(device="cpu" if cpu_offload else device)
+    # Real (empty) shards before the broadcast fills them: loading into meta tensors would assign
+    # new parameters, and untie the head from the embeddings.
+    policy.to_empty(device="cpu" if cpu_offload else device)
     set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # Non-persistent buffers (rotary frequencies) are in no state dict: rank 0's, broadcast.
-    buffers = broadcast(buffers, world)
+    full.clear()
     for name, value in buffers.items():
         owner, _, attr = name.rpartition(".")
         module = lm.get_submodule(owner) if owner else lm
         module.register_buffer(attr, value.to(device), persistent=attr in module.state_dict())
     if frozen:
         policy.eval().requires_grad_(False)
-    del full
     return policy
 
 

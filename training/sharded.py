@@ -37,7 +37,7 @@ from training.data import MicroBatch, TrainItem, make_micro_batches
 from training.distributed import World
 from training.loss import loss_normaliser
 from training.publish import compute_canary, publish_from
-from training.trainer import Trainer
+from training.trainer import Trainer, load_tokenizer
 
 log = structlog.get_logger(__name__)
 
@@ -57,17 +57,14 @@ class ShardedTrainer(Trainer):
 
     @classmethod
     def start(cls, cfg: UpdateConfig, world: World) -> ShardedTrainer:
-        from transformers import AutoTokenizer
-
         device = distributed.device_of(_device(cfg))
-        base = distributed.broadcast(models.resolve(cfg.model) if world.is_main else None, world)
-        latest = trainer_state.complete_states(cfg.run_dir / "trainer")[-1:] if world.is_main else None
-        latest = distributed.broadcast(latest, world)
+        base = distributed.from_rank0(lambda: models.resolve(cfg.model), world)
+        latest = distributed.from_rank0(lambda: trainer_state.complete_states(cfg.run_dir / "trainer")[-1:], world)
         source = latest[0] if latest else base
         model = distributed.load(source, world, device, cfg.fsdp_cpu_offload)
         if cfg.activation_checkpointing:
             model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = distributed.from_rank0(lambda: load_tokenizer(source), world)
         reference = distributed.load(base, world, device, cfg.fsdp_cpu_offload, frozen=True) if cfg.beta > 0 else None
         saved = trainer_state.read_meta(latest[0]) if latest else None
         trainer = cls(cfg, model, tokenizer, reference, saved.step if saved else 0, world)
@@ -260,7 +257,7 @@ def main_sharded(cfg: UpdateConfig, world: World, run: Any) -> int:
 
     from exitagent import config
 
-    distributed.start(world, _device(cfg), cfg.dist_timeout_s)
+    distributed.start(world, _device(cfg), cfg.dist_timeout_s, cfg.fsdp_cpu_offload)
     try:
         with contextlib.ExitStack() as stack:
             refusal = None

@@ -40,6 +40,15 @@ def _load(directory: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return model.to(device)  # type: ignore[arg-type]
 
 
+def load_tokenizer(source: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
+
+
 class Trainer:
     def __init__(self, cfg: UpdateConfig, model: Any, tokenizer: Any, reference: Any, step: int) -> None:
         self.cfg = cfg
@@ -64,8 +73,6 @@ class Trainer:
 
     @classmethod
     def restore_or_start(cls, cfg: UpdateConfig) -> Trainer:
-        from transformers import AutoTokenizer
-
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if cfg.device == "auto" else cfg.device))
         base = models.resolve(cfg.model)
@@ -76,10 +83,7 @@ class Trainer:
         # prompt runs once for its G responses (loss.token_logprobs), so small models train faster off
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
+        tokenizer = load_tokenizer(source)
         reference = None
         if cfg.beta > 0:
             reference = _load(base, torch.float32, device).eval().requires_grad_(False)

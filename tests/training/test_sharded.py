@@ -164,6 +164,17 @@ def test_more_ranks_than_cores_is_one_clear_error(tmp_path: Path, tiny: Path) ->
     assert f"--nproc-per-node {cores + 1} is larger than the {cores} CPU core(s)" in result.stderr
 
 
+def test_a_model_that_does_not_load_stops_every_rank_with_its_error(tmp_path: Path, tiny: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    started = time.monotonic()
+    result = update(fresh_run(tiny, tmp_path / "run"), broken, "--steps", "1", ranks=2)
+    assert result.returncode != 0 and "error: cannot load a model from" in result.stderr
+    assert "error: rank 0: cannot load a model from" in result.stderr  # rank 1 says why too, and stops
+    assert time.monotonic() - started < 60  # not the 60 s process-group timeout
+
+
 def test_a_state_saved_by_one_process_is_not_resumed_by_torchrun(tmp_path: Path, tiny: Path) -> None:
     run_dir = fresh_run(tiny, tmp_path / "run")
     assert update(run_dir, tiny / "model", "--groups-per-step", "2", "--steps", "1").returncode == 0
@@ -178,6 +189,8 @@ def test_layouts_that_cannot_work_are_refused_before_the_group_forms() -> None:
     with pytest.raises(ConfigError, match=f"larger than the {cores} CPU core"):
         distributed.check_layout(distributed.World(rank=0, size=cores + 1, local_size=cores + 1), "cpu")
     distributed.check_layout(distributed.World(rank=0, size=2 * cores, local_size=cores), "cpu")  # 2 nodes
+    with pytest.raises(ConfigError, match="this run is on the CPU"):  # FSDP2 offloads to host from an accelerator
+        distributed.check_layout(distributed.World(rank=0, size=1, local_size=1), "cpu", cpu_offload=True)
 
 
 def test_micro_batches_are_balanced_by_token_cost(make_sequence) -> None:
