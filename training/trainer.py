@@ -1,7 +1,8 @@
 """The single-process trainer: one model, one optimizer, one GRPO step at a time.
 
-This is the seam a torch-distributed (FSDP, ``torchrun``) trainer replaces: ``training.update``
-only calls ``restore_or_start``, ``ensure_published``, ``train_step`` and ``save_and_publish``.
+``training.update`` only calls ``restore_or_start``, ``ensure_published``, ``train_step``,
+``save_and_publish``, ``idle`` and ``close``; under torchrun ``training.sharded.ShardedTrainer``
+(FSDP2) answers the same calls, reusing this class's micro-batch, step and metric pieces.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def test_torchrun_two_ranks_publish_what_serve_reloads(tmp_path: Path, model_dir
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
              "training.update", "--run-dir", str(run_dir), "--model", str(model_dir), "--groups-per-step", "2",
-             "--lr", "1e-5", "--steps", "2", "--quiet", "--idle-timeout-s", "30", "--dist-timeout-s", "300"],
+             "--lr", "1e-5", "--steps", "2", "--beta", "0", "--quiet", "--idle-timeout-s", "30",
+             "--dist-timeout-s", "300"],
             capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         assert [step for step, _ in checkpoints.ready_checkpoints(run_dir / "weights")] == [1, 2]

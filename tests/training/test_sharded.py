@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints, models
+from exitagent import checkpoints, models, precision, served_form
 from exitagent.errors import ConfigError
 from exitagent.store import SQLiteStore
 from tests.stores import make_store
 from training import distributed
 from training.data import make_micro_batches
+from training.publish import publish_from
 from training.state import complete_states
 
 pytestmark = pytest.mark.timeout(300)  # an uneven split that hung would stop here, not in CI's limit
@@ -201,3 +202,16 @@ def test_micro_batches_are_balanced_by_token_cost(make_sequence) -> None:
     assert sorted(b.labels for share in shares for b in share) == sorted(b.labels for b in batches)
     assert sorted(sum(distributed.cost(b) for b in share) for share in shares) == [74, 76]  # 48+28 / 38+36
     assert distributed.balance(batches[:1], 2)[1] == []  # the caller tops rank 1 up with dummies
+
+
+def test_checkpoints_are_published_in_the_serving_dtype(tmp_path: Path, tiny: Path) -> None:
+    state = tmp_path / "state"
+    shutil.copytree(tiny / "model", state)
+    canary = checkpoints.Canary((1, 2, 3), (-1.0, -2.0), precision.canary_tolerance("bfloat16"))
+    published = publish_from(state, tmp_path / "weights", 1, canary, dtype="bfloat16")
+    assert {dtype for dtype, _ in checkpoints.tensor_shapes(published).values()} == {"BF16"}
+    assert {dtype for dtype, _ in checkpoints.tensor_shapes(state).values()} == {"F32"}  # cast, not written through
+    served = served_form.serving_copy(tiny / "model", tmp_path / "served")
+    assert checkpoints.verify(published, checkpoints.tensor_shapes(served)).tolerance == 0.1
+    original, cast = tensors(state), tensors(published)
+    assert_close({k: original[k].bfloat16() for k in original}, {k: cast[k] for k in original}, 0.0)
