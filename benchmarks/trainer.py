@@ -2,6 +2,8 @@
 
 Run:  .venv/bin/python benchmarks/trainer.py [--model DIR] [--batch 8] [--seq 256] [--prompt 64]
         [--precision auto|bfloat16|float32]
+      .venv/bin/python benchmarks/trainer.py --ranks 1,2 --batch 16 --group-size 4 [--cpu-offload]
+        (one process against torchrun ranks with FSDP2: benchmarks/_ranks.py)
 
 Each variant runs in a fresh subprocess (so the peak memory of one cannot hide in another's), on
 the same random batch, with the same AdamW step:
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 
 import _machine
+import _ranks
 
 from exitagent import precision
 
@@ -147,13 +150,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant here and print JSON")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--precision", default="auto", help="auto (what the hardware runs natively), bfloat16, float32")
+    parser.add_argument("--ranks", help="compare these rank counts instead of the variants, e.g. 1,2")
+    parser.add_argument("--ranked", action="store_true", help="run one rank count here (under torchrun or alone)")
+    parser.add_argument("--cpu-offload", action="store_true", help="with --ranks: FSDP CPU offload")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
-    if args.variant:
-        print(json.dumps(run_variant(args)))
+    if args.variant or args.ranked:
+        result = _ranks.run_ranked(args, _batches) if args.ranked else run_variant(args)
+        if result is not None:
+            print(json.dumps(result), flush=True)
         return
     root = Path(__file__).resolve().parents[1]
     _machine.print_machine()
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     common = [f"--precision={args.precision}", f"--model={args.model}", f"--batch={args.batch}", f"--seq={args.seq}",
               f"--prompt={args.prompt}",
               f"--steps={args.steps}", f"--chunk={args.chunk}", f"--group-size={args.group_size}"]
+    if args.ranks:
+        _ranks.compare(args, Path(__file__).resolve(), common)
+        return
     results = {}
     for variant in args.variants.split(","):
         out = subprocess.run([sys.executable, __file__, f"--variant={variant}", *common], cwd=root,

@@ -68,6 +68,13 @@ class UpdateConfig:
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
         "help": "comma-separated module names LoRA adapts (the model's linear layers)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    fsdp_cpu_offload: bool = field(default=False, metadata={
+        "help": "torchrun on GPUs: parameters, gradients and AdamW state live in host memory (FSDP2 "
+                "CPUOffloadPolicy). Frees ~16 bytes/parameter/world size of GPU memory (all but activations and "
+                "the layer being computed); costs as much host RAM, a host<->GPU copy of every weight and "
+                "gradient per step, and AdamW on the CPU: slower steps (not measured here: no GPU)"})
+    dist_timeout_s: float = field(default=600.0, metadata={
+        "help": "under torchrun: a collective that waits longer (a rank died or hangs) stops every rank with an error"})
     max_bad_steps: int = field(default=3, metadata={"help": "stop after this many non-finite losses in a row"})
     idle_timeout_s: float = field(default=0.0, metadata={"help": "exit if no groups arrive for this long (0: wait)"})
     poll_s: float = field(default=2.0, metadata={"help": "how often to look for new groups"})
@@ -82,4 +89,6 @@ class UpdateConfig:
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
         if self.lora_rank < 0 or (self.lora_rank and (self.lora_alpha < 1 or not self.lora_targets.strip())):
             raise ValueError("--lora-rank must be >= 0, and with it --lora-alpha positive and --lora-targets set")
+        if self.dist_timeout_s <= 0:
+            raise ValueError("dist_timeout_s must be positive")
         normalise_precision(self.precision)  # an unknown value fails here, before the model loads

@@ -24,6 +24,7 @@ the differentiable ratio, which makes its gradient the unbiased reverse-KL gradi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,23 +85,32 @@ def _split_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     return backbone, head
 
 
-def _hidden_states(backbone: Any, tokens_BT: torch.Tensor, attention_BT: torch.Tensor, prefix_len: int) -> Any:
+def _hidden_states(backbone: Any, tokens_BT: torch.Tensor, attention_BT: torch.Tensor, prefix_len: int,
+                   two_passes: bool = False) -> Any:
     """The backbone's last hidden states; a prefix shared by every row is run once, for one row.
 
     The prefix's keys and values are repeated to every row and the rest of each row attends to
     them, exactly as if each row had been run whole (the same numbers in float32; tests check it).
     Hugging Face's activation checkpointing silently drops a cache, so it rules sharing out.
+
+    ``two_passes`` (under FSDP): a batch that shares nothing still runs in two passes, its first
+    position then the rest, so every micro-batch calls each layer as often as a shared one does:
+    each call gathers the layer's shards, and every rank must issue the same collectives.
     """
     rows = tokens_BT.shape[0]
-    if prefix_len < 1 or rows < 2 or getattr(backbone, "is_gradient_checkpointing", False):
+    checkpointed = getattr(backbone, "is_gradient_checkpointing", False)
+    shared = prefix_len >= 1 and rows >= 2 and not checkpointed
+    if not shared and not (two_passes and not checkpointed and tokens_BT.shape[1] >= 2):
         return backbone(input_ids=tokens_BT, attention_mask=attention_BT, use_cache=False).last_hidden_state
     from transformers import DynamicCache  # only the shared path needs it
 
     cache = DynamicCache(config=backbone.config)
-    head = backbone(input_ids=tokens_BT[:1, :prefix_len], attention_mask=attention_BT[:1, :prefix_len],
+    split, head_rows = (prefix_len, 1) if shared else (1, rows)
+    head = backbone(input_ids=tokens_BT[:head_rows, :split], attention_mask=attention_BT[:head_rows, :split],
                     past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(rows)  # differentiable: gradients flow back into the one prefix run
-    tail = backbone(input_ids=tokens_BT[:, prefix_len:], attention_mask=attention_BT, past_key_values=cache,
+    if shared:
+        cache.batch_repeat_interleave(rows)  # differentiable: gradients flow back into the one prefix run
+    tail = backbone(input_ids=tokens_BT[:, split:], attention_mask=attention_BT, past_key_values=cache,
                     use_cache=True).last_hidden_state
     return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail], dim=1)
 
@@ -115,6 +125,7 @@ def token_logprobs(
     return_entropy: bool = False,
     temperature: float = 1.0,
     prefix_len: int = 0,
+    two_passes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(tokens[b, t] | tokens[b, :t]) for every position, aligned with ``tokens_BT``.
 
@@ -134,6 +145,7 @@ def token_logprobs(
 
     ``prefix_len``: the first ``prefix_len`` tokens are the same in every row (a group's prompt);
     they are run through the backbone once (``_hidden_states``). Scores there must be off.
+    ``two_passes``: see ``_hidden_states`` (the sharded policy sets it).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -144,7 +156,7 @@ def token_logprobs(
     parts = _split_head(model)
     if parts is not None:
         backbone, head = parts
-        hidden_BTH = _hidden_states(backbone, tokens_BT, attention_BT, prefix_len)
+        hidden_BTH = _hidden_states(backbone, tokens_BT, attention_BT, prefix_len, two_passes)
         inputs_N = hidden_BTH[:, :-1][picked_BT]
 
         # Few positions: keeping their logits for the backward pass costs less memory than the
@@ -322,6 +334,12 @@ def loss_normaliser(batches: Sequence[MicroBatch], config: LossConfig) -> float:
     return float(sum(int((m.sum(-1) > 0).sum()) for m in masks))
 
 
+def _logprobs_of(model: Any) -> Any:
+    """``token_logprobs`` bound to ``model``; a sharded policy (``training.distributed.Policy``) has its
+    own, run as an FSDP forward so the head's weight is gathered while the chunks read it."""
+    return getattr(model, "token_logprobs", None) or functools.partial(token_logprobs, model)
+
+
 def micro_batch_loss(
     model: Any,
     batch: MicroBatch,
@@ -344,14 +362,14 @@ def micro_batch_loss(
     device = next(model.parameters()).device
     tokens_BT, attention_BT = batch.tokens_BT.to(device), batch.attention_BT.to(device)
     mask_BT = effective_mask(batch, config).to(device)
-    logprobs_BT, entropy_BT = token_logprobs(model, tokens_BT, attention_BT, score_BT=mask_BT > 0,
-                                             chunk=chunk, return_entropy=return_entropy,
-                                             temperature=config.temperature, prefix_len=batch.prefix_len)
+    logprobs_BT, entropy_BT = _logprobs_of(model)(tokens_BT, attention_BT, score_BT=mask_BT > 0,
+                                                  chunk=chunk, return_entropy=return_entropy,
+                                                  temperature=config.temperature, prefix_len=batch.prefix_len)
     ref_BT = None
     if config.beta > 0 and ref_model is not None:
         with torch.no_grad():
-            ref_BT, _ = token_logprobs(ref_model, tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
-                                       temperature=config.temperature, prefix_len=batch.prefix_len)
+            ref_BT, _ = _logprobs_of(ref_model)(tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
+                                                temperature=config.temperature, prefix_len=batch.prefix_len)
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
                      mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
                      ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)

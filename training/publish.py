@@ -41,16 +41,22 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
 
 
 def publish_from(source: Path, weights_dir: Path, step: int, canary: Canary, *, keep: int = 3,
-                 **manifest_extra: Any) -> Path:
-    """Publish the checkpoint files in ``source`` (the trainer's saved state) as step ``step``.
+                 dtype: str = "float32", **manifest_extra: Any) -> Path:
+    """Publish the checkpoint files in ``source`` (the trainer's saved state) as step ``step``, its
+    weights in ``dtype``, the dtype it will be served in.
 
     Files are hard-linked, not copied: instant, no extra disk, and the published directory can be
     pruned without touching the trainer's state. (Across filesystems it falls back to a copy.)
+    Weights in another dtype than the state's fp32 are written cast: half the bytes to write, keep
+    and load in bf16 (vLLM would cast them on load anyway, so the canary's tolerance is unchanged).
     """
+    target = getattr(torch, dtype)
 
     def write(directory: Path) -> Canary:
         for path in sorted(source.iterdir()):
-            if path.is_file() and (path.name in MODEL_FILES or path.suffix == ".safetensors"):
+            if path.is_file() and path.suffix == ".safetensors" and _needs_cast(path, target):
+                _write_cast(path, directory / path.name, target)
+            elif path.is_file() and (path.name in MODEL_FILES or path.suffix == ".safetensors"):
                 try:
                     os.link(path, directory / path.name)
                 except OSError:
@@ -61,6 +67,23 @@ def publish_from(source: Path, weights_dir: Path, step: int, canary: Canary, *, 
     published = checkpoints.publish(weights_dir, step, write, **manifest_extra)
     checkpoints.prune(weights_dir, keep)
     return published
+
+
+def _needs_cast(path: Path, dtype: torch.dtype) -> bool:
+    """Whether ``path`` holds floating-point tensors in another dtype than ``dtype``."""
+    return any(info["dtype"] in ("F32", "F16", "BF16") and info["dtype"] != _SAFETENSORS[dtype]
+               for info in checkpoints.safetensors_header(path).values())
+
+
+_SAFETENSORS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_cast(source: Path, destination: Path, dtype: torch.dtype) -> None:
+    """``source``'s floating-point tensors in ``dtype`` (a file of its own: never through a hard link)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(source)).items()}
+    save_file(tensors, str(destination), metadata={"format": "pt"})
 
 
 def publish_model(model: Any, tokenizer: Any, weights_dir: Path, step: int, *, keep: int = 3,

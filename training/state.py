@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from exitagent.errors import CheckpointError, ConfigError
 
 COMPLETE = "COMPLETE"
 LOCK = "update.lock"
+SHARDS = "shards"  # torch.distributed.checkpoint's directory in a sharded trainer's state
 
 
 @contextmanager
@@ -72,15 +73,23 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep: int = 1) -> Path:
     """Write ``directory/state-NNNNNN`` atomically and prune older complete states."""
+    return commit(directory, state.step, lambda tmp: _write(tmp, state, model, tokenizer), keep)
+
+
+def commit(directory: Path, step: int, write: Callable[[Path], None], keep: int = 1) -> Path:
+    """``write(tmp)`` fills a hidden temporary directory, which then becomes ``state-NNNNNN`` and is
+    marked COMPLETE; older complete states are pruned. (The sharded trainer's ``write`` is where
+    every rank writes its shards.)"""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"state-{state.step:06d}"
-    tmp = directory / f".tmp-state-{state.step:06d}-{os.getpid()}"
+    final = directory / f"state-{step:06d}"
+    tmp = directory / f".tmp-state-{step:06d}-{os.getpid()}"
     # Leftovers of failed saves (a full disk, a kill -9) first: each is as big as a state, and the
     # sole-writer lock guarantees no other trainer is writing one now.
     for leftover in directory.glob(".tmp-state-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     try:
-        _write(tmp, state, model, tokenizer)
+        tmp.mkdir()
+        write(tmp)
         shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of a crash at this step
         os.rename(tmp, final)
         (final / COMPLETE).touch()
@@ -89,7 +98,7 @@ def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep:
     except Exception as error:  # OSError, or torch's and safetensors' own wrappers of a failed write
         shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_states(directory)
-        raise CheckpointError(f"could not save the trainer state of step {state.step} in {directory} "
+        raise CheckpointError(f"could not save the trainer state of step {step} in {directory} "
                               f"({type(error).__name__}: {error}; disk full?). The partial state was removed; "
                               f"{kept[-1].name if kept else 'no earlier state'} is kept") from error
     for old in complete_states(directory)[:-keep]:
@@ -98,16 +107,27 @@ def save(directory: Path, state: TrainerState, model: Any, tokenizer: Any, keep:
 
 
 def _write(tmp: Path, state: TrainerState, model: Any, tokenizer: Any) -> None:
-    tmp.mkdir()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": state.optimizer, "rng": state.rng}, tmp / "optimizer.pt")
     if state.reference is not None:
         torch.save(state.reference, tmp / "reference.pt")
+    write_meta(tmp, state)
+
+
+def write_meta(tmp: Path, state: TrainerState) -> None:
+    """``meta.json`` (step, bad steps, lineage), then every file of ``tmp`` to disk."""
     meta = {"step": state.step, "bad_steps": state.bad_steps, "history": state.history}
     (tmp / "meta.json").write_text(json.dumps(meta))
     for path in tmp.iterdir():
-        checkpoints.fsync(path)
+        if path.is_file():
+            checkpoints.fsync(path)
+
+
+def read_meta(path: Path) -> TrainerState:
+    """A saved state's step, bad steps and lineage (optimizer, reference and RNG left empty)."""
+    meta = json.loads((path / "meta.json").read_text())
+    return TrainerState(meta["step"], {}, None, {}, meta.get("bad_steps", 0), meta.get("history", []))
 
 
 def complete_states(directory: Path) -> list[Path]:
@@ -121,6 +141,9 @@ def load_latest(directory: Path) -> tuple[Path, TrainerState] | None:
     if not states:
         return None
     path = states[-1]
+    if (path / SHARDS).is_dir():
+        raise ConfigError(f"{path} was saved by a trainer under torchrun (sharded optimizer state): "
+                          f"resume it with torchrun")
     meta = json.loads((path / "meta.json").read_text())
     saved = torch.load(path / "optimizer.pt", weights_only=False)
     reference = torch.load(path / "reference.pt") if (path / "reference.pt").exists() else None

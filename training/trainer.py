@@ -1,7 +1,8 @@
 """The single-process trainer: one model, one optimizer, one GRPO step at a time.
 
-This is the seam a torch-distributed (FSDP, ``torchrun``) trainer replaces: ``training.update``
-only calls ``restore_or_start``, ``ensure_published``, ``train_step`` and ``save_and_publish``.
+``training.update`` only calls ``restore_or_start``, ``ensure_published``, ``train_step``,
+``save_and_publish``, ``idle`` and ``close``; under torchrun ``training.sharded.ShardedTrainer``
+(FSDP2) answers the same calls, reusing this class's micro-batch, step and metric pieces.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from exitagent.types import StoredGroup
 from training import lora, memory
 from training import state as trainer_state
 from training.config import UpdateConfig
-from training.data import TrainItem, make_micro_batches
+from training.data import MicroBatch, TrainItem, make_micro_batches
 from training.loss import LossConfig, loss_normaliser, micro_batch_loss, reference_due, refresh_reference
 from training.publish import compute_canary, publish_from
 
@@ -41,6 +42,13 @@ def _load(directory: Any, dtype: torch.dtype, device: torch.device) -> Any:
     return model.to(device)  # type: ignore[arg-type]
 
 
+def load_tokenizer(source: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
 
 
 class Trainer:
@@ -70,8 +78,6 @@ class Trainer:
 
     @classmethod
     def restore_or_start(cls, cfg: UpdateConfig) -> Trainer:
-        from transformers import AutoTokenizer
-
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if cfg.device == "auto" else cfg.device))
         base = models.resolve(cfg.model)
@@ -83,10 +89,7 @@ class Trainer:
         # prompt runs once for its G responses (loss.token_logprobs), so small models train faster off
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"cannot load a tokenizer from {source}: {' '.join(str(error).split())[:200]}") from error
+        tokenizer = load_tokenizer(source)
         adapter = None
         if cfg.lora_rank:  # the trainer works on the causal LM with the adapter's layers injected
             adapter = lora.attach(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
@@ -114,6 +117,17 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             log.info("trainer_started", model=str(base), device=str(device))
         return trainer
+
+    @property
+    def canary_tolerance(self) -> float:
+        """What the canary may differ by when the checkpoint is served in the dtype it is published in."""
+        return precision.canary_tolerance(self.precision.dtype)
+
+    def idle(self) -> None:
+        """Called while the loop waits for groups (the sharded trainer keeps its ranks in step)."""
+
+    def close(self) -> None:
+        """Called once the loop is done."""
 
     def ensure_published(self) -> None:
         """Publish the saved state's weights if a crash came between saving and publishing."""
@@ -154,17 +168,27 @@ class Trainer:
         totals: dict[str, float] = {}
         tokens = 0
         for batch in batches:
-            with self._autocast():
-                loss, metrics = micro_batch_loss(self.model, batch, self.loss_cfg, ref_model=self.reference,
-                                                 normaliser=normaliser, chunk=self.cfg.logprob_chunk)
-            loss.backward()
-            weight = batch.num_tokens
-            tokens += int(batch.attention_BT.sum())
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * (1.0 if key == "loss" else weight)
+            tokens += self._backward(batch, normaliser, totals)
         trained = sum(b.num_tokens for b in batches) or 1
         result = {k: (v if k == "loss" else v / trained) for k, v in totals.items()}
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+        self._apply(result, grad_norm)
+        return self._step_metrics(result, grad_norm, len(items), tokens, groups, started)
+
+    def _backward(self, batch: MicroBatch, normaliser: float, totals: dict[str, float], scale: float = 1.0) -> int:
+        """Forward and backward of one micro-batch (loss times ``scale``); adds its metrics, weighted
+        by its trainable tokens, to ``totals``. Returns its real tokens."""
+        with self._autocast():
+            loss, metrics = micro_batch_loss(self.model, batch, self.loss_cfg, ref_model=self.reference,
+                                             normaliser=normaliser, chunk=self.cfg.logprob_chunk)
+        (loss * scale if scale != 1.0 else loss).backward()
+        weight = batch.num_tokens if scale else 0
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * (1.0 if key == "loss" and scale else weight)
+        return int(batch.attention_BT.sum()) if scale else 0
+
+    def _apply(self, result: dict[str, float], grad_norm: float) -> None:
+        """The optimizer step (skipped when the loss or gradient is not finite), then the reference refresh."""
         if not (math.isfinite(result.get("loss", 0.0)) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -178,9 +202,12 @@ class Trainer:
         if reference_due(self.step, self.cfg.ref_every) and self.reference is not None:
             refresh_reference(self.model, self.reference, self.cfg.ref_alpha)
             self.reference_moved = True
+
+    def _step_metrics(self, result: dict[str, float], grad_norm: float, sequences: int, tokens: int,
+                      groups: list[StoredGroup], started: float) -> dict[str, float]:
         rewards = [r.reward for g in groups for r in g.rollouts if r.reward is not None]
         seconds = time.perf_counter() - started
-        return {**result, "grad_norm": grad_norm, "sequences": float(len(items)), "tokens": float(tokens),
+        return {**result, "grad_norm": grad_norm, "sequences": float(sequences), "tokens": float(tokens),
                 "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": float(self.bad_steps > 0),
                 "reward_mean": sum(rewards) / max(1, len(rewards))}
 
@@ -196,10 +223,10 @@ class Trainer:
     def _publish(self) -> None:
         directory = self.state_dir / f"state-{self.step:06d}"
         self.model.eval()
-        canary = compute_canary(self.model, self.tokenizer)
+        canary = compute_canary(self.model, self.tokenizer, tolerance=self.canary_tolerance)
         weights = self.cfg.run_dir / "weights"
         if self.adapter is not None:
             path = lora.publish_adapter(directory, weights, self.step, canary, base=self.model, keep=self.cfg.keep)
         else:
-            path = publish_from(directory, weights, self.step, canary, keep=self.cfg.keep)
+            path = publish_from(directory, weights, self.step, canary, keep=self.cfg.keep, dtype=self.precision.dtype)
         log.info("checkpoint_published", step=self.step, path=str(path))

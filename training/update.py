@@ -1,6 +1,7 @@
 """GRPO updates from the curriculum store; every K updates a checkpoint the server hot-reloads.
 
     python -m training.update --run-dir RUN --model smollm2-135m [--steps N]
+    torchrun --nproc-per-node N -m training.update ...     (FSDP2 over N processes: training/sharded.py)
 
 Without ``--steps`` it follows the store until stopped (SIGINT/SIGTERM finish the current step).
 
@@ -20,8 +21,8 @@ is either in the saved weights exactly once, or unconsumed and waiting. One trai
 second one on the same RUN is refused (``RUN/trainer/update.lock``, released by the kernel even
 after a kill -9).
 
-The single-process ``Trainer`` below is the seam for a torch-distributed trainer: the loop only
-calls ``train_step``, ``save`` and ``publish`` on it.
+Under torchrun the same loop runs on rank 0 with ``training.sharded.ShardedTrainer`` (the other
+ranks follow it); the protocol above is unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from exitagent.log import MetricsFile
 from exitagent.store import CurriculumStore
 from exitagent.store_url import open_run_store, redact
 from exitagent.types import StoredGroup, Variant
+from training import distributed
 from training import state as trainer_state
 from training.advantage import group_advantages
 from training.config import UpdateConfig
@@ -84,8 +86,8 @@ def gather(store: CurriculumStore, trainer: Trainer, cfg: UpdateConfig, metrics:
     return store.fetch_groups(min_version=min_version, limit=cfg.groups_per_step)
 
 
-async def run(cfg: UpdateConfig) -> int:
-    trainer = Trainer.restore_or_start(cfg)
+async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
+    trainer = trainer or Trainer.restore_or_start(cfg)
     with open_run_store(cfg.run_dir, cfg.store) as store:
         released = store.unconsume(trainer.step + 1)
         if released:
@@ -117,6 +119,7 @@ async def run(cfg: UpdateConfig) -> int:
                             return 3
                         with anyio.move_on_after(cfg.poll_s):
                             await stop.wait()
+                        trainer.idle()
                         continue
                     idle_since = time.monotonic()
                     items, counts = items_from(groups, cfg)
@@ -146,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.from_args(UpdateConfig, args)
         logging_setup.configure(json_lines=cfg.log_json or None)
+        world = distributed.from_env()
+        if world is not None:  # started by torchrun
+            from training.sharded import main_sharded
+
+            return main_sharded(cfg, world, run)
         with trainer_state.sole_writer(cfg.run_dir / "trainer"):  # before anything of the run is written
             config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")  # no password
             return anyio.run(run, cfg)
