@@ -25,6 +25,11 @@ Per rank, for P parameters, T trainable (P, or the LoRA adapter's), world size N
   The peak is state + max(transient + activations, optimizer step).
 
 Not included: the CUDA context and allocator slack (about 1-3 GB), vLLM's own memory.
+
+What runs today: FSDP (N > 1, ``torchrun``) with the first row's options only (fp32 master
+weights, fp32 AdamW, fp32 reference). The bf16 reference, 8-bit AdamW, bf16 weights and LoRA run
+in one process (the N = 1 column); under torchrun they are refused with a clear error
+(``training/sharded.py``). Their N > 1 cells say what sharding them would give.
 """
 
 from __future__ import annotations
