@@ -42,7 +42,7 @@ def test_command_line_writes_metrics_and_curve(served, tmp_path: Path) -> None:
     # every generated iterate came from the served policy (exitagent.serve tags each answer)
     generated = TASKS * N * (K + 1) - sum(body["context_full_by_step"])
     assert sum(body["policy_versions"].values()) == generated and "unknown" not in body["policy_versions"]
-    assert body["config"]["steps"] == K and body["config"]["base_url"] == served.base_url
+    assert body["config"]["steps"] == K and body["config"]["base_url"] == [served.base_url]  # repeatable flag
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy by step" in done.stderr
 
