@@ -72,7 +72,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_dir: Path):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` need CUDA: skipped where torch sees no GPU (torch is imported only if
-    such a test was collected)."""
+    such a test was collected). Tests marked ``manual`` run only with EXITAGENT_MANUAL_TESTS=1."""
+    if os.environ.get("EXITAGENT_MANUAL_TESTS") != "1":
+        for item in items:
+            if item.get_closest_marker("manual"):
+                item.add_marker(pytest.mark.skip(reason="manual: set EXITAGENT_MANUAL_TESTS=1 (a core per engine)"))
     marked = [item for item in items if item.get_closest_marker("gpu")]
     if not marked:
         return
