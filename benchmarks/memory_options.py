@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import _machine
-from trainer import DEFAULT_MODEL, PeakRss, _batches
+from trainer import DEFAULT_MODEL, _batches, timed_steps
 
 VARIANTS = ("adamw", "adamw8bit", "lora", "bf16-sr")
 
@@ -66,19 +63,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
             loss.backward()
         optimizer.step()
 
-    times = []
-    with PeakRss() as rss:
-        before = rss.peak
-        for _ in range(args.steps + 1):  # the first is a warm-up (torchao compiles its step there)
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times[1:])
     return {
-        "step_s": step_s,
-        "tokens_per_s": sum(b.tokens_BT.numel() for b in batches) / step_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "step_growth_mib": (rss.peak - before) / 2**20,
+        **timed_steps(step, args.steps, batches),
         "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "optimizer_state_mib": memory.state_bytes(optimizer) / 2**20,
     }

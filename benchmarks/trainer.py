@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import _machine
 import _ranks
@@ -68,6 +69,24 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def timed_steps(step: Any, steps: int, batches: list[Any]) -> dict[str, float]:
+    """Run ``step`` once to warm up, then ``steps`` times: median time, tokens/s and memory."""
+    times = []
+    with PeakRss() as rss:
+        before = rss.peak
+        for _ in range(steps + 1):  # the first is a warm-up (allocations, torchao compiles its step there)
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times[1:])
+    return {
+        "step_s": step_s,
+        "tokens_per_s": sum(b.tokens_BT.numel() for b in batches) / step_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_growth_mib": (rss.peak - before) / 2**20,
+    }
 
 
 def _batches(args: argparse.Namespace, vocab_size: int):  # -> list[MicroBatch]
@@ -122,20 +141,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
             loss.backward()
         optimiser.step()
 
-    times = []
-    with PeakRss() as rss:
-        before = rss.peak
-        for _ in range(args.steps + 1):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times[1:])
-    return {
-        "step_s": step_s,
-        "tokens_per_s": sum(b.tokens_BT.numel() for b in batches) / step_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "step_growth_mib": (rss.peak - before) / 2**20,
-    }
+    return timed_steps(step, args.steps, batches)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
