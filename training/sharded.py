@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import random
 import time
 from pathlib import Path
@@ -268,30 +269,38 @@ def check_options(cfg: UpdateConfig) -> None:
 def main_sharded(cfg: UpdateConfig, world: World, run: Any) -> int:
     """Every rank: join the group; rank 0 takes the run's lock and runs ``run`` (training.update's
     loop), the others follow. A refusal on rank 0 (the lock is held) stops every rank with it."""
+    check_options(cfg)
+    distributed.start(world, _device(cfg), cfg.dist_timeout_s, cfg.fsdp_cpu_offload)
+    try:
+        return _train(cfg, world, run)
+    finally:
+        # The trainer is gone by now (it lived in _train's frame): its FSDP units held the process
+        # group, and a gloo group still alive at interpreter exit aborts the process (SIGABRT,
+        # "terminate called without an active exception") after a run that succeeded.
+        gc.collect()
+        distributed.stop()
+
+
+def _train(cfg: UpdateConfig, world: World, run: Any) -> int:
     import anyio
 
     from exitagent import config
 
-    check_options(cfg)
-    distributed.start(world, _device(cfg), cfg.dist_timeout_s, cfg.fsdp_cpu_offload)
-    try:
-        with contextlib.ExitStack() as stack:
-            refusal = None
-            if world.is_main:
-                try:
-                    stack.enter_context(trainer_state.sole_writer(cfg.run_dir / "trainer"))
-                    config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")
-                except ExitAgentError as error:
-                    refusal = str(error)
-            if distributed.broadcast(refusal, world):
-                raise ExitAgentError(refusal if world.is_main else "rank 0 refused to start (see its error)")
-            trainer = ShardedTrainer.start(cfg, world)
-            if not world.is_main:
-                trainer.follow()
-                return 0
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if world.is_main:
             try:
-                return int(anyio.run(run, cfg, trainer))
-            finally:
-                trainer.close()
-    finally:
-        distributed.stop()
+                stack.enter_context(trainer_state.sole_writer(cfg.run_dir / "trainer"))
+                config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")
+            except ExitAgentError as error:
+                refusal = str(error)
+        if distributed.broadcast(refusal, world):
+            raise ExitAgentError(refusal if world.is_main else "rank 0 refused to start (see its error)")
+        trainer = ShardedTrainer.start(cfg, world)
+        if not world.is_main:
+            trainer.follow()
+            return 0
+        try:
+            return int(anyio.run(run, cfg, trainer))
+        finally:
+            trainer.close()
