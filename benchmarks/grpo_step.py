@@ -177,7 +177,7 @@ def run_exitagent(args: argparse.Namespace) -> dict[str, Any]:
     """The exitagent side, in this process plus the server it starts (and stops)."""
     import anyio
 
-    from exitagent import launch
+    from exitagent.serving import launch
 
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
         run_dir = Path(tmp)

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from exitagent import checkpoints, config, engine, launch, store_url
+from exitagent import config, store_url
 from exitagent import log as logging_setup
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
@@ -43,6 +43,7 @@ from exitagent.precision import Precision, detect
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import normalise as normalise_precision
 from exitagent.report import write_report
+from exitagent.serving import checkpoints, engine, launch
 from exitagent.types import Variant
 
 # The server alone has the machine while evaluating. vLLM's CPU throughput grows with the batch

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints, served_form
+from exitagent.serving import checkpoints, served_form
 from exitagent.store import SQLiteStore
 from exitagent.store_url import open_run_store, pin_run_store
 from tests.stores import make_store

@@ -26,9 +26,10 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from exitagent import checkpoints, models
+from exitagent import models
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.faults import crash_point
+from exitagent.serving import checkpoints
 from exitagent.store import CurriculumStore
 from exitagent.store_url import redact
 from exitagent.types import StoredGroup

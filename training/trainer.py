@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 import torch
 
-from exitagent import checkpoints, models, precision
+from exitagent import models, precision
 from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
+from exitagent.serving import checkpoints
 from exitagent.store import CurriculumStore
 from exitagent.types import StoredGroup
 from training import lora, memory

@@ -24,9 +24,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import checkpoints, launch
-from exitagent.launch import ServeProcess
 from exitagent.log import read_metrics
+from exitagent.serving import checkpoints, launch
+from exitagent.serving.launch import ServeProcess
 from exitagent.store import SQLiteStore
 from training.publish import compute_canary, publish_model
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from exitagent.curriculum.view import summarize
-from exitagent.launch import ServeProcess
+from exitagent.serving.launch import ServeProcess
 from exitagent.store import SQLiteStore
 
 pytestmark = pytest.mark.vllm

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import checkpoints
+from exitagent.serving import checkpoints
 from exitagent.store import SQLiteStore
 from tests.stores import make_store
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import adapters, checkpoints, served_form
+from exitagent.serving import adapters, checkpoints, served_form
 from exitagent.store import SQLiteStore
 from tests.stores import make_store
 from training.config import UpdateConfig

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from exitagent import engine
 from exitagent.errors import ServerError
+from exitagent.serving import engine
 
 
 @dataclass
