@@ -33,9 +33,9 @@ import anyio
 from evaluators.math import MathEvaluator
 from exitagent import curriculum, routing
 from exitagent.collect import CollectConfig, collect, load_tasks
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.log import configure
 from exitagent.serving import launch
-from exitagent.store import SQLiteStore
 from exitagent.types import Variant
 
 

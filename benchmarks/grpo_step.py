@@ -140,7 +140,7 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
 
     from evaluators.math import MathEvaluator
     from exitagent.client import OpenAIPolicy
-    from exitagent.store import SQLiteStore
+    from exitagent.curriculum.store import SQLiteStore
     from exitagent.tasks import math_tasks
     from training.config import UpdateConfig
     from training.trainer import Trainer

@@ -49,6 +49,8 @@ from evaluators.base import Evaluator
 from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
@@ -57,8 +59,6 @@ from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.store import CurriculumStore
-from exitagent.store_url import STORE_HELP, open_run_store, redact
 from exitagent.types import StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent.curriculum import view as curriculum_view
+from exitagent.curriculum.store_url import open_run_store
 from exitagent.log import read_metrics
-from exitagent.store_url import open_run_store
 
 
 def _rows(path: Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -35,8 +35,9 @@ from typing import Any
 
 import httpx
 
-from exitagent import config, store_url
+from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.curriculum import store_url
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect

@@ -25,6 +25,7 @@ from evaluators.base import ExactMatchEvaluator
 from evaluators.tool_use import ToolUseEvaluator
 from exitagent.collect import CollectConfig, collect
 from exitagent.curriculum import Start
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.tool_use import ToolUseDomain, task_of
@@ -33,7 +34,6 @@ from exitagent.environments.bfcl_toolbox import REFUSED_CALL, BfclToolbox
 from exitagent.environments.calls import execute
 from exitagent.log import read_metrics
 from exitagent.policy import SamplingParams, ScriptedPolicy
-from exitagent.store import SQLiteStore
 from exitagent.tools import parse_action
 from exitagent.types import Message, PolicyVersion, Sample, StepKind, StopReason, Task, Variant
 

@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 
 from exitagent import models
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import redact
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.faults import crash_point
 from exitagent.serving import checkpoints
-from exitagent.store import CurriculumStore
-from exitagent.store_url import redact
 from exitagent.types import StoredGroup
 from training import distributed
 from training import state as trainer_state

@@ -17,10 +17,10 @@ import structlog
 import torch
 
 from exitagent import models, precision
+from exitagent.curriculum.store import CurriculumStore
 from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
 from exitagent.serving import checkpoints
-from exitagent.store import CurriculumStore
 from exitagent.types import StoredGroup
 from training import lora, memory
 from training import state as trainer_state

@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import open_run_store, redact
 from exitagent.errors import ExitAgentError, unwrap
 from exitagent.log import MetricsFile
-from exitagent.store import CurriculumStore
-from exitagent.store_url import open_run_store, redact
 from exitagent.types import StoredGroup, Variant
 from training import distributed
 from training import state as trainer_state

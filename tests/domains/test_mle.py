@@ -252,7 +252,7 @@ async def test_collect_records_mle_groups_and_debugs_crashed_entries(iris: Compe
     """collect --domain mle with a scripted policy: a crashed first attempt enters the buffer with its
     trace, and a later group started from it is a debug step whose prompt shows that trace."""
     from exitagent.collect import CollectConfig, collect
-    from exitagent.store import SQLiteStore
+    from exitagent.curriculum.store import SQLiteStore
 
     prompts: list[str] = []
 

@@ -23,8 +23,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import structlog
 
+from exitagent.curriculum.store import STORE_FILENAME, CurriculumStore, SQLiteStore
 from exitagent.errors import ConfigError
-from exitagent.store import STORE_FILENAME, CurriculumStore, SQLiteStore
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +84,7 @@ def open_store(target: str | Path, *, schema: str | None = None, **options: Any)
     if not (named or schema):
         raise ConfigError(f"a PostgreSQL store needs a schema: add ?schema=NAME to {redact(str(target))}")
     try:
-        from exitagent.store_pg import PostgresStore
+        from exitagent.curriculum.store_pg import PostgresStore
     except ImportError as error:
         raise ConfigError(f"a PostgreSQL store needs psycopg: pip install 'exitagent[postgres]' ({error})") from error
     return PostgresStore(url, schema=str(named or schema), shown=redact(str(target)), **options)

@@ -23,8 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from exitagent.errors import StoreError
-from exitagent.store_rows import (
+from exitagent.curriculum.store_rows import (
     CONSUME,
     ENTRY_COLUMNS,
     GROUP_SELECT,
@@ -38,6 +37,7 @@ from exitagent.store_rows import (
     rollout_from_row,
     rollout_row,
 )
+from exitagent.errors import StoreError
 from exitagent.types import (
     BufferEntry,
     Group,
