@@ -139,9 +139,9 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
     import anyio
 
     from evaluators.math import MathEvaluator
+    from evaluators.worlds.math_tasks import math_tasks
     from exitagent.client import OpenAIPolicy
     from exitagent.curriculum.store import SQLiteStore
-    from exitagent.tasks import math_tasks
     from training.config import UpdateConfig
     from training.trainer import Trainer
     from training.update import items_from

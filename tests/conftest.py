@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from evaluators.worlds.mle import Competition, prepare_one
 from exitagent import models
-from exitagent.competitions import Competition, prepare_one
 from exitagent.serving import launch
 from exitagent.serving.launch import ServeProcess
 from tests.postgres import Cluster, cluster_fixture

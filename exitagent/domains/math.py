@@ -15,12 +15,12 @@ from dataclasses import replace
 import structlog
 
 from evaluators.base import Evaluator
+from evaluators.worlds.math_tasks import MATH_BENCHMARKS, math_tasks
 from exitagent.curriculum import Start
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.errors import ConfigError
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import roll_out
-from exitagent.tasks import MATH_BENCHMARKS, math_tasks
 from exitagent.trajectories import TaskResult, run_task
 from exitagent.types import StepKind, Task
 

@@ -43,10 +43,8 @@ import structlog
 
 from evaluators.base import Evaluator
 from evaluators.tool_use import CallRecord, ToolUseEvaluator
-from exitagent.curriculum import Start, entry_key, render_iterate
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
-from exitagent.environments.bfcl import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
-from exitagent.environments.bfcl_toolbox import (
+from evaluators.worlds.bfcl.env import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
+from evaluators.worlds.bfcl.toolbox import (
     BfclToolbox,
     executed_calls,
     replay,
@@ -54,6 +52,8 @@ from exitagent.environments.bfcl_toolbox import (
     request_text,
     system_prompt,
 )
+from exitagent.curriculum import Start, entry_key, render_iterate
+from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.errors import ConfigError, EvaluatorError
 from exitagent.loop import EpisodeLimits, run_episode, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams

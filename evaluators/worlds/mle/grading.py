@@ -10,7 +10,7 @@ The submission is model-written, so parsing it can take any amount of memory (mi
 one giant field). ``evaluators.mle`` therefore grades in a child process under a memory cgroup and
 a wall clock, through this module's entry point, which prints one JSON verdict::
 
-    python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV
+    python -m evaluators.worlds.mle.grading COMPETITION_DIR SUBMISSION_CSV
     {"raw": 0.93, "reason": ""}          graded
     {"raw": null, "reason": "..."}       invalid submission, with why
     {"error": "..."}                     the grader itself failed (exit status 2)
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from exitagent.competitions import Competition
+    from evaluators.worlds.mle import Competition
 
 LOG_LOSS_EPS = 1e-15  # Kaggle's clipping: a confident wrong answer costs ~34.5, not infinity
 
@@ -114,7 +114,7 @@ def normalise(raw: float, worst: float, best: float) -> float:
 
 def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
     """The verdict on the submission file, as the entry point prints it."""
-    from exitagent.competitions import load_competition
+    from evaluators.worlds.mle import load_competition
 
     competition = load_competition(competition_dir)
     try:
@@ -123,7 +123,7 @@ def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
         return {"raw": None, "reason": f"submission.csv is not a readable CSV: {str(error)[:200]}"}
     try:
         if competition.source == "mlebench":
-            from exitagent.competitions.mlebench import grade_mlebench
+            from evaluators.worlds.mle.mlebench import grade_mlebench
 
             raw = grade_mlebench(competition, frame)
             return {"raw": raw, "reason": "" if raw is not None else "MLE-bench's grader rejected the submission"}
@@ -134,7 +134,7 @@ def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV", file=sys.stderr)
+        print("usage: python -m evaluators.worlds.mle.grading COMPETITION_DIR SUBMISSION_CSV", file=sys.stderr)
         return 2
     try:
         verdict = grade_file(Path(argv[0]), Path(argv[1]))

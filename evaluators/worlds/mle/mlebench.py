@@ -18,7 +18,7 @@ from exitagent.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from exitagent.competitions import Competition
+    from evaluators.worlds.mle import Competition
 
 OVERRIDES = "exitagent.json"
 
@@ -39,7 +39,7 @@ def _registry_competition(path: Path) -> Any:
 
 def load_mlebench(path: Path) -> Competition:
     """The MLE-bench competition prepared at ``path`` (named by its directory)."""
-    from exitagent.competitions import Competition
+    from evaluators.worlds.mle import Competition
 
     competition = _registry_competition(path)
     worst, best, lower = _bounds(path, competition)
