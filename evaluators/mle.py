@@ -44,8 +44,9 @@ import structlog
 from evaluators.worlds.mle import Competition, load_competition
 from exitagent.errors import ConfigError, EvaluatorError, SandboxError
 from exitagent.types import Score, Task
-from sandboxes.base import ExecResult, Limits, Sandbox, open_sandbox, sandbox_env
+from sandboxes.base import ExecResult, Limits, Sandbox, sandbox_env
 from sandboxes.cgroups import CgroupPool
+from sandboxes.factory import open_sandbox
 from sandboxes.runner import run_limited
 
 log = structlog.get_logger(__name__)
