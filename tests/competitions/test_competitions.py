@@ -16,12 +16,13 @@ from evaluators.worlds.mle import (
     catalog_ids,
     digest,
     load_competition,
+    normalise,
     prepare,
     prepare_one,
     recorded,
 )
 from evaluators.worlds.mle.catalog import LOWER_IS_BETTER, METRICS, SPECS, build
-from evaluators.worlds.mle.grading import InvalidSubmission, grade, normalise
+from evaluators.worlds.mle.grading import InvalidSubmission, grade
 from evaluators.worlds.mle.references import baseline_program, strong_program
 from exitagent.competitions import main as competitions_main
 from exitagent.errors import ConfigError

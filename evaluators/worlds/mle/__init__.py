@@ -94,12 +94,19 @@ class Competition:
         return f"# {self.id}\n\nSee the data files; the submission format is that of sample_submission.csv."
 
     def normalise(self, raw: float) -> float:
-        from evaluators.worlds.mle.grading import normalise
-
         if self.worst is None or self.best is None:
             raise ConfigError(f"competition {self.id} has no worst/best scores recorded: run "
                               "`python -m exitagent.competitions calibrate`")
         return normalise(raw, self.worst, self.best)
+
+
+def normalise(raw: float, worst: float, best: float) -> float:
+    """(raw - worst) / (best - worst), clipped to [0, 1]; works for lower-is-better metrics too.
+
+    The scale of exit-spec.md section 4, between the competition's worst and best reference values."""
+    if best == worst:
+        raise ValueError(f"worst and best are both {best}: the competition cannot be normalised")
+    return min(1.0, max(0.0, (raw - worst) / (best - worst)))
 
 
 def default_root() -> Path:
@@ -128,9 +135,9 @@ def load_competition(path: Path) -> Competition:
             columns=tuple(meta["columns"]), classes=tuple(meta["classes"]), split=meta.get("split", ""),
         )
     if (path / "prepared" / "public").is_dir():
-        from evaluators.worlds.mle.mlebench import load_mlebench
+        from evaluators.worlds.mle.mlebench import mlebench_fields
 
-        return load_mlebench(path)
+        return Competition(**mlebench_fields(path), root=path, source="mlebench")
     raise ConfigError(f"{path} is not a prepared competition (no {METADATA}, no MLE-bench prepared/public)")
 
 

@@ -3,8 +3,7 @@
 ``grade(competition, submission, answers)`` returns the raw metric value or raises
 ``InvalidSubmission`` with a reason a person (and the policy's metrics) can read: wrong or missing
 columns, the wrong number of rows, ids that are not the test ids, duplicates, missing or
-non-numeric values. ``normalise`` maps a raw value onto [0, 1] between the competition's worst
-and best reference values (exit-spec.md section 4), whichever direction the metric runs.
+non-numeric values. Mapping a raw value onto [0, 1] is ``Competition.normalise`` (the package).
 
 The submission is model-written, so parsing it can take any amount of memory (millions of columns,
 one giant field). ``evaluators.mle`` therefore grades in a child process under a memory cgroup and
@@ -103,13 +102,6 @@ def grade(competition: Competition, submission: pd.DataFrame, answers: pd.DataFr
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         return float(log_loss(truth.astype(str), probabilities, labels=list(competition.classes)))
     raise ValueError(f"unknown metric {metric!r}")
-
-
-def normalise(raw: float, worst: float, best: float) -> float:
-    """(raw - worst) / (best - worst), clipped to [0, 1]; works for lower-is-better metrics too."""
-    if best == worst:
-        raise ValueError(f"worst and best are both {best}: the competition cannot be normalised")
-    return min(1.0, max(0.0, (raw - worst) / (best - worst)))
 
 
 def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
