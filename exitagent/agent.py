@@ -42,7 +42,7 @@ import anyio
 import structlog
 
 from exitagent.client import OpenAIPolicy
-from exitagent.errors import ConfigError, EvaluatorError
+from exitagent.errors import ConfigError, score_or_failure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.prompts import step_messages
 from exitagent.types import Message, Sample, Score, StepKind
@@ -156,11 +156,9 @@ async def improve(policy: Policy, request: str, *, steps: int = 4, mode: Mode = 
 
 
 async def _scored(iterate: Iterate, scorer: TextScorer) -> Iterate:
-    try:
-        return replace(iterate, score=await scorer(iterate.text))
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", step=iterate.step, error=str(error)[:200])
-        return replace(iterate, failure=str(error)[:500] or type(error).__name__)
+    score, failure = await score_or_failure(scorer(iterate.text), "iterate_scoring_failed", limit=500,
+                                            step=iterate.step)
+    return replace(iterate, failure=failure) if failure else replace(iterate, score=score)
 
 
 class SelfImprovingAgent:

@@ -54,7 +54,7 @@ from evaluators.worlds.bfcl.toolbox import (
 )
 from exitagent.curriculum import Start, entry_key, render_iterate
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
-from exitagent.errors import ConfigError, EvaluatorError
+from exitagent.errors import ConfigError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_episode, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams
 from exitagent.prompts import step_messages
@@ -298,12 +298,11 @@ async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt
     version = str(attempt.episodes[0].turns[0].sample.version) if attempt.episodes and attempt.episodes[0].turns \
         else ""
     truncated = attempt.stop in CUT_OFF
-    try:
-        score = await evaluator.score(task, record.to_json())
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
+    score, failure = await score_or_failure(evaluator.score(task, record.to_json()), "iterate_scoring_failed",
+                                            task_id=task.id)
+    if score is None:
         numbers.append({})
-        return Step(text, None, version, truncated, failure=str(error)[:300] or type(error).__name__)
+        return Step(text, None, version, truncated, failure=failure)
     numbers.append({"first_request": score.components["first_request"], "passed": score.components["passed"]})
     complete = len(record.calls) == len(entry.requests)
     return Step(text, float(score.total == 1.0 and complete), version, truncated)
