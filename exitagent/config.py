@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from exitagent.errors import ConfigError
+from exitagent.run_dir import RunDir
 
 C = TypeVar("C")
 
@@ -129,7 +130,7 @@ def to_json(config: Any) -> str:
 
 def save(config: Any, run_dir: Path, name: str) -> Path:
     """Write ``config`` as ``RUN/config/NAME.json`` (atomically: a reader never sees half a file)."""
-    path = run_dir / "config" / f"{name}.json"
+    path = RunDir(run_dir).config(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(to_json(config) + "\n", encoding="utf-8")

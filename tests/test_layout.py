@@ -20,7 +20,8 @@ PACKAGES = ("exitagent", "sandboxes", "evaluators", "training")
 # (room, module prefixes), lowest first. A module belongs to the room of its longest matching prefix.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("exitagent.errors", "exitagent.types", "exitagent.faults", "exitagent.log", "exitagent.config",
-              "exitagent.precision", "exitagent.policy", "exitagent.prompts", "exitagent.records")),
+              "exitagent.precision", "exitagent.policy", "exitagent.prompts", "exitagent.records",
+              "exitagent.run_dir")),
     ("sandboxes", ("sandboxes",)),
     ("toolbox", ("exitagent.tools",)),
     ("task worlds", ("evaluators.worlds",)),

@@ -38,6 +38,7 @@ from exitagent.curriculum.store_rows import (
     rollout_row,
 )
 from exitagent.errors import StoreError
+from exitagent.run_dir import RunDir
 from exitagent.types import (
     BufferEntry,
     Group,
@@ -192,7 +193,6 @@ class _SqlBuffer:
         return int(cursor.rowcount) == 1
 
 
-STORE_FILENAME = "store.sqlite"
 
 
 class SQLiteStore:
@@ -221,7 +221,7 @@ class SQLiteStore:
     @classmethod
     def in_run(cls, run_dir: Path | str, **kwargs: Any) -> SQLiteStore:
         """The store of a run directory: ``RUN_DIR/store.sqlite``."""
-        return cls(Path(run_dir) / STORE_FILENAME, **kwargs)
+        return cls(RunDir(Path(run_dir)).store, **kwargs)
 
     def __enter__(self) -> SQLiteStore:
         return self
