@@ -43,7 +43,7 @@ import structlog
 
 from exitagent.client import OpenAIPolicy
 from exitagent.errors import ConfigError, score_or_failure
-from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import Policy, SamplingParams, room
 from exitagent.prompts import step_messages
 from exitagent.types import Message, Sample, Score, StepKind
 
@@ -65,8 +65,8 @@ async def sample_step(policy: Policy, messages: Sequence[Message], params: Sampl
     The estimate over-counts (``Policy.estimate_tokens``), so a prompt sent here never overflows
     the server's context: an overflow would be a 400 from the server, which is not a model mistake.
     """
-    room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
-    budget = min(params.max_tokens, room)
+    left = room(policy, messages)
+    budget = min(params.max_tokens, left)
     if budget < MIN_ANSWER_TOKENS:
         return None
     return await policy.sample(messages, n=n, params=replace(params, max_tokens=budget))

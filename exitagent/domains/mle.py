@@ -49,6 +49,7 @@ from exitagent.domains.mle_prompts import (
 )
 from exitagent.errors import ConfigError
 from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
 from exitagent.trajectories import Step, TaskResult
 from exitagent.types import Message, Rollout, Sample, Score, StepKind, Task
@@ -147,7 +148,7 @@ class MLEDomain:
             messages = self.start_messages(start, settings, policy)
         if messages is None:
             raise ConfigError(f"mle task {start.task.id} does not fit in a {policy.max_context}-token context")
-        room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+        room = context_room(policy, messages)
         params = replace(params, max_tokens=min(params.max_tokens, room))
         result = await roll_out(start.task, messages, policy, evaluator, group_size=group_size, params=params)
         prev = start.entry.reward if start.entry is not None else None
@@ -170,7 +171,7 @@ class MLEDomain:
             messages = self.messages(task, kind, program, trace, settings, policy)
             if messages is None:
                 return None
-            room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+            room = context_room(policy, messages)
             return (await policy.sample(messages, n=1, params=replace(params, max_tokens=min(params.max_tokens,
                                                                                               room))))[0]
 
