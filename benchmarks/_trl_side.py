@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from evaluators.worlds.math_tasks import math_tasks
     from exitagent import models
-    from exitagent.tasks import math_tasks
 
     iterations = args.warmup + args.steps
     _TASKS[:] = math_tasks("arithmetic", "train", n=args.prompts * iterations, seed=args.seed)

@@ -31,10 +31,11 @@ import _machine
 import anyio
 
 from evaluators.math import MathEvaluator
-from exitagent import curriculum, launch, routing
+from exitagent import curriculum, routing
 from exitagent.collect import CollectConfig, collect, load_tasks
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.log import configure
-from exitagent.store import SQLiteStore
+from exitagent.serving import launch
 from exitagent.types import Variant
 
 

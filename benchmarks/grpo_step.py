@@ -139,9 +139,9 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
     import anyio
 
     from evaluators.math import MathEvaluator
+    from evaluators.worlds.math_tasks import math_tasks
     from exitagent.client import OpenAIPolicy
-    from exitagent.store import SQLiteStore
-    from exitagent.tasks import math_tasks
+    from exitagent.curriculum.store import SQLiteStore
     from training.config import UpdateConfig
     from training.trainer import Trainer
     from training.update import items_from
@@ -177,7 +177,7 @@ def run_exitagent(args: argparse.Namespace) -> dict[str, Any]:
     """The exitagent side, in this process plus the server it starts (and stops)."""
     import anyio
 
-    from exitagent import launch
+    from exitagent.serving import launch
 
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
         run_dir = Path(tmp)

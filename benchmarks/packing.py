@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))  # run as a script: import the repo's packages
 
 import _machine  # noqa: E402
 
+from exitagent.curriculum.store import STORE_FILENAME, SQLiteStore  # noqa: E402
 from exitagent.log import configure  # noqa: E402
-from exitagent.store import STORE_FILENAME, SQLiteStore  # noqa: E402
 from training import data  # noqa: E402
 from training.config import UpdateConfig  # noqa: E402
 from training.data import MicroBatch, TrainItem, make_micro_batches, untrained_prefix  # noqa: E402

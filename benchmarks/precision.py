@@ -9,7 +9,7 @@ bf16 step of the trainer was measured 18x slower than fp32. This prints, side by
 - *trainer*: one forward+backward of the packaged 135M model on ``--batch`` x ``--seq`` random
   tokens (default 4 x 128), fp32 master weights, without autocast (fp32) and with bf16 autocast,
   as ``training.trainer`` runs; median of ``--train-steps`` after ``--train-warmup`` untimed ones.
-- *serving*: a real vLLM server (``exitagent.engine``) per dtype, started once (start-up time
+- *serving*: a real vLLM server (``exitagent.serving.engine``) per dtype, started once (start-up time
   reported), the same ``--concurrency`` (8) chat requests of exactly ``--tokens`` (64) new tokens
   per round (``ignore_eos``), one untimed round, then ``--rounds`` timed ones.
 - *canary gap*: the mean and max |difference| between the log-probabilities vLLM serves for the
@@ -36,8 +36,9 @@ from typing import Any
 
 import _machine
 
-from exitagent import engine, models
-from exitagent.reload import Admin
+from exitagent import models
+from exitagent.serving import engine
+from exitagent.serving.reload import Admin
 
 PROMPTS = [f"Write a short story about a robot who learns the number {i}." for i in range(8)]
 

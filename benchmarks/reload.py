@@ -21,7 +21,8 @@ import _machine
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import launch, models
+from exitagent import models
+from exitagent.serving import launch
 from training.publish import publish_model
 
 

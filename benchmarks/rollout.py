@@ -21,10 +21,10 @@ import _machine
 import anyio
 import httpx
 
-from exitagent import launch
 from exitagent.client import OpenAIPolicy
 from exitagent.loop import run_episode
 from exitagent.policy import SamplingParams
+from exitagent.serving import launch
 from exitagent.tools import Toolbox
 from exitagent.types import Message, Task
 

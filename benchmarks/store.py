@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))  # run as a script: import the repo's packages
 import _machine  # noqa: E402
 
 from exitagent.curriculum import Curriculum, CurriculumConfig, apply_update, plan_update  # noqa: E402
+from exitagent.curriculum.store_url import open_store  # noqa: E402
 from exitagent.log import configure  # noqa: E402
-from exitagent.store_url import open_store  # noqa: E402
 from exitagent.types import Task  # noqa: E402
 from tests.store_workers import synthetic_rollouts  # noqa: E402
 

@@ -12,7 +12,7 @@ Flow of ``MLEEvaluator.score(task, response)``:
 3. A crash (non-zero exit, killed at the time limit, out of memory) scores 0 with
    ``errored`` = 1 and the error output as ``detail``: the trace a debug step shows under the code.
 4. Otherwise ``submission.csv`` is read from the sandbox (size-capped, no links followed) and graded
-   against ``private/answers.csv`` (``exitagent.competitions.grading``, or MLE-bench's grader for a
+   against ``private/answers.csv`` (``evaluators.worlds.mle.grading``, or MLE-bench's grader for a
    real competition) in a child process with its own memory cgroup and wall clock: a hostile CSV
    (millions of columns, one giant field) costs that child, never this process. Missing, invalid,
    or too big to grade within ``grade_memory_mb`` / ``grade_time_limit_s``: 0 with the reason.
@@ -41,12 +41,12 @@ import anyio
 import anyio.to_thread
 import structlog
 
-import exitagent
-from exitagent.competitions import Competition, load_competition
+from evaluators.worlds.mle import Competition, load_competition
 from exitagent.errors import ConfigError, EvaluatorError, SandboxError
 from exitagent.types import Score, Task
-from sandboxes.base import ExecResult, Limits, Sandbox, open_sandbox, sandbox_env
+from sandboxes.base import ExecResult, Limits, Sandbox, sandbox_env
 from sandboxes.cgroups import CgroupPool
+from sandboxes.factory import open_sandbox
 from sandboxes.runner import run_limited
 
 log = structlog.get_logger(__name__)
@@ -56,8 +56,9 @@ DATA_MOUNT = "data"  # where public/ appears, relative to the sandbox workspace
 PROGRAM = "solution.py"
 SUBMISSION = "submission.csv"
 MAX_SUBMISSION_BYTES = 64 << 20
-# Where the grading child imports exitagent from: the same tree as this process (PYTHONPATH).
-_PROJECT_ROOT = str(Path(exitagent.__file__).resolve().parents[1])
+# Where the grading child imports exitagent from: the tree this package sits in (PYTHONPATH), beside
+# exitagent/. Found from this file, not from exitagent's: evaluators sit below the package's API.
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 TRACE_CHARS = 3000  # the tail of the error output a debug step sees (tracebacks end with the cause)
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.DOTALL | re.MULTILINE)
@@ -185,7 +186,7 @@ class MLEEvaluator:
         with tempfile.TemporaryDirectory(prefix="exitagent-grade-", dir=self.base_dir) as scratch:
             path = Path(scratch) / SUBMISSION
             await anyio.to_thread.run_sync(path.write_bytes, submission)
-            argv = [sys.executable, "-m", "exitagent.competitions.grading", str(competition.root), str(path)]
+            argv = [sys.executable, "-m", "evaluators.worlds.mle.grading", str(competition.root), str(path)]
             # The child imports the same exitagent as this process, wherever that was found.
             env = sandbox_env(scratch, [str(Path(sys.executable).parent), "/usr/bin", "/bin"],
                               {"PYTHONPATH": _PROJECT_ROOT})

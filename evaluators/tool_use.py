@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from exitagent.environments.bfcl import BfclEnv, Entry, get_entry
+from evaluators.worlds.bfcl.env import BfclEnv, Entry, get_entry
 from exitagent.errors import ConfigError, EvaluatorError
 from exitagent.types import Score, Task
 

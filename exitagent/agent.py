@@ -42,8 +42,8 @@ import anyio
 import structlog
 
 from exitagent.client import OpenAIPolicy
-from exitagent.errors import ConfigError, EvaluatorError
-from exitagent.policy import Policy, SamplingParams
+from exitagent.errors import ConfigError, score_or_failure
+from exitagent.policy import Policy, SamplingParams, room
 from exitagent.prompts import step_messages
 from exitagent.types import Message, Sample, Score, StepKind
 
@@ -65,8 +65,8 @@ async def sample_step(policy: Policy, messages: Sequence[Message], params: Sampl
     The estimate over-counts (``Policy.estimate_tokens``), so a prompt sent here never overflows
     the server's context: an overflow would be a 400 from the server, which is not a model mistake.
     """
-    room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
-    budget = min(params.max_tokens, room)
+    left = room(policy, messages)
+    budget = min(params.max_tokens, left)
     if budget < MIN_ANSWER_TOKENS:
         return None
     return await policy.sample(messages, n=n, params=replace(params, max_tokens=budget))
@@ -156,11 +156,9 @@ async def improve(policy: Policy, request: str, *, steps: int = 4, mode: Mode = 
 
 
 async def _scored(iterate: Iterate, scorer: TextScorer) -> Iterate:
-    try:
-        return replace(iterate, score=await scorer(iterate.text))
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", step=iterate.step, error=str(error)[:200])
-        return replace(iterate, failure=str(error)[:500] or type(error).__name__)
+    score, failure = await score_or_failure(scorer(iterate.text), "iterate_scoring_failed", limit=500,
+                                            step=iterate.step)
+    return replace(iterate, failure=failure) if failure else replace(iterate, score=score)
 
 
 class SelfImprovingAgent:

@@ -49,16 +49,17 @@ from evaluators.base import Evaluator
 from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
+from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
 from exitagent.log import MetricsFile, collector_metrics, configure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.store import CurriculumStore
-from exitagent.store_url import STORE_HELP, open_run_store, redact
 from exitagent.types import StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)
@@ -74,9 +75,11 @@ class CollectConfig:
     domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
-    task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
-    task_split: str = field(default="train", metadata={"help": "split of the task source"})
-    num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (domain default; files: all)"})
+    task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
+                                                             "flags": SOURCE_FLAGS})
+    task_split: str = field(default="train", metadata={"help": "split of the task source", "flags": SPLIT_FLAGS})
+    num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (domain default; files: all)",
+                                                          "flags": N_TASKS_FLAGS})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     group_size: int = field(default=8, metadata={"help": "G: responses per prompt (one request)"})
     concurrency: int = field(default=8, metadata={"help": "groups in flight"})

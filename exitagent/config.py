@@ -7,7 +7,9 @@ builds the config back, so flags, defaults and the saved JSON never drift apart.
 ``--config FILE.toml`` (every entry point; ``parse_args`` below) sets flags from a file, with
 defaults < file < flags. The format (recipes/README.md has examples):
 
-- keys are flag names without ``--``, with ``_`` or ``-`` (``group_size``, ``group-size``), and
+- keys are flag names without ``--``, with ``_`` or ``-`` (``group_size``, ``group-size``); where a
+  field spells its flag otherwise (``metadata["flags"]``), the field's name (collect's ``task_source``
+  for ``--source``), as in the saved JSON; and
   TOML values of the flag's type: ``true``/``false`` for on/off flags, a list for repeatable ones;
 - a section ``[serve]``, ``[collect]``, ``[evaluate]``, ``[update]``, ``[run]``, ``[variants]``
   (or ``[models]``, ``[curriculum]``, ``[competitions]``) holds the keys of ``python -m
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from exitagent.errors import ConfigError
+from exitagent.run_dir import RunDir
 
 C = TypeVar("C")
 
@@ -63,13 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, sk
             continue
         kind, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
+        names = f.metadata.get("flags", (_flag(f.name),))  # a field may name its flags (the first is shown)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[operator]
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
             continue
         if typing.get_origin(kind) is tuple:  # tuple[str, ...]: the flag may be given several times
-            parser.add_argument(_flag(f.name), action="append", type=str, default=None,
+            parser.add_argument(*names, dest=f.name, action="append", type=str, default=None,
                                 help=f"{help_text} (repeatable; default: {' '.join(map(str, default or ()))})")
             continue
         parse: Any = kind
@@ -82,8 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, sk
         elif kind not in (int, float, str):
             continue  # not settable from the command line (e.g. nested configs)
         shown = default.value if isinstance(default, Enum) else default
+        metavar = names[0].lstrip("-").replace("-", "_").upper() if "flags" in f.metadata else None
         parser.add_argument(
-            _flag(f.name), type=parse, default=shown, required=required, choices=choices,
+            *names, dest=f.name, metavar=metavar, type=parse, default=shown, required=required, choices=choices,
             help=f"{help_text} (default: {shown})" if not required else help_text,
         )
 
@@ -124,7 +130,7 @@ def to_json(config: Any) -> str:
 
 def save(config: Any, run_dir: Path, name: str) -> Path:
     """Write ``config`` as ``RUN/config/NAME.json`` (atomically: a reader never sees half a file)."""
-    path = run_dir / "config" / f"{name}.json"
+    path = RunDir(run_dir).config(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(to_json(config) + "\n", encoding="utf-8")

@@ -18,7 +18,21 @@ corrupt store or checkpoint, bad configuration. Each message is one line that sa
     ├── EvaluatorError         an evaluator that raised or timed out (its rollout is excluded)
     └── StoreError             the curriculum store: corrupt, or from a newer schema
         └── StoreUnavailable   a store server that is unreachable, refuses the login, or stays away
+
+``score_or_failure`` is the one place an evaluator's own failure becomes data: a reason kept with
+the rollout or step, which stays unscored (never a 0).
 """
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
 
 
 class ExitAgentError(Exception):
@@ -85,3 +99,14 @@ def unwrap(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
     return error
+
+
+async def score_or_failure(scoring: Awaitable[T], event: str, *, limit: int = 300,
+                           **context: object) -> tuple[T | None, str]:
+    """``(score, "")``, or ``(None, reason)`` when the evaluator failed (``EvaluatorError``, logged as
+    ``event``): the caller keeps the reason and leaves the rollout or step unscored, never 0."""
+    try:
+        return await scoring, ""
+    except EvaluatorError as error:
+        log.warning(event, error=str(error)[:200], **context)
+        return None, str(error)[:limit] or type(error).__name__

@@ -54,6 +54,7 @@ from evaluators.base import Evaluator
 from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
+from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.log import configure
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
@@ -75,10 +76,13 @@ class EvalConfig:
     model: str = field(default="policy", metadata={"help": "served model name"})
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
     domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
-    source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path"})
-    split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)"})
+    source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
+                                                        "flags": SOURCE_FLAGS})
+    split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)",
+                                                    "flags": SPLIT_FLAGS})
     tasks: Path | None = field(default=None, metadata={"help": "a .jsonl of {id, problem, answer} (beats --source)"})
-    n_tasks: int | None = field(default=None, metadata={"help": "tasks to evaluate (arithmetic: 100; files: all)"})
+    n_tasks: int | None = field(default=None, metadata={"help": "tasks to evaluate (arithmetic: 100; files: all)",
+                                                        "flags": N_TASKS_FLAGS})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw"})
     steps: int = field(default=4, metadata={"help": "K: improve steps after the first attempt"})

@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from exitagent.run_dir import RunDir
+
 
 def configure(*, json_lines: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog for a process. ``json_lines=None`` picks JSON when stderr is not a terminal.
@@ -64,7 +66,7 @@ def collector_metrics(run_dir: Path, name: str = "collect") -> Path:
     """This process's metrics file, ``RUN/metrics/NAME-HOST-PID.jsonl``: collectors on many machines
     share a run directory, and appending to one file from several hosts interleaves lines."""
     host = "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
-    return run_dir / "metrics" / f"{name}-{host}-{os.getpid()}.jsonl"
+    return RunDir(run_dir).metrics_file(f"{name}-{host}-{os.getpid()}")
 
 
 def read_metrics(run_dir: Path, name: str = "collect", kind: str | None = None) -> list[dict[str, Any]]:
@@ -72,7 +74,7 @@ def read_metrics(run_dir: Path, name: str = "collect", kind: str | None = None) 
     merged in time order, each with its file's stem as ``source``; ``kind`` keeps one kind of row.
     A torn last line (a writer killed
     mid-line) is skipped."""
-    folder = run_dir / "metrics"
+    folder = RunDir(run_dir).metrics
     paths = [folder / f"{name}.jsonl", *sorted(folder.glob(f"{name}-*.jsonl"))] if folder.is_dir() else []
     rows = []
     for path in paths:

@@ -20,6 +20,7 @@ import structlog
 
 from exitagent.errors import ExitAgentError
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
+from exitagent.policy import room as context_room
 from exitagent.records import token_sequences
 from exitagent.tools import FINISHED, GAVE_UP, Toolbox, parse_action
 from exitagent.types import Episode, Message, Sample, StopReason, Task, Turn
@@ -127,7 +128,7 @@ async def run_episode_or_crash(task: Task, policy: Policy, tools: Toolbox, messa
 async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
                     limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
     """G episodes from one prompt: the first turns come from one request with ``n=G``."""
-    room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+    room = context_room(policy, messages)
     budget = min(params.max_tokens, limits.max_total_tokens, room)
     if budget < limits.min_turn_tokens:  # not even one short answer fits: every episode stops at once
         return [Episode(task, tuple(messages), (), StopReason.CONTEXT_FULL, ()) for _ in range(n)]

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import structlog
 
-from exitagent import checkpoints, config
+from exitagent import config
 from exitagent.errors import ConfigError, ModelError
+from exitagent.serving import checkpoints
 
 log = structlog.get_logger(__name__)
 

@@ -43,6 +43,12 @@ class Policy(Protocol):
         ...
 
 
+def room(policy: Policy, messages: Sequence[Message]) -> int:
+    """Tokens left for the answer once ``messages`` fill ``policy``'s context (from the over-counting
+    estimate, so a prompt that leaves room never overflows the server)."""
+    return policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+
+
 Script = Callable[[Sequence[Message]], str | Sample]
 
 

@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent.curriculum import view as curriculum_view
+from exitagent.curriculum.store_url import open_run_store
 from exitagent.log import read_metrics
-from exitagent.store_url import open_run_store
+from exitagent.run_dir import RunDir
 
 
 def _rows(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ def _accuracy_plot(base: dict[str, Any], trained: dict[str, Any], out: Path) -> 
 
 def _training_plot(run_dir: Path, out: Path) -> None:
     collect = read_metrics(run_dir, "collect", "group")  # every collector's file, in time order
-    updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
+    updates = _rows(RunDir(run_dir).metrics_file("update"), "update")
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     rewards = [r["reward_mean"] for r in collect if r.get("reward_mean") is not None]
     window = 16
@@ -75,7 +76,7 @@ def _line(name: str, result: dict[str, Any]) -> str:
 
 def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s: float | None) -> str:
     """Where this run's time went: machines differ by an order of magnitude, so the report says."""
-    clock = run_dir / "train_time.json"  # exitagent.run.TRAIN_CLOCK (run imports this module)
+    clock = RunDir(run_dir).train_clock
     training = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
     parts = [f"base evaluation {base.get('elapsed_s', 0) / 60:.1f} min", f"training {training / 60:.1f} min",
              f"trained evaluation {trained.get('elapsed_s', 0) / 60:.1f} min"]
@@ -86,7 +87,7 @@ def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s
 def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *, machine: str = "",
                  wall_s: float | None = None) -> Path:
     """``machine``: the hardware and precision the run used (``exitagent.run`` passes it)."""
-    figures = run_dir / "report"
+    figures = RunDir(run_dir).report
     figures.mkdir(parents=True, exist_ok=True)
     _accuracy_plot(base, trained, figures / "accuracy.png")
     _training_plot(run_dir, figures / "training.png")
@@ -95,7 +96,7 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
     curriculum_view.plot(groups, figures / "curriculum.png")
     summary = curriculum_view.format_summary(curriculum_view.summarize(entries, groups))
     summary += "\n" + curriculum_view.format_collectors(read_metrics(run_dir, "collect", "group"))
-    updates = _rows(run_dir / "metrics" / "update.jsonl", "update")
+    updates = _rows(RunDir(run_dir).metrics_file("update"), "update")
     k = len(base["accuracy_by_step"]) - 1
     gain = 100 * (trained["accuracy_by_step"][0] - base["accuracy_by_step"][0])
     text = f"""# exitagent run: {run_dir.name}
@@ -127,6 +128,6 @@ Time: {_timing(run_dir, base, trained, wall_s)}.
 
 ![curriculum](report/curriculum.png)
 """
-    path = run_dir / "report.md"
+    path = RunDir(run_dir).report_md
     path.write_text(text)
     return path

@@ -29,7 +29,7 @@ import structlog
 
 from evaluators.base import Evaluator
 from exitagent.diversity import Embedder, diversity_multipliers
-from exitagent.errors import EvaluatorError, ExitAgentError
+from exitagent.errors import ExitAgentError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_group
 from exitagent.policy import Policy, SamplingParams
 from exitagent.tools import Toolbox
@@ -87,15 +87,15 @@ async def score_rollout(evaluator: Evaluator, task: Task, episode: Episode, resp
     if episode.stop_reason is StopReason.CRASHED:
         return Rollout(episode, None, None, failure=episode.failure)
     try:
-        score = await evaluator.score(task, response)
-    except EvaluatorError as error:
-        log.warning("rollout_evaluation_failed", task_id=task.id, error=str(error)[:200], **context)
-        return Rollout(episode, None, None, failure=str(error)[:500] or type(error).__name__)
+        score, failure = await score_or_failure(evaluator.score(task, response), "rollout_evaluation_failed",
+                                                limit=500, task_id=task.id, **context)
     except ExitAgentError:
         raise
     except Exception as error:  # an evaluator bug that model text reached: this rollout fails, not the run
         log.error("rollout_evaluation_crashed", task_id=task.id, error=repr(error)[:200], exc_info=True, **context)
         return Rollout(episode, None, None, failure=f"evaluator crashed: {type(error).__name__}: {str(error)[:300]}")
+    if score is None:
+        return Rollout(episode, None, None, failure=failure)
     cut = float(episode.stop_reason in CUT_OFF)
     score = Score(score.total, {**score.components, "truncated": cut}, score.detail)
     return Rollout(episode, score, score.total)

@@ -35,14 +35,17 @@ from typing import Any
 
 import httpx
 
-from exitagent import checkpoints, config, engine, launch, store_url
+from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.curriculum import store_url
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import normalise as normalise_precision
 from exitagent.report import write_report
+from exitagent.run_dir import TRAIN_CLOCK, RunDir
+from exitagent.serving import checkpoints, engine, launch
 from exitagent.types import Variant
 
 # The server alone has the machine while evaluating. vLLM's CPU throughput grows with the batch
@@ -104,7 +107,7 @@ ORPHAN_SIGNAL = signal.SIGKILL
 
 
 def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
-    log_path = cfg.run_dir / "logs" / f"{name}.log"
+    log_path = RunDir(cfg.run_dir).log(name)
     env = {**SHARED_CPU_ENV, **os.environ}  # a value the user set wins
     with log_path.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
@@ -140,7 +143,7 @@ def evaluation_key(cfg: RunConfig, policy: str) -> dict[str, Any]:
 def saved_evaluation(cfg: RunConfig, name: str, policy: str) -> dict[str, Any] | None:
     """RUN/eval/NAME.json if it measured ``policy`` (the version now served) with these flags; None
     when it must be measured (again)."""
-    out = cfg.run_dir / "eval" / f"{name}.json"
+    out = RunDir(cfg.run_dir).evaluation(name)
     if not out.exists():
         return None
     saved = json.loads(out.read_text())
@@ -168,7 +171,7 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> d
     policy = served_version(servers)
     if (saved := saved_evaluation(cfg, name, policy)) is not None:
         return saved
-    out = cfg.run_dir / "eval" / f"{name}.json"
+    out = RunDir(cfg.run_dir).evaluation(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
           f"n={cfg.eval_samples}) ...", flush=True)
@@ -190,18 +193,17 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> d
 
 # Training time already spent by earlier invocations of this run (up to their Ctrl-C), so that the
 # same command continues the budget instead of starting it again.
-TRAIN_CLOCK = "train_time.json"
 
 
 def trained_seconds(run_dir: Path) -> float:
-    path = run_dir / TRAIN_CLOCK
+    path = RunDir(run_dir).train_clock
     return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
 def _record_training(run_dir: Path, seconds: float) -> None:
     tmp = run_dir / f".{TRAIN_CLOCK}.tmp"
     tmp.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
-    os.replace(tmp, run_dir / TRAIN_CLOCK)
+    os.replace(tmp, RunDir(run_dir).train_clock)
 
 
 def _base_urls(servers: list[launch.ServeProcess]) -> list[str]:
@@ -268,7 +270,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
 def progress(run_dir: Path, servers: list[launch.ServeProcess]) -> str:
     rewards = [row["reward_mean"] for row in logging_setup.read_metrics(run_dir, "collect", "group")
                if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
-    updates = [row for row in _rows(run_dir / "metrics" / "update.jsonl") if row.get("kind") == "update"]
+    updates = [row for row in _rows(RunDir(run_dir).metrics_file("update")) if row.get("kind") == "update"]
     recent = rewards[-20:]
     served = " / ".join(_served(server) for server in servers)  # one per server: they reload seconds apart
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     started, cfg = time.monotonic(), parse_config(argv)
     logging_setup.configure()
     cfg, chosen = resolve_precision(cfg)
-    (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    RunDir(cfg.run_dir).logs.mkdir(parents=True, exist_ok=True)
     try:  # collect, update and the report find the store by RUN/store.url: no URL on a child's command line
         store_url.pin_run_store(cfg.run_dir, cfg.store)
     except ConfigError as error:
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if stop_requested[0]:
             print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
             return 130
-        published = checkpoints.ready_checkpoints(cfg.run_dir / "weights")
+        published = checkpoints.ready_checkpoints(RunDir(cfg.run_dir).weights)
         if published:
             latest = published[-1][0]
             for server in servers:

@@ -3,9 +3,9 @@
     python -m exitagent.serve --model smollm2-135m --host 127.0.0.1 --port 8000 --weights-dir RUN/weights
 
 Three parts run in one task group: the vLLM engine (a child process group on a loopback port,
-``exitagent.engine``), the gateway that clients talk to (``exitagent.gateway``: OpenAI routes only,
+``exitagent.serving.engine``), the gateway that clients talk to (``exitagent.serving.gateway``: OpenAI routes only,
 ``x-exitagent-policy-version`` on every answer, ``GET /policy``), and the reload loop
-(``exitagent.reload``) that watches ``--weights-dir`` for ``step-N`` directories marked READY.
+(``exitagent.serving.reload``) that watches ``--weights-dir`` for ``step-N`` directories marked READY.
 If the engine dies, it is restarted on the last good weights. SIGINT or SIGTERM stops all of it:
 no vLLM process outlives serve.
 
@@ -26,11 +26,12 @@ from pathlib import Path
 import anyio
 import structlog
 
-from exitagent import adapters, checkpoints, config, engine, gateway, models, precision, served_form
+from exitagent import config, models, precision
 from exitagent import log as logging_setup
 from exitagent.errors import ConfigError, ExitAgentError, unwrap
-from exitagent.gateway import Gate, GatewayServer, create_app
-from exitagent.reload import Admin, CanaryCheck, Reloader, ServingState
+from exitagent.serving import adapters, checkpoints, engine, gateway, served_form
+from exitagent.serving.gateway import Gate, GatewayServer, create_app
+from exitagent.serving.reload import Admin, CanaryCheck, Reloader, ServingState
 from exitagent.types import PolicyVersion
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,7 @@ async def serve(cfg: ServeConfig, *, ready: anyio.Event | None = None) -> None:
     admin = Admin(vllm.url, cfg.served_model_name)
     server_id = checkpoints.server_id(cfg.port)  # names this server's record in the weights directory
     verify = None
-    if cfg.lora_rank:  # adapters on the base model, each under a versioned name (exitagent.adapters)
+    if cfg.lora_rank:  # adapters on the base model, each under a versioned name (exitagent.serving.adapters)
         state.public_name = cfg.served_model_name
         admin = adapters.AdapterAdmin(vllm.url, cfg.served_model_name, state)
         verify = functools.partial(adapters.verify, base=reference, max_rank=cfg.lora_rank)

@@ -23,8 +23,8 @@ import time
 import anyio
 import structlog
 
+from exitagent.curriculum.store import CurriculumStore
 from exitagent.policy import Policy
-from exitagent.store import CurriculumStore
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ import structlog
 
 from evaluators.base import Evaluator
 from exitagent.agent import iterate_messages, sample_step
-from exitagent.errors import ConfigError, EvaluatorError, ServerError
+from exitagent.errors import ConfigError, ServerError, score_or_failure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.types import Sample, StepKind, Task
 
@@ -59,13 +59,10 @@ async def single_turn_attempt(policy: Policy, task: Task, current: str | None, n
 
 async def score_step(evaluator: Evaluator, task: Task, sample: Sample) -> Step:
     """``sample`` scored; an ``EvaluatorError`` leaves the score None with the reason, never 0."""
-    try:
-        score: float | None = (await evaluator.score(task, sample.text)).total
-        failure = ""
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
-        score, failure = None, str(error)[:300] or type(error).__name__
-    return Step(sample.text, score, str(sample.version), sample.finish_reason == "length", failure=failure)
+    score, failure = await score_or_failure(evaluator.score(task, sample.text), "iterate_scoring_failed",
+                                            task_id=task.id)
+    return Step(sample.text, None if score is None else score.total, str(sample.version),
+                sample.finish_reason == "length", failure=failure)
 
 
 async def _trajectory(policy: Policy, evaluator: Evaluator, attempt: Attempt, task: Task, first: Step,

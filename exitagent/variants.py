@@ -34,6 +34,7 @@ from exitagent import config
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
+from exitagent.run_dir import RunDir
 from exitagent.types import Variant
 
 ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]
@@ -43,7 +44,7 @@ LABELS = {Variant.GRPO: "GRPO", Variant.CURRICULUM: "+ curriculum", Variant.IMPR
 
 def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> Path:
     run_dir = out_dir / f"{variant.value}-s{seed}"
-    if (run_dir / "eval" / "trained.json").exists():
+    if RunDir(run_dir).evaluation("trained").exists():
         return run_dir
     print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
     args = ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
@@ -54,14 +55,14 @@ def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) 
 
 def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
     """Copy a sibling run's base evaluation into ``cfg.run_dir`` when it measured the same thing."""
-    target = cfg.run_dir / "eval"
+    target = RunDir(cfg.run_dir).eval
     if (target / "base.json").exists():
         return None
     # run measures with the precision it resolved ("auto" -> this machine's dtype): compare with that
     resolved = dataclasses.replace(cfg, precision=choose_precision(cfg.precision, detect()).dtype)
     wanted = evaluation_key(resolved, BASE_POLICY)
     for sibling in sorted(out_dir.glob(f"*-s{cfg.seed}")):
-        source = sibling / "eval"
+        source = RunDir(sibling).eval
         if sibling == cfg.run_dir or not (source / "base.json").exists():
             continue
         if json.loads((source / "base.json").read_text()).get("measured") == wanted:
@@ -83,10 +84,10 @@ def summarise(runs: dict[Variant, list[Path]]) -> dict[str, Any]:
     table: dict[str, Any] = {"variants": {}, "base": {}}
     bases: dict[str, dict[str, Any]] = {}  # one base evaluation per seed: every variant measured the same policy
     for variant, directories in runs.items():
-        results = [json.loads((d / "eval" / "trained.json").read_text()) for d in directories]
+        results = [json.loads(RunDir(d).evaluation("trained").read_text()) for d in directories]
         for directory in directories:
             seed = directory.name.rsplit("-s", 1)[1]
-            bases.setdefault(seed, json.loads((directory / "eval" / "base.json").read_text()))
+            bases.setdefault(seed, json.loads(RunDir(directory).evaluation("base").read_text()))
         table["variants"][variant.value] = _row(results)
     table["base"] = _row(list(bases.values()))
     return table

@@ -4,6 +4,7 @@
 ``fake`` (in memory, for tests). See ``sandboxes.base`` for the contract and threat model.
 """
 
-from sandboxes.base import ExecResult, Limits, Sandbox, SandboxSpec, open_sandbox
+from sandboxes.base import ExecResult, Limits, Sandbox, SandboxSpec
+from sandboxes.factory import open_sandbox
 
 __all__ = ["ExecResult", "Limits", "Sandbox", "SandboxSpec", "open_sandbox"]

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import launch, models
-from exitagent.competitions import Competition, prepare_one
-from exitagent.launch import ServeProcess
+from evaluators.worlds.mle import Competition, prepare_one
+from exitagent import models
+from exitagent.serving import launch
+from exitagent.serving.launch import ServeProcess
 from tests.postgres import Cluster, cluster_fixture
 
 

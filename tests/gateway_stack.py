@@ -21,8 +21,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from exitagent.gateway import Gate, GatewayServer, Limits, create_app
-from exitagent.reload import ServingState
+from exitagent.serving.gateway import Gate, GatewayServer, Limits, create_app
+from exitagent.serving.reload import ServingState
 from exitagent.types import PolicyVersion
 
 SECRET_DIR = Path("/secret/host/path/weights/step-000003")

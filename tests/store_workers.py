@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from exitagent.curriculum import Curriculum, CurriculumConfig, apply_update, plan_update
+from exitagent.curriculum.store import Buffer, CurriculumStore
+from exitagent.curriculum.store_url import open_store
 from exitagent.log import configure
-from exitagent.store import Buffer, CurriculumStore
-from exitagent.store_url import open_store
 from exitagent.types import (
     Episode,
     PolicyVersion,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from exitagent.store_url import open_run_store
+from exitagent.curriculum.store_url import open_run_store
 from exitagent.types import (
     Episode,
     Group,

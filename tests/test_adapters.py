@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import adapters, checkpoints
 from exitagent.errors import CheckpointError
-from exitagent.reload import ServingState
+from exitagent.serving import adapters, checkpoints
+from exitagent.serving.reload import ServingState
 from exitagent.types import PolicyVersion
 from training.lora import AdapterSaver, publish_adapter
 from training.publish import compute_canary
@@ -177,7 +177,7 @@ async def test_adapters_load_under_new_names_and_come_back_after_an_engine_resta
 
 
 def test_the_engine_command_enables_lora_only_when_asked(tmp_path: Path) -> None:
-    from exitagent import engine
+    from exitagent.serving import engine
 
     plain = engine.Engine(engine.EngineSpec(tmp_path, "policy", 1234)).command()
     lora = engine.Engine(engine.EngineSpec(tmp_path, "policy", 1234, lora_rank=16)).command()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import checkpoints
-from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError
+from exitagent.serving import checkpoints
+from exitagent.serving.checkpoints import Canary
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]]) -> None:
@@ -143,8 +143,8 @@ def test_canary_distance() -> None:
 
 @pytest.mark.anyio
 async def test_a_reload_waits_while_the_engine_is_down_instead_of_rejecting(tmp_path: Path) -> None:
-    from exitagent import engine
-    from exitagent.reload import Admin, Reloader, ServingState
+    from exitagent.serving import engine
+    from exitagent.serving.reload import Admin, Reloader, ServingState
     from exitagent.types import PolicyVersion
 
     path = checkpoints.publish(tmp_path, 3, writer())

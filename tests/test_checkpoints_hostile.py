@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from exitagent import checkpoints
-from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError
+from exitagent.serving import checkpoints
+from exitagent.serving.checkpoints import Canary
 from tests import disks
 from tests.test_checkpoints import CANARY, REFERENCE, write_safetensors, writer
 
@@ -214,7 +214,7 @@ def test_recording_the_served_version_on_a_full_disk_keeps_the_old_record(small_
 
 
 def test_serve_keeps_going_when_the_served_record_cannot_be_written(small_disk: Path) -> None:
-    from exitagent.reload import Reloader, ServingState
+    from exitagent.serving.reload import Reloader, ServingState
     from exitagent.types import PolicyVersion
 
     state = ServingState(PolicyVersion.at_step(0), small_disk / "base")

@@ -19,14 +19,14 @@ import anyio
 import pytest
 
 from evaluators.base import ExactMatchEvaluator
-from exitagent import engine
 from exitagent.collect import CollectConfig, collect, main
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
 from exitagent.errors import ConfigError, ServerError
 from exitagent.log import read_metrics
 from exitagent.policy import ScriptedPolicy, render
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
-from exitagent.store import SQLiteStore
+from exitagent.serving import engine
 from exitagent.types import Message, PolicyVersion, Sample, StepKind, Task, Variant
 
 pytestmark = pytest.mark.anyio

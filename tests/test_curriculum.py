@@ -13,10 +13,10 @@ import pytest
 from exitagent import curriculum as cur
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.__main__ import main as show_main
+from exitagent.curriculum.store import MemoryBuffer, SQLiteStore
 from exitagent.curriculum.view import summarize
 from exitagent.errors import ConfigError
 from exitagent.log import read_metrics
-from exitagent.store import MemoryBuffer, SQLiteStore
 from exitagent.types import (
     BufferEntry,
     Episode,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import engine
 from exitagent.errors import ServerError
+from exitagent.serving import engine
 
 STAND_IN = """
 import http.server, sys

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from exitagent.gate import Gate
+from exitagent.serving.gate import Gate
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from exitagent.client import API_KEY_ENV, OpenAIPolicy
-from exitagent.gateway import ROUTES, Limits, Refused, check_target
+from exitagent.serving.gateway import ROUTES, Limits, Refused, check_target
 from tests.gateway_stack import ATTACKS, SECRET_DIR, gateway_stack, raw_request, request_bytes
 
 pytestmark = pytest.mark.anyio

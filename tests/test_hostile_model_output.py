@@ -23,17 +23,17 @@ import pytest
 
 from evaluators.base import ExactMatchEvaluator
 from evaluators.tool_use import ToolUseEvaluator
+from evaluators.worlds.bfcl.calls import execute
+from evaluators.worlds.bfcl.env import BfclEnv, get_entry
+from evaluators.worlds.bfcl.toolbox import REFUSED_CALL, BfclToolbox
 from exitagent.collect import CollectConfig, collect
 from exitagent.curriculum import Start
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.tool_use import ToolUseDomain, task_of
-from exitagent.environments.bfcl import BfclEnv, get_entry
-from exitagent.environments.bfcl_toolbox import REFUSED_CALL, BfclToolbox
-from exitagent.environments.calls import execute
 from exitagent.log import read_metrics
 from exitagent.policy import SamplingParams, ScriptedPolicy
-from exitagent.store import SQLiteStore
 from exitagent.tools import parse_action
 from exitagent.types import Message, PolicyVersion, Sample, StepKind, StopReason, Task, Variant
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import checkpoints, models
+from exitagent import models
 from exitagent.errors import ConfigError, ModelError
+from exitagent.serving import checkpoints
 
 
 def test_default_model_is_prepared_once_with_a_verified_manifest(model_dir: Path) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from exitagent import precision
-from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError, ConfigError
 from exitagent.precision import Hardware
-from exitagent.reload import CanaryCheck
+from exitagent.serving.checkpoints import Canary
+from exitagent.serving.reload import CanaryCheck
 
 ZEN3 = Hardware("cpu", "AVX2")  # the laptop-class CPU: bf16 emulated, 18x slower to train
 ICE_LAKE = Hardware("cpu", "AVX512")  # AVX-512 without its bf16 extension

@@ -22,12 +22,12 @@ import pytest
 from evaluators.base import ExactMatchEvaluator
 from exitagent.client import OpenAIPolicy
 from exitagent.collect import CollectConfig, collect
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
 from exitagent.errors import ConfigError, ServerError, ServerUnavailable
 from exitagent.log import read_metrics
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams, ScriptedPolicy
 from exitagent.routing import Pinned, RoutedPolicy, Router, urls
-from exitagent.store import SQLiteStore
 from exitagent.types import Message, PolicyVersion, Sample, Task, Variant
 
 pytestmark = pytest.mark.anyio

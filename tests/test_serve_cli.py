@@ -92,7 +92,7 @@ def test_gateway_limits_must_be_positive() -> None:
 
 
 def test_parallelism_and_parsers_reach_the_vllm_command_line(tmp_path: Path) -> None:
-    from exitagent import engine
+    from exitagent.serving import engine
 
     plain = engine._command(engine.EngineSpec(model_dir=tmp_path, served_name="policy", port=1))
     flags = {"--data-parallel-size", "--tensor-parallel-size", "--tool-call-parser", "--reasoning-parser"}

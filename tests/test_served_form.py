@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from exitagent import checkpoints, served_form
 from exitagent.errors import ModelError
+from exitagent.serving import checkpoints, served_form
 
 
 def tiny_tied(directory: Path) -> torch.nn.Module:

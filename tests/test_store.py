@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from exitagent.curriculum import CurriculumConfig, Start, UpdateResult, apply_update, entry_key, plan_update
+from exitagent.curriculum.store import Buffer, MemoryBuffer, StoreProgress
+from exitagent.curriculum.store_url import is_url, open_store, split_schema
 from exitagent.errors import StoreError
-from exitagent.store import Buffer, MemoryBuffer, StoreProgress
-from exitagent.store_url import is_url, open_store, split_schema
 from exitagent.types import (
     BufferEntry,
     Episode,

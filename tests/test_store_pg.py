@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from evaluators.base import ExactMatchEvaluator
-from exitagent import engine
 from exitagent.collect import collect
 from exitagent.collect import main as collect_main
 from exitagent.curriculum import __main__ as curriculum_cli
+from exitagent.curriculum.store_url import URL_FILENAME, open_run_store, open_store, pin_run_store, redact, schema_for
 from exitagent.diversity import HashEmbedder
 from exitagent.errors import ConfigError, StoreUnavailable
 from exitagent.policy import ScriptedPolicy
-from exitagent.store_url import URL_FILENAME, open_run_store, open_store, pin_run_store, redact, schema_for
+from exitagent.serving import engine
 from exitagent.types import StepKind, Variant
 from tests.postgres import PASSWORD, Cluster
 from tests.test_collect import TASKS, answers

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent.errors import ConfigError
-from exitagent.tasks import (
+from evaluators.worlds.math_tasks import (
     ARITHMETIC_LEVELS,
     BOXED_INSTRUCTION,
     MATH_BENCHMARKS,
@@ -21,6 +20,7 @@ from exitagent.tasks import (
     math_prompt,
     math_tasks,
 )
+from exitagent.errors import ConfigError
 
 EXPECTED = {  # rows and sha256, as listed in exitagent/data/math/SOURCES.md
     "math500": (500, "2c14cbbc8b5aa95369240ca718b721bb8bc90d4bc0a138a86c39c6ab0afd4b8e"),

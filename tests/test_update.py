@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints, served_form
-from exitagent.store import SQLiteStore
-from exitagent.store_url import open_run_store, pin_run_store
+from exitagent.curriculum.store import SQLiteStore
+from exitagent.curriculum.store_url import open_run_store, pin_run_store
+from exitagent.serving import checkpoints, served_form
 from tests.stores import make_store
 from training.state import complete_states, sole_writer
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exitagent.curriculum.store_url import STORE_HELP
 from exitagent.models import DEFAULT_MODEL
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import normalise as normalise_precision
-from exitagent.store_url import STORE_HELP
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ only the adapter's parameters require gradients. What changes:
   them, so with alpha < 1 that is an approximation);
 - the trainer state holds the adapter (``adapter_model.safetensors``), not the model;
 - a published checkpoint is ``adapter_config.json`` + ``adapter_model.safetensors`` with the usual
-  manifest, canary and READY marker (``exitagent.adapters`` loads it into vLLM).
+  manifest, canary and READY marker (``exitagent.serving.adapters`` loads it into vLLM).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import structlog
 import torch
 
-from exitagent import checkpoints
-from exitagent.adapters import ADAPTER_FILES, FORMAT
-from exitagent.checkpoints import Canary
 from exitagent.errors import ConfigError, ModelError
+from exitagent.serving import checkpoints
+from exitagent.serving.adapters import ADAPTER_FILES, FORMAT
+from exitagent.serving.checkpoints import Canary
 
 log = structlog.get_logger(__name__)
 

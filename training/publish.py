@@ -1,6 +1,6 @@
 """Publish trained weights for the server: an ordinary checkpoint plus the canary it must reproduce.
 
-The directory format and the atomic write-then-mark protocol live in ``exitagent.checkpoints``
+The directory format and the atomic write-then-mark protocol live in ``exitagent.serving.checkpoints``
 (shared with the server, which must not import torch). This module adds what needs torch: saving
 the model and tokenizer, and computing the canary, the log-probabilities this exact checkpoint
 gives a fixed prompt, which the server compares with what vLLM serves after a reload.
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from exitagent import checkpoints, served_form
-from exitagent.checkpoints import Canary
+from exitagent.serving import checkpoints, served_form
+from exitagent.serving.checkpoints import Canary
 
 CANARY_TEXT = (
     "The quick brown fox jumps over the lazy dog. Paris is the capital of France, "

@@ -27,11 +27,13 @@ import structlog
 import torch
 import torch.distributed as dist
 
-from exitagent import checkpoints, models
+from exitagent import models
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import redact
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.faults import crash_point
-from exitagent.store import CurriculumStore
-from exitagent.store_url import redact
+from exitagent.run_dir import RunDir
+from exitagent.serving import checkpoints
 from exitagent.types import StoredGroup
 from training import distributed
 from training import state as trainer_state
@@ -62,7 +64,7 @@ class ShardedTrainer(Trainer):
     def start(cls, cfg: UpdateConfig, world: World) -> ShardedTrainer:
         device = distributed.device_of(_device(cfg))
         base = distributed.from_rank0(lambda: models.resolve(cfg.model), world)
-        latest = distributed.from_rank0(lambda: trainer_state.complete_states(cfg.run_dir / "trainer")[-1:], world)
+        latest = distributed.from_rank0(lambda: trainer_state.complete_states(RunDir(cfg.run_dir).trainer)[-1:], world)
         source = latest[0] if latest else base
         model = distributed.load(source, world, device, cfg.fsdp_cpu_offload)
         if cfg.activation_checkpointing:
@@ -117,7 +119,7 @@ class ShardedTrainer(Trainer):
             self._command("stop")
 
     def ensure_published(self) -> None:
-        weights = self.cfg.run_dir / "weights"
+        weights = RunDir(self.cfg.run_dir).weights
         if self.step and not any(step == self.step for step, _ in checkpoints.ready_checkpoints(weights)):
             self._command("publish")
             self._publish()
@@ -248,7 +250,7 @@ class ShardedTrainer(Trainer):
         self._reshard()
         if self.world.is_main:
             directory = self.state_dir / f"state-{self.step:06d}"
-            path = publish_from(directory, self.cfg.run_dir / "weights", self.step, canary, keep=self.cfg.keep,
+            path = publish_from(directory, RunDir(self.cfg.run_dir).weights, self.step, canary, keep=self.cfg.keep,
                                 dtype=self.precision.dtype)
             log.info("checkpoint_published", step=self.step, path=str(path))
 
@@ -290,7 +292,7 @@ def _train(cfg: UpdateConfig, world: World, run: Any) -> int:
         refusal = None
         if world.is_main:
             try:
-                stack.enter_context(trainer_state.sole_writer(cfg.run_dir / "trainer"))
+                stack.enter_context(trainer_state.sole_writer(RunDir(cfg.run_dir).trainer))
                 config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")
             except ExitAgentError as error:
                 refusal = str(error)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from exitagent import checkpoints
 from exitagent.errors import CheckpointError, ConfigError
+from exitagent.serving import checkpoints
 
 COMPLETE = "COMPLETE"
 LOCK = "update.lock"

@@ -16,10 +16,12 @@ from typing import Any
 import structlog
 import torch
 
-from exitagent import checkpoints, models, precision
+from exitagent import models, precision
+from exitagent.curriculum.store import CurriculumStore
 from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
-from exitagent.store import CurriculumStore
+from exitagent.run_dir import RunDir
+from exitagent.serving import checkpoints
 from exitagent.types import StoredGroup
 from training import lora, memory
 from training import state as trainer_state
@@ -74,14 +76,14 @@ class Trainer:
 
     @property
     def state_dir(self) -> Any:
-        return self.cfg.run_dir / "trainer"
+        return RunDir(self.cfg.run_dir).trainer
 
     @classmethod
     def restore_or_start(cls, cfg: UpdateConfig) -> Trainer:
         device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if cfg.device == "auto" else cfg.device))
         base = models.resolve(cfg.model)
-        saved = trainer_state.load_latest(cfg.run_dir / "trainer")
+        saved = trainer_state.load_latest(RunDir(cfg.run_dir).trainer)
         source = saved[0] if saved else base
         weights = memory.dtype_of(cfg.weights_dtype, "--weights-dtype")  # master weights; compute: cfg.precision
         model = _load(base if cfg.lora_rank else source, weights, device)
@@ -133,7 +135,7 @@ class Trainer:
         """Publish the saved state's weights if a crash came between saving and publishing."""
         if self.step == 0:
             return
-        weights = self.cfg.run_dir / "weights"
+        weights = RunDir(self.cfg.run_dir).weights
         if any(step == self.step for step, _ in checkpoints.ready_checkpoints(weights)):
             return
         self._publish()
@@ -224,7 +226,7 @@ class Trainer:
         directory = self.state_dir / f"state-{self.step:06d}"
         self.model.eval()
         canary = compute_canary(self.model, self.tokenizer, tolerance=self.canary_tolerance)
-        weights = self.cfg.run_dir / "weights"
+        weights = RunDir(self.cfg.run_dir).weights
         if self.adapter is not None:
             path = lora.publish_adapter(directory, weights, self.step, canary, base=self.model, keep=self.cfg.keep)
         else:

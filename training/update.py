@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.curriculum.store import CurriculumStore
+from exitagent.curriculum.store_url import open_run_store, redact
 from exitagent.errors import ExitAgentError, unwrap
 from exitagent.log import MetricsFile
-from exitagent.store import CurriculumStore
-from exitagent.store_url import open_run_store, redact
+from exitagent.run_dir import RunDir
 from exitagent.types import StoredGroup, Variant
 from training import distributed
 from training import state as trainer_state
@@ -93,7 +94,7 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
         if released:
             log.warning("consumption_rolled_back", groups=released, resumed_at=trainer.step)
         trainer.ensure_published()
-        metrics = MetricsFile(cfg.run_dir / "metrics" / "update.jsonl")
+        metrics = MetricsFile(RunDir(cfg.run_dir).metrics_file("update"))
         target = cfg.steps or None  # absolute: rerunning the same command after a crash finishes the run
         bar = tqdm(total=cfg.steps or None, initial=trainer.step, desc="update", unit="step", file=sys.stderr,
                    disable=cfg.quiet)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             from training.sharded import main_sharded
 
             return main_sharded(cfg, world, run)
-        with trainer_state.sole_writer(cfg.run_dir / "trainer"):  # before anything of the run is written
+        with trainer_state.sole_writer(RunDir(cfg.run_dir).trainer):  # before anything of the run is written
             config.save(dataclasses.replace(cfg, store=redact(cfg.store)), cfg.run_dir, "update")  # no password
             return anyio.run(run, cfg)
     except BaseException as raised:  # re-raised below unless it is ours

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from exitagent.curriculum.store import Buffer, CurriculumStore
 from exitagent.errors import ConfigError
 from exitagent.prompts import step_messages
-from exitagent.store import Buffer, CurriculumStore
 from exitagent.types import (
     BufferEntry,
     Group,

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exitagent import config
+from exitagent.curriculum.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 from exitagent.curriculum.view import format_collectors, format_summary, plot, summarize
 from exitagent.errors import ExitAgentError
 from exitagent.log import configure, read_metrics
-from exitagent.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 
 
 def main(argv: Sequence[str] | None = None) -> int:

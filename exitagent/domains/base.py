@@ -22,6 +22,12 @@ from exitagent.rollouts import GroupResult
 from exitagent.trajectories import TaskResult
 from exitagent.types import Message, Task
 
+# The task flags of collect and evaluate, spelled alike (a field's ``metadata["flags"]``). The second
+# name of each is the other command's old spelling, still accepted so recipes and scripts keep working.
+SOURCE_FLAGS = ("--source", "--task-source")
+SPLIT_FLAGS = ("--split", "--task-split")
+N_TASKS_FLAGS = ("--n-tasks", "--num-tasks")
+
 
 @dataclass(frozen=True)
 class TaskSpec:

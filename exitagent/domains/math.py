@@ -15,12 +15,13 @@ from dataclasses import replace
 import structlog
 
 from evaluators.base import Evaluator
+from evaluators.worlds.math_tasks import MATH_BENCHMARKS, math_tasks
 from exitagent.curriculum import Start
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.errors import ConfigError
 from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
-from exitagent.tasks import MATH_BENCHMARKS, math_tasks
 from exitagent.trajectories import TaskResult, run_task
 from exitagent.types import StepKind, Task
 
@@ -35,7 +36,7 @@ def fit_start(policy: Policy, start: Start, params: SamplingParams) -> tuple[Sta
     a buffer start with no room left is re-attempted as its base task."""
 
     def room(s: Start) -> int:
-        return policy.max_context - sum(policy.estimate_tokens(m.content) for m in s.messages())
+        return context_room(policy, s.messages())
 
     if room(start) < MIN_ANSWER_TOKENS and start.entry is not None:
         log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id, room=room(start))

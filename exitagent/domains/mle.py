@@ -1,6 +1,6 @@
 """ML engineering: the policy writes a whole ``solution.py``; it runs in a sandbox and is graded.
 
-Tasks are competitions (``exitagent.competitions``): the offline catalog, prepared on first use
+Tasks are competitions (``evaluators.worlds.mle``): the offline catalog, prepared on first use
 under ``$EXITAGENT_HOME/competitions`` (``--source offline``; math's CLI default ``arithmetic``
 means the same here), a directory of prepared competitions, one prepared competition, or a real
 MLE-bench competition directory (``--source PATH``). ``--split`` is train, heldout or all;
@@ -16,7 +16,7 @@ a buffer child keeps. A child's iterate is its program, plus the error output wh
 is a format failure (``format_error`` component, counted in the logs and evaluation metrics); it
 makes no buffer child, having no program to revise.
 
-An evaluation trajectory is a greedy search of K steps (``exitagent.search``): ``Step.score`` is
+An evaluation trajectory is a greedy search of K steps (``evaluators.worlds.mle.search``): ``Step.score`` is
 the best score so far (the search's result at that budget), so ``accuracy_by_step`` is the
 search's score curve; ``metrics`` add each attempt's own score and the crash and format rates.
 """
@@ -33,9 +33,10 @@ import structlog
 
 from evaluators.base import Evaluator
 from evaluators.mle import MLEEvaluator, competition_of, extract_program
-from exitagent import competitions
+from evaluators.worlds import mle as competitions
+from evaluators.worlds.mle import Competition, load_competition
+from evaluators.worlds.mle.search import Node, SearchResult, greedy_search
 from exitagent.agent import MIN_ANSWER_TOKENS
-from exitagent.competitions import Competition, load_competition
 from exitagent.curriculum import Start
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.domains.mle_prompts import (
@@ -48,8 +49,8 @@ from exitagent.domains.mle_prompts import (
 )
 from exitagent.errors import ConfigError
 from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
-from exitagent.search import Node, SearchResult, greedy_search
 from exitagent.trajectories import Step, TaskResult
 from exitagent.types import Message, Rollout, Sample, Score, StepKind, Task
 
@@ -147,7 +148,7 @@ class MLEDomain:
             messages = self.start_messages(start, settings, policy)
         if messages is None:
             raise ConfigError(f"mle task {start.task.id} does not fit in a {policy.max_context}-token context")
-        room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+        room = context_room(policy, messages)
         params = replace(params, max_tokens=min(params.max_tokens, room))
         result = await roll_out(start.task, messages, policy, evaluator, group_size=group_size, params=params)
         prev = start.entry.reward if start.entry is not None else None
@@ -170,7 +171,7 @@ class MLEDomain:
             messages = self.messages(task, kind, program, trace, settings, policy)
             if messages is None:
                 return None
-            room = policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
+            room = context_room(policy, messages)
             return (await policy.sample(messages, n=1, params=replace(params, max_tokens=min(params.max_tokens,
                                                                                               room))))[0]
 

@@ -43,10 +43,8 @@ import structlog
 
 from evaluators.base import Evaluator
 from evaluators.tool_use import CallRecord, ToolUseEvaluator
-from exitagent.curriculum import Start, entry_key, render_iterate
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
-from exitagent.environments.bfcl import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
-from exitagent.environments.bfcl_toolbox import (
+from evaluators.worlds.bfcl.env import CATEGORIES, BfclEnv, Entry, get_entry, split_entries
+from evaluators.worlds.bfcl.toolbox import (
     BfclToolbox,
     executed_calls,
     replay,
@@ -54,9 +52,12 @@ from exitagent.environments.bfcl_toolbox import (
     request_text,
     system_prompt,
 )
-from exitagent.errors import ConfigError, EvaluatorError
+from exitagent.curriculum import Start, entry_key, render_iterate
+from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.errors import ConfigError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_episode, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import room as context_room
 from exitagent.prompts import step_messages
 from exitagent.rollouts import CUT_OFF, GroupResult, group_version, score_rollout
 from exitagent.trajectories import Step, TaskResult
@@ -82,12 +83,8 @@ def _limits(turns: int, params: SamplingParams) -> EpisodeLimits:
                          require_action=True)
 
 
-def _room(policy: Policy, messages: Sequence[Message]) -> int:
-    return policy.max_context - sum(policy.estimate_tokens(m.content) for m in messages)
-
-
 async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams) -> list[Sample] | None:
-    room = _room(policy, messages)
+    room = context_room(policy, messages)
     if room < MIN_ANSWER_TOKENS:
         return None
     return await policy.sample(messages, n=n, params=replace(params, max_tokens=min(params.max_tokens, room)))
@@ -165,7 +162,7 @@ class ToolUseDomain:
                        params: SamplingParams, settings: DomainSettings) -> RolledGroup:
         entry, budget = get_entry(start.task.id), settings.max_turns or TRAIN_TURNS
         system = Message("system", system_prompt(entry))
-        if start.entry is not None and _room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
+        if start.entry is not None and context_room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
             log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
             start = Start(start.task, StepKind.BASE)
         firsts = await _sample(policy, (system, *start.messages()), group_size, params)
@@ -298,12 +295,11 @@ async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt
     version = str(attempt.episodes[0].turns[0].sample.version) if attempt.episodes and attempt.episodes[0].turns \
         else ""
     truncated = attempt.stop in CUT_OFF
-    try:
-        score = await evaluator.score(task, record.to_json())
-    except EvaluatorError as error:
-        log.warning("iterate_scoring_failed", task_id=task.id, error=str(error)[:200])
+    score, failure = await score_or_failure(evaluator.score(task, record.to_json()), "iterate_scoring_failed",
+                                            task_id=task.id)
+    if score is None:
         numbers.append({})
-        return Step(text, None, version, truncated, failure=str(error)[:300] or type(error).__name__)
+        return Step(text, None, version, truncated, failure=failure)
     numbers.append({"first_request": score.components["first_request"], "passed": score.components["passed"]})
     complete = len(record.calls) == len(entry.requests)
     return Step(text, float(score.total == 1.0 and complete), version, truncated)

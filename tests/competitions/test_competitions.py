@@ -11,19 +11,20 @@ import pandas as pd
 import pytest
 
 from evaluators.mle import MLEEvaluator
-from exitagent.competitions import (
+from evaluators.worlds.mle import (
     Competition,
     catalog_ids,
     digest,
     load_competition,
+    normalise,
     prepare,
     prepare_one,
     recorded,
 )
-from exitagent.competitions.__main__ import main as competitions_main
-from exitagent.competitions.catalog import LOWER_IS_BETTER, METRICS, SPECS, build
-from exitagent.competitions.grading import InvalidSubmission, grade, normalise
-from exitagent.competitions.references import baseline_program, strong_program
+from evaluators.worlds.mle.catalog import LOWER_IS_BETTER, METRICS, SPECS, build
+from evaluators.worlds.mle.grading import InvalidSubmission, grade
+from evaluators.worlds.mle.references import baseline_program, strong_program
+from exitagent.competitions import main as competitions_main
 from exitagent.errors import ConfigError
 from tests.sandboxing import needs_bwrap
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from evaluators.mle import MLEEvaluator, extract_program
-from exitagent.competitions import Competition
-from exitagent.competitions.references import baseline_program, strong_program
+from evaluators.worlds.mle import Competition
+from evaluators.worlds.mle.references import baseline_program, strong_program
+from evaluators.worlds.mle.search import greedy_search, next_step
 from exitagent.curriculum import CurriculumConfig, Start, entry_key, plan_update
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.mle import MLEDomain, step_reward, task_for
@@ -21,7 +22,6 @@ from exitagent.domains.mle_prompts import TEMPLATE_PROGRAM, TRACE_MARK, decode_i
 from exitagent.errors import ConfigError, EvaluatorError
 from exitagent.evaluate import evaluate
 from exitagent.policy import SamplingParams, ScriptedPolicy
-from exitagent.search import greedy_search, next_step
 from exitagent.types import BufferEntry, Group, Message, PolicyVersion, Sample, Score, StepKind, Task, Variant
 from tests.sandboxing import needs_bwrap
 
@@ -252,7 +252,7 @@ async def test_collect_records_mle_groups_and_debugs_crashed_entries(iris: Compe
     """collect --domain mle with a scripted policy: a crashed first attempt enters the buffer with its
     trace, and a later group started from it is a debug step whose prompt shows that trace."""
     from exitagent.collect import CollectConfig, collect
-    from exitagent.store import SQLiteStore
+    from exitagent.curriculum.store import SQLiteStore
 
     prompts: list[str] = []
 

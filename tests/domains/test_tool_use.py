@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import pytest
 
 from evaluators.tool_use import ToolUseEvaluator
+from evaluators.worlds.bfcl.calls import parse_call
+from evaluators.worlds.bfcl.env import BfclEnv, Entry, get_entry
+from evaluators.worlds.bfcl.toolbox import REVEAL, system_prompt
 from exitagent.curriculum import CurriculumConfig, Start, plan_update
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.tool_use import ToolUseDomain, task_of
-from exitagent.environments.bfcl import BfclEnv, Entry, get_entry
-from exitagent.environments.bfcl_toolbox import REVEAL, system_prompt
-from exitagent.environments.calls import parse_call
 from exitagent.errors import ConfigError
 from exitagent.policy import SamplingParams, ScriptedPolicy
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION

@@ -10,7 +10,8 @@ from importlib.resources import files
 
 import pytest
 
-from exitagent.environments.bfcl import (
+from evaluators.worlds.bfcl.calls import public_methods
+from evaluators.worlds.bfcl.env import (
     CATEGORIES,
     SPLIT_FILE,
     BfclEnv,
@@ -22,7 +23,6 @@ from exitagent.environments.bfcl import (
     make_split,
     split_entries,
 )
-from exitagent.environments.calls import public_methods
 
 API_CLASSES = ("GorillaFileSystem", "MathAPI", "MessageAPI", "TwitterAPI", "TicketAPI", "TradingBot", "TravelAPI",
                "VehicleControlAPI")

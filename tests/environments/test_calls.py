@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from exitagent.environments.bfcl import BfclEnv, get_entry
-from exitagent.environments.calls import UnsafeCall, parse_call, render_call
+from evaluators.worlds.bfcl.calls import UnsafeCall, parse_call, render_call
+from evaluators.worlds.bfcl.env import BfclEnv, get_entry
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from evaluators.math import MathEvaluator, math_verify_equivalent
-from exitagent.tasks import load_benchmark
+from evaluators.worlds.math_tasks import load_benchmark
 from exitagent.types import Task
 
 SWEPT = ("math500", "gsm8k_train", "gsm8k_test")

@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from evaluators.mle import MLEEvaluator, extract_program
-from exitagent.competitions import Competition
-from exitagent.competitions.references import baseline_program, strong_program
+from evaluators.worlds.mle import Competition
+from evaluators.worlds.mle.references import baseline_program, strong_program
 from exitagent.domains.mle import task_for
 from exitagent.errors import EvaluatorError
 from exitagent.types import Score, Task

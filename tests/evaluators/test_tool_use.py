@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from evaluators.tool_use import CallRecord, ToolUseEvaluator, check, missing_results
+from evaluators.worlds.bfcl.env import get_entry
 from exitagent.domains.tool_use import task_of
-from exitagent.environments.bfcl import get_entry
 from exitagent.errors import EvaluatorError
 
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import pytest
 
 from evaluators.tool_use import check
-from exitagent.environments.bfcl import CATEGORIES, Entry, load_entries
-from exitagent.environments.calls import parse_call
+from evaluators.worlds.bfcl.calls import parse_call
+from evaluators.worlds.bfcl.env import CATEGORIES, Entry, load_entries
 
 multi_turn_checker = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
 _names = itertools.count()

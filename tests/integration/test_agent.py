@@ -11,7 +11,7 @@ from exitagent.loop import EpisodeLimits, run_episode
 from exitagent.policy import SamplingParams
 from exitagent.tools import PythonTool, Toolbox
 from exitagent.types import Message, StopReason, Task
-from sandboxes.base import open_sandbox
+from sandboxes.factory import open_sandbox
 
 pytestmark = [pytest.mark.vllm, pytest.mark.anyio]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from exitagent.curriculum.store_url import open_run_store
 from exitagent.log import read_metrics
-from exitagent.store_url import open_run_store
 from tests.postgres import Cluster
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

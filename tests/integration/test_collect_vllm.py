@@ -18,7 +18,7 @@ import pytest
 from evaluators.math import MathEvaluator
 from exitagent.client import OpenAIPolicy
 from exitagent.collect import CollectConfig, collect, load_tasks
-from exitagent.store import SQLiteStore
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.types import StepKind, Variant
 
 pytestmark = pytest.mark.vllm

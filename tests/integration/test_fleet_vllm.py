@@ -24,10 +24,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import checkpoints, launch
-from exitagent.launch import ServeProcess
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.log import read_metrics
-from exitagent.store import SQLiteStore
+from exitagent.serving import checkpoints, launch
+from exitagent.serving.launch import ServeProcess
 from training.publish import compute_canary, publish_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exitagent import engine
+from exitagent.serving import engine
 from tests.gateway_stack import ATTACKS, parse, request_bytes
 
 pytestmark = pytest.mark.vllm

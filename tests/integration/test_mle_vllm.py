@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent.store import SQLiteStore
+from exitagent.curriculum.store import SQLiteStore
 
 pytestmark = pytest.mark.vllm
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints
+from exitagent.serving import checkpoints
 from training.publish import publish_model
 
 pytestmark = pytest.mark.vllm

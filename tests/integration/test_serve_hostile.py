@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import checkpoints
+from exitagent.serving import checkpoints
 from training.publish import publish_model
 
 pytestmark = pytest.mark.vllm
@@ -29,7 +29,7 @@ def _rewrite_manifest(path: Path) -> None:
 
 
 def weights_file(path: Path) -> Path:
-    return sorted(path.glob("*.safetensors"))[0]  # shard 1 of the served form (exitagent.served_form)
+    return sorted(path.glob("*.safetensors"))[0]  # shard 1 of the served form (exitagent.serving.served_form)
 
 
 def header_a_list(path: Path) -> None:
@@ -88,7 +88,7 @@ def test_malformed_checkpoints_are_rejected_and_the_next_good_one_loads(
             assert any(expected in reason for reason in reasons), (expected, reasons)
         publish_model(model, tokenizer, weights, step=10, keep=100)
         assert server.wait_for_version("step-000010")["rejected"] == 5
-        # A tied head that moved must be served too (exitagent.served_form): before, an in-place
+        # A tied head that moved must be served too (exitagent.serving.served_form): before, an in-place
         # reload kept the base head, and this checkpoint's canary failed.
         with torch.no_grad():
             model.get_input_embeddings().weight.add_(torch.randn_like(model.get_input_embeddings().weight) * 0.02)

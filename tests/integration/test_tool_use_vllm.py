@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.curriculum.view import summarize
-from exitagent.launch import ServeProcess
-from exitagent.store import SQLiteStore
+from exitagent.serving.launch import ServeProcess
 
 pytestmark = pytest.mark.vllm
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent import checkpoints
-from exitagent.store import SQLiteStore
+from exitagent.curriculum.store import SQLiteStore
+from exitagent.serving import checkpoints
 from tests.stores import make_store
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

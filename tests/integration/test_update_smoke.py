@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exitagent.store import SQLiteStore
+from exitagent.curriculum.store import SQLiteStore
 from tests.stores import make_store
 from training.config import UpdateConfig
 from training.data import make_micro_batches

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from sandboxes.base import Limits, open_sandbox
+from sandboxes.base import Limits
 from sandboxes.cgroups import ALLOW_ENV, ROOT_ENV, VERSION_ENV, current_hierarchy
+from sandboxes.factory import open_sandbox
 from tests.sandboxing import bwrap_failure
 
 

@@ -15,8 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from exitagent.errors import ConfigError, SandboxError
-from sandboxes.base import ExecResult, Limits, Sandbox, SandboxSpec, chosen_backend, open_sandbox
+from sandboxes.base import ExecResult, Limits, Sandbox, SandboxSpec
 from sandboxes.cgroups import RunCgroup
+from sandboxes.factory import chosen_backend, open_sandbox
 from sandboxes.fake import FakeCall, FakeSandbox
 from sandboxes.local import probe
 from sandboxes.runner import LAUNCHER_FAILED, launcher_argv

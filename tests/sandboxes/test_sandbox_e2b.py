@@ -19,8 +19,9 @@ import pytest
 e2b = pytest.importorskip("e2b_code_interpreter", reason="the E2B SDK is an optional extra")
 
 from exitagent.errors import SandboxCrashed, SandboxUnavailable  # noqa: E402
-from sandboxes.base import Limits, SandboxSpec, open_sandbox  # noqa: E402
+from sandboxes.base import Limits, SandboxSpec  # noqa: E402
 from sandboxes.e2b import E2BSandbox, is_transient  # noqa: E402
+from sandboxes.factory import open_sandbox  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 

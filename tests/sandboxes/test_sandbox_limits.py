@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from exitagent.errors import SandboxUnavailable
-from sandboxes.base import Limits, open_sandbox
+from sandboxes.base import Limits
 from sandboxes.cgroups import ALLOW_ENV, ROOT_ENV, VERSION_ENV, current_hierarchy
+from sandboxes.factory import open_sandbox
 from sandboxes.seccomp import BLOCKED, filter_bpf
 from sandboxes.volume import mount_volume, reclaim_orphaned_volumes, unmount_volume, volume_name_prefix
 
@@ -219,7 +220,7 @@ def test_a_read_only_hierarchy_is_refused() -> None:
     probe = textwrap.dedent("""
         import anyio
         from exitagent.errors import SandboxUnavailable
-        from sandboxes.base import open_sandbox
+        from sandboxes.factory import open_sandbox
         try:
             anyio.run(open_sandbox, "process")
         except SandboxUnavailable as err:

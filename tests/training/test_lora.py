@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import adapters, checkpoints, served_form
-from exitagent.store import SQLiteStore
+from exitagent.curriculum.store import SQLiteStore
+from exitagent.serving import adapters, checkpoints, served_form
 from tests.stores import make_store
 from training.config import UpdateConfig
 from training.data import make_micro_batches

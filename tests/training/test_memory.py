@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.errors import ConfigError
-from exitagent.store import SQLiteStore
 from tests.stores import make_store
 from training.config import UpdateConfig
 from training.loss import token_logprobs

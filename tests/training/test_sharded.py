@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from exitagent import checkpoints, models, precision, served_form
+from exitagent import models, precision
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.errors import ConfigError
-from exitagent.store import SQLiteStore
+from exitagent.serving import checkpoints, served_form
 from tests.stores import make_store
 from training import distributed
 from training.config import UpdateConfig

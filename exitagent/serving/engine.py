@@ -2,7 +2,7 @@
 
 vLLM runs as its own process group bound to 127.0.0.1 with its development admin routes on
 (``VLLM_SERVER_DEV_MODE=1``: pause, reload, version). Those routes are unauthenticated, which is
-why the engine never listens on anything but loopback; the public face is ``exitagent.gateway``.
+why the engine never listens on anything but loopback; the public face is ``exitagent.serving.gateway``.
 The engine is started with ``start_new_session`` so that stopping it kills its whole process
 group (API server, engine core, workers), and with a parent-death signal so that it cannot
 outlive a ``serve`` that was killed with SIGKILL.
@@ -75,7 +75,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1  # devices one engine's layers are split over
     tool_call_parser: str | None = None  # vLLM's server-side tool-call parsing (--enable-auto-tool-choice)
     reasoning_parser: str | None = None  # splits a reasoning model's thinking from its answer
-    lora_rank: int = 0  # > 0: serve LoRA adapters up to this rank on top of the model (exitagent.adapters)
+    lora_rank: int = 0  # > 0: serve LoRA adapters up to this rank on top of the model (exitagent.serving.adapters)
 
 
 def _command(spec: EngineSpec) -> list[str]:
@@ -107,7 +107,7 @@ def _command(spec: EngineSpec) -> list[str]:
     if spec.reasoning_parser:
         command += ["--reasoning-parser", spec.reasoning_parser]
     if spec.lora_rank:
-        from exitagent import adapters
+        from exitagent.serving import adapters
 
         command += adapters.engine_flags(spec.lora_rank)
     return command

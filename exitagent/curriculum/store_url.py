@@ -23,8 +23,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import structlog
 
+from exitagent.curriculum.store import CurriculumStore, SQLiteStore
 from exitagent.errors import ConfigError
-from exitagent.store import STORE_FILENAME, CurriculumStore, SQLiteStore
+from exitagent.run_dir import STORE_FILENAME, RunDir
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +85,7 @@ def open_store(target: str | Path, *, schema: str | None = None, **options: Any)
     if not (named or schema):
         raise ConfigError(f"a PostgreSQL store needs a schema: add ?schema=NAME to {redact(str(target))}")
     try:
-        from exitagent.store_pg import PostgresStore
+        from exitagent.curriculum.store_pg import PostgresStore
     except ImportError as error:
         raise ConfigError(f"a PostgreSQL store needs psycopg: pip install 'exitagent[postgres]' ({error})") from error
     return PostgresStore(url, schema=str(named or schema), shown=redact(str(target)), **options)
@@ -107,7 +108,7 @@ def run_store_target(run_dir: Path, flag: str = "") -> str:
         if not is_url(url):
             raise ConfigError(f"{url_file} must hold one postgresql:// URL, not {redact(url)[:60]!r}")
         return url
-    return str(Path(run_dir) / STORE_FILENAME)
+    return str(RunDir(Path(run_dir)).store)
 
 
 def open_run_store(run_dir: Path, flag: str = "", **options: Any) -> CurriculumStore:
@@ -134,7 +135,7 @@ def pin_run_store(run_dir: Path, url: str) -> None:
         if path.read_text(encoding="utf-8").strip() != url:
             raise ConfigError(f"{path} names another store; remove it to move the run (its groups stay behind)")
         return
-    if (Path(run_dir) / STORE_FILENAME).exists():
+    if RunDir(Path(run_dir)).store.exists():
         raise ConfigError(f"{run_dir} already keeps its groups in {STORE_FILENAME}: use a new run directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

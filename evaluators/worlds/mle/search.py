@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from exitagent.errors import EvaluatorError
+from exitagent.errors import score_or_failure
 from exitagent.types import Sample, Score, StepKind
 
 log = structlog.get_logger(__name__)
@@ -113,10 +113,8 @@ async def _attempt(step: int, kind: StepKind, sample: Sample | None, judge: Judg
     if sample is None:
         return Node(step, kind, "", None, None, context_full=True, failure="the prompt did not fit the context")
     truncated = sample.finish_reason == "length"
-    try:
-        score = await judge(sample.text)
-    except EvaluatorError as error:
-        log.warning("search_scoring_failed", step=step, error=str(error)[:200])
+    score, failure = await score_or_failure(judge(sample.text), "search_scoring_failed", step=step)
+    if score is None:
         return Node(step, kind, sample.text, extract(sample.text), None, str(sample.version), truncated,
-                    failure=str(error)[:300] or type(error).__name__)
+                    failure=failure)
     return Node(step, kind, sample.text, extract(sample.text), score, str(sample.version), truncated)

@@ -6,7 +6,7 @@
 
 ``calibrate`` runs each competition's reference programs (constant baseline, strong model) in the
 ``local`` sandbox, grades them like any policy program, and writes their raw scores as worst and
-best into ``exitagent/competitions/recorded.json`` (with a digest of the answers they were graded
+best into ``evaluators/worlds/mle/recorded.json`` (with a digest of the answers they were graded
 on). Run it after changing a builder or a reference program, and commit the file.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 
 import anyio
 
+from evaluators.worlds.mle import RECORDED, catalog_ids, prepare, prepare_one, recorded
+from evaluators.worlds.mle.catalog import SPECS
 from exitagent import config
-from exitagent.competitions import RECORDED, catalog_ids, prepare, prepare_one, recorded
-from exitagent.competitions.catalog import SPECS
 from exitagent.errors import ExitAgentError
 from exitagent.log import configure
 
@@ -33,7 +33,7 @@ async def reference_scores(root: Path, competition_id: str, time_limit_s: float,
                            backend: str = "local") -> dict[str, Any]:
     """Raw scores of the two reference programs, run and graded as a policy program would be."""
     from evaluators.mle import MLEEvaluator
-    from exitagent.competitions.references import baseline_program, strong_program
+    from evaluators.worlds.mle.references import baseline_program, strong_program
 
     competition = prepare_one(root, competition_id, record={})  # an empty record: no worst/best needed
     out: dict[str, Any] = {"metric": competition.metric, "answers_sha256": None}

@@ -1,6 +1,6 @@
 """The gateway's forwarding half: one checked request to the vLLM engine on loopback, and its answer back.
 
-Each forwarded request holds the reload gate (``exitagent.gate``) from before it is sent until its
+Each forwarded request holds the reload gate (``exitagent.serving.gate``) from before it is sent until its
 last byte has gone to the client, which is what makes ``x-exitagent-policy-version`` exact. So every
 wait in here has a bound, and every way out releases the gate:
 
@@ -24,9 +24,9 @@ import anyio
 import httpx
 import structlog
 
-from exitagent import adapters
-from exitagent.gate import Gate
-from exitagent.reload import ServingState
+from exitagent.serving import adapters
+from exitagent.serving.gate import Gate
+from exitagent.serving.reload import ServingState
 
 log = structlog.get_logger(__name__)
 

@@ -23,8 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from exitagent.errors import StoreError
-from exitagent.store_rows import (
+from exitagent.curriculum.store_rows import (
     CONSUME,
     ENTRY_COLUMNS,
     GROUP_SELECT,
@@ -38,6 +37,8 @@ from exitagent.store_rows import (
     rollout_from_row,
     rollout_row,
 )
+from exitagent.errors import StoreError
+from exitagent.run_dir import RunDir
 from exitagent.types import (
     BufferEntry,
     Group,
@@ -192,7 +193,6 @@ class _SqlBuffer:
         return int(cursor.rowcount) == 1
 
 
-STORE_FILENAME = "store.sqlite"
 
 
 class SQLiteStore:
@@ -221,7 +221,7 @@ class SQLiteStore:
     @classmethod
     def in_run(cls, run_dir: Path | str, **kwargs: Any) -> SQLiteStore:
         """The store of a run directory: ``RUN_DIR/store.sqlite``."""
-        return cls(Path(run_dir) / STORE_FILENAME, **kwargs)
+        return cls(RunDir(Path(run_dir)).store, **kwargs)
 
     def __enter__(self) -> SQLiteStore:
         return self

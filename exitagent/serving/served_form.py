@@ -30,8 +30,8 @@ from pathlib import Path
 
 import structlog
 
-from exitagent import checkpoints
 from exitagent.errors import ModelError
+from exitagent.serving import checkpoints
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import httpx
 
-from exitagent import engine
 from exitagent.errors import ServerError
+from exitagent.run_dir import RunDir
+from exitagent.serving import engine
 
 
 @dataclass
@@ -61,12 +62,12 @@ def start_serve(run_dir: Path, *extra: str, port: int = 0, env: dict[str, str] |
     """Start serve with ``run_dir/weights`` as its weights directory; return once it answers
     (serve gives vLLM ``--startup-timeout-s`` to start, then exits with its log tail). ``name``
     tells several servers' logs apart: RUN/logs/NAME.log and its vLLM's RUN/logs/NAME-vllm.log."""
-    weights = run_dir / "weights"
+    weights = RunDir(run_dir).weights
     weights.mkdir(parents=True, exist_ok=True)
     port = port or engine.free_port()
-    log_path = run_dir / "logs" / f"{name}.log"
+    log_path = RunDir(run_dir).log(name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    vllm_log = run_dir / "logs" / ("vllm.log" if name == "serve" else f"{name}-vllm.log")
+    vllm_log = RunDir(run_dir).logs / ("vllm.log" if name == "serve" else f"{name}-vllm.log")
     command = [sys.executable, "-m", "exitagent.serve", "--port", str(port), "--weights-dir", str(weights),
                "--log-file", str(vllm_log), "--log-json", *extra]
     # SIGTERM when the caller dies, kill -9 included: serve then stops its vLLM (which in turn would

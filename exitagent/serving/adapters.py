@@ -11,7 +11,7 @@ load puts it back at once; older ones are unloaded.
 Before vLLM sees an adapter, ``verify`` checks it against the served base: every LoRA tensor must
 belong to a linear layer the base has, with the base's input and output sizes, and a rank the
 engine was started for. An adapter trained for another model fails here with one clear error.
-Standard library only, like ``exitagent.checkpoints``.
+Standard library only, like ``exitagent.serving.checkpoints``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import structlog
 
-from exitagent import checkpoints
-from exitagent.checkpoints import Canary
 from exitagent.errors import CheckpointError
-from exitagent.reload import Admin, ServingState
+from exitagent.serving import checkpoints
+from exitagent.serving.checkpoints import Canary
+from exitagent.serving.reload import Admin, ServingState
 
 log = structlog.get_logger(__name__)
 

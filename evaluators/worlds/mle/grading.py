@@ -3,14 +3,13 @@
 ``grade(competition, submission, answers)`` returns the raw metric value or raises
 ``InvalidSubmission`` with a reason a person (and the policy's metrics) can read: wrong or missing
 columns, the wrong number of rows, ids that are not the test ids, duplicates, missing or
-non-numeric values. ``normalise`` maps a raw value onto [0, 1] between the competition's worst
-and best reference values (exit-spec.md section 4), whichever direction the metric runs.
+non-numeric values. Mapping a raw value onto [0, 1] is ``Competition.normalise`` (the package).
 
 The submission is model-written, so parsing it can take any amount of memory (millions of columns,
 one giant field). ``evaluators.mle`` therefore grades in a child process under a memory cgroup and
 a wall clock, through this module's entry point, which prints one JSON verdict::
 
-    python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV
+    python -m evaluators.worlds.mle.grading COMPETITION_DIR SUBMISSION_CSV
     {"raw": 0.93, "reason": ""}          graded
     {"raw": null, "reason": "..."}       invalid submission, with why
     {"error": "..."}                     the grader itself failed (exit status 2)
@@ -29,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from exitagent.competitions import Competition
+    from evaluators.worlds.mle import Competition
 
 LOG_LOSS_EPS = 1e-15  # Kaggle's clipping: a confident wrong answer costs ~34.5, not infinity
 
@@ -105,16 +104,9 @@ def grade(competition: Competition, submission: pd.DataFrame, answers: pd.DataFr
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def normalise(raw: float, worst: float, best: float) -> float:
-    """(raw - worst) / (best - worst), clipped to [0, 1]; works for lower-is-better metrics too."""
-    if best == worst:
-        raise ValueError(f"worst and best are both {best}: the competition cannot be normalised")
-    return min(1.0, max(0.0, (raw - worst) / (best - worst)))
-
-
 def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
     """The verdict on the submission file, as the entry point prints it."""
-    from exitagent.competitions import load_competition
+    from evaluators.worlds.mle import load_competition
 
     competition = load_competition(competition_dir)
     try:
@@ -123,7 +115,7 @@ def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
         return {"raw": None, "reason": f"submission.csv is not a readable CSV: {str(error)[:200]}"}
     try:
         if competition.source == "mlebench":
-            from exitagent.competitions.mlebench import grade_mlebench
+            from evaluators.worlds.mle.mlebench import grade_mlebench
 
             raw = grade_mlebench(competition, frame)
             return {"raw": raw, "reason": "" if raw is not None else "MLE-bench's grader rejected the submission"}
@@ -134,7 +126,7 @@ def grade_file(competition_dir: Path, submission: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m exitagent.competitions.grading COMPETITION_DIR SUBMISSION_CSV", file=sys.stderr)
+        print("usage: python -m evaluators.worlds.mle.grading COMPETITION_DIR SUBMISSION_CSV", file=sys.stderr)
         return 2
     try:
         verdict = grade_file(Path(argv[0]), Path(argv[1]))

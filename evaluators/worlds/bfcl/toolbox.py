@@ -22,8 +22,8 @@ from typing import Any
 
 import anyio
 
-from exitagent.environments.bfcl import BfclEnv, Entry, entry_docs, function_docs
-from exitagent.environments.calls import ERROR_PREFIX, CallResult, UnsafeCall, render_call
+from evaluators.worlds.bfcl.calls import ERROR_PREFIX, CallResult, UnsafeCall, render_call
+from evaluators.worlds.bfcl.env import BfclEnv, Entry, entry_docs, function_docs
 from exitagent.tools import FINISHED, GAVE_UP, Toolbox
 from exitagent.types import Message, ToolCall
 

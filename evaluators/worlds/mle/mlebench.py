@@ -18,7 +18,7 @@ from exitagent.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from exitagent.competitions import Competition
+    from evaluators.worlds.mle import Competition
 
 OVERRIDES = "exitagent.json"
 
@@ -37,15 +37,14 @@ def _registry_competition(path: Path) -> Any:
         raise ConfigError(f"MLE-bench does not know the competition {path.name!r}: {error}") from error
 
 
-def load_mlebench(path: Path) -> Competition:
-    """The MLE-bench competition prepared at ``path`` (named by its directory)."""
-    from exitagent.competitions import Competition
-
+def mlebench_fields(path: Path) -> dict[str, Any]:
+    """The fields of the MLE-bench competition prepared at ``path`` (named by its directory), for
+    the package's ``Competition`` (built there, so this module needs the class only for types)."""
     competition = _registry_competition(path)
     worst, best, lower = _bounds(path, competition)
     columns = tuple(_read_csv(competition.sample_submission).columns)
-    return Competition(id=competition.id, root=path, metric="mlebench", lower_is_better=lower, worst=worst,
-                       best=best, id_column=columns[0] if columns else "id", columns=columns, source="mlebench")
+    return {"id": competition.id, "metric": "mlebench", "lower_is_better": lower, "worst": worst, "best": best,
+            "id_column": columns[0] if columns else "id", "columns": columns}
 
 
 def mlebench_description(path: Path) -> str:

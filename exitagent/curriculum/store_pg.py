@@ -33,9 +33,15 @@ from psycopg.types.string import StrDumper
 from psycopg_pool import ConnectionPool
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from exitagent.errors import ConfigError, StoreError, StoreUnavailable
-from exitagent.store import SCHEMA_VERSION, Buffer, StoreProgress, _check_consumed, _check_distinct, _SqlBuffer
-from exitagent.store_rows import (
+from exitagent.curriculum.store import (
+    SCHEMA_VERSION,
+    Buffer,
+    StoreProgress,
+    _check_consumed,
+    _check_distinct,
+    _SqlBuffer,
+)
+from exitagent.curriculum.store_rows import (
     ENTRY_COLUMNS,
     GROUP_SELECT,
     PG_GROUP_INSERT,
@@ -47,6 +53,7 @@ from exitagent.store_rows import (
     rollout_from_row,
     rollout_row,
 )
+from exitagent.errors import ConfigError, StoreError, StoreUnavailable
 from exitagent.types import BufferEntry, Group, StoredGroup
 
 log = structlog.get_logger(__name__)

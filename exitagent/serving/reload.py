@@ -26,9 +26,10 @@ import anyio
 import httpx
 import structlog
 
-from exitagent import checkpoints, precision
-from exitagent.checkpoints import Canary
+from exitagent import precision
 from exitagent.errors import CheckpointError, ReloadError, ServerError
+from exitagent.serving import checkpoints
+from exitagent.serving.checkpoints import Canary
 from exitagent.types import PolicyVersion
 
 log = structlog.get_logger(__name__)
@@ -138,7 +139,7 @@ class ServingState:
     last_error: str = ""
     last_reload_s: float = 0.0
     base: dict[str, str] = field(default_factory=dict)  # the base model's name and fingerprint (models.identity)
-    adapter: str = ""  # with LoRA: the vLLM name of the adapter served under public_name (exitagent.adapters)
+    adapter: str = ""  # with LoRA: the vLLM name of the adapter served under public_name (exitagent.serving.adapters)
     public_name: str = ""
 
     def as_json(self) -> dict[str, Any]:
@@ -171,7 +172,7 @@ class Reloader:
                  server: str = "serve") -> None:
         self.admin = admin
         self.server = server  # names this server's record in the weights directory (checkpoints.server_id)
-        self.verify = verify or (lambda path: checkpoints.verify(path, reference))  # adapters: exitagent.adapters
+        self.verify = verify or (lambda path: checkpoints.verify(path, reference))  # adapters: serving.adapters
         self.check = check
         self.weights_dir = weights_dir
         self.state = state

@@ -44,9 +44,9 @@ from hypercorn.config import Config as HypercornConfig
 
 from exitagent.client import API_KEY_ENV
 from exitagent.errors import ConfigError
-from exitagent.gate import Gate
-from exitagent.reload import ServingState
-from exitagent.upstream import VERSION_HEADER, Upstream
+from exitagent.serving.gate import Gate
+from exitagent.serving.reload import ServingState
+from exitagent.serving.upstream import VERSION_HEADER, Upstream
 
 __all__ = ["ROUTES", "VERSION_HEADER", "Gate", "GatewayServer", "Limits", "Refused", "check_target", "create_app",
            "resolve_api_key"]

@@ -41,7 +41,7 @@ import structlog
 from exitagent.errors import ConfigError
 
 if TYPE_CHECKING:
-    from exitagent.competitions.catalog import Built
+    from evaluators.worlds.mle.catalog import Built
 
 # The catalog (numpy, pandas, scikit-learn) is imported where it is used: loading the domains for
 # math must not pay for it.
@@ -88,18 +88,25 @@ class Competition:
             if path.is_file():
                 return path.read_text(encoding="utf-8")
         if self.source == "mlebench":
-            from exitagent.competitions.mlebench import mlebench_description
+            from evaluators.worlds.mle.mlebench import mlebench_description
 
             return mlebench_description(self.root)
         return f"# {self.id}\n\nSee the data files; the submission format is that of sample_submission.csv."
 
     def normalise(self, raw: float) -> float:
-        from exitagent.competitions.grading import normalise
-
         if self.worst is None or self.best is None:
             raise ConfigError(f"competition {self.id} has no worst/best scores recorded: run "
                               "`python -m exitagent.competitions calibrate`")
         return normalise(raw, self.worst, self.best)
+
+
+def normalise(raw: float, worst: float, best: float) -> float:
+    """(raw - worst) / (best - worst), clipped to [0, 1]; works for lower-is-better metrics too.
+
+    The scale of exit-spec.md section 4, between the competition's worst and best reference values."""
+    if best == worst:
+        raise ValueError(f"worst and best are both {best}: the competition cannot be normalised")
+    return min(1.0, max(0.0, (raw - worst) / (best - worst)))
 
 
 def default_root() -> Path:
@@ -128,14 +135,14 @@ def load_competition(path: Path) -> Competition:
             columns=tuple(meta["columns"]), classes=tuple(meta["classes"]), split=meta.get("split", ""),
         )
     if (path / "prepared" / "public").is_dir():
-        from exitagent.competitions.mlebench import load_mlebench
+        from evaluators.worlds.mle.mlebench import mlebench_fields
 
-        return load_mlebench(path)
+        return Competition(**mlebench_fields(path), root=path, source="mlebench")
     raise ConfigError(f"{path} is not a prepared competition (no {METADATA}, no MLE-bench prepared/public)")
 
 
 def _metadata(competition_id: str, built: Built, record: dict[str, Any] | None) -> dict[str, Any]:
-    from exitagent.competitions.catalog import LOWER_IS_BETTER, SPECS
+    from evaluators.worlds.mle.catalog import LOWER_IS_BETTER, SPECS
 
     spec = SPECS[competition_id]
     return {
@@ -167,7 +174,7 @@ def _current(target: Path, meta: dict[str, Any]) -> bool:
 
 def prepare_one(root: Path, competition_id: str, *, record: dict[str, Any] | None = None) -> Competition:
     """Prepare one catalog competition under ``root``; a no-op when it is there and unchanged."""
-    from exitagent.competitions.catalog import SPECS, build
+    from evaluators.worlds.mle.catalog import SPECS, build
 
     if competition_id not in SPECS:
         raise ConfigError(f"no offline competition {competition_id!r}: choose from {', '.join(SPECS)}")
@@ -203,7 +210,7 @@ def prepare(root: Path | None = None, ids: Iterable[str] | None = None) -> list[
 
 def catalog_ids(split: str = "all") -> list[str]:
     """Catalog ids of a split: "train", "heldout" or "all"."""
-    from exitagent.competitions.catalog import CATALOG
+    from evaluators.worlds.mle.catalog import CATALOG
 
     if split not in ("train", "heldout", "all"):
         raise ConfigError(f"offline competitions have the splits train, heldout and all, not {split!r}")

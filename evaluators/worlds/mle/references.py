@@ -10,7 +10,7 @@ values in ``recorded.json``; a test runs them again and checks the record.
 
 from __future__ import annotations
 
-from exitagent.competitions.catalog import SPECS, build
+from evaluators.worlds.mle.catalog import SPECS, build
 
 _HEAD = '''import os
 

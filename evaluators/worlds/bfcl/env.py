@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
-from exitagent.environments.calls import CallResult, execute, public_methods
+from evaluators.worlds.bfcl.calls import CallResult, execute, public_methods
 from exitagent.errors import ConfigError
 
 CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
