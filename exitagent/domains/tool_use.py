@@ -7,7 +7,7 @@ Tasks. One ``Task`` per entry (``Task.id`` is the entry id, ``prompt`` its first
 
 Actions. Each assistant message is one action (``bfcl_toolbox``): one call in ``<tool>...</tool>``
 (only the last call of a message runs), ``<TASK_FINISHED>`` or ``<TASK_ERROR>``. A message that is
-none of these is told so and costs a turn (``EpisodeLimits.require_action``), as a malformed call
+none of these is told so and costs a turn (``Toolbox.require_action``), as a malformed call
 is; it does not end the request.
 
 Collect (``roll_out``). Training uses the first user request with a 10-turn budget (a turn is one
@@ -78,9 +78,8 @@ def task_of(entry: Entry) -> Task:
 
 
 def _limits(turns: int, params: SamplingParams) -> EpisodeLimits:
-    """One call per message, and every message an action: a chatty message is told so and costs a turn."""
-    return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns, calls_per_turn=1,
-                         require_action=True)
+    """The turn and token budget (the action rules, one call per message, are ``BfclToolbox``'s)."""
+    return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns)
 
 
 async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams) -> list[Sample] | None:
