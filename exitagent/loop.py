@@ -101,22 +101,30 @@ async def run_episode_or_crash(task: Task, policy: Policy, tools: Toolbox, messa
         return Episode(task, tuple(messages), turns, StopReason.CRASHED, (), {"crashed": 1.0}, failure=failure)
 
 
-async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
-                    limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
-    """G episodes from one prompt: the first turns come from one request with ``n=G``."""
-    room = context_room(policy, messages)
+async def run_group(task: Task, policy: Policy, tools: Toolbox | Sequence[Toolbox], messages: Sequence[Message],
+                    n: int, *, limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS,
+                    prompt: Sequence[Message] | None = None) -> list[Episode]:
+    """G episodes from one prompt: the first turns come from one request with ``n=G``.
+
+    ``tools`` is one toolbox for all, or one per episode (each rollout its own state). ``prompt``
+    (default ``messages``) is what the first request shows, e.g. an improve prompt; each episode
+    then continues from ``messages`` with its first answer.
+    """
+    toolboxes = [tools] * n if isinstance(tools, Toolbox) else list(tools)
+    prompt = messages if prompt is None else prompt
+    room = context_room(policy, prompt)
     budget = min(params.max_tokens, limits.max_total_tokens, room)
     if budget < limits.min_turn_tokens:  # not even one short answer fits: every episode stops at once
         return [Episode(task, tuple(messages), (), StopReason.CONTEXT_FULL, ()) for _ in range(n)]
-    firsts = await policy.sample(messages, n=n, params=replace(params, max_tokens=budget),
-                                 tools=tools.server_tools())
+    firsts = await policy.sample(prompt, n=n, params=replace(params, max_tokens=budget),
+                                 tools=toolboxes[0].server_tools() if toolboxes else None)
     episodes: list[Episode | None] = [None] * n
 
     async def continue_one(index: int) -> None:
-        episodes[index] = await run_episode_or_crash(task, policy, tools, messages, limits=limits, params=params,
-                                                     first=firsts[index])
+        episodes[index] = await run_episode_or_crash(task, policy, toolboxes[index], messages, limits=limits,
+                                                     params=params, first=firsts[index])
 
     async with anyio.create_task_group() as group:
-        for index in range(n):
+        for index in range(min(n, len(firsts))):
             group.start_soon(continue_one, index)
     return [episode for episode in episodes if episode is not None]
