@@ -52,7 +52,7 @@ from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
-from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, curriculum_preset, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
 from exitagent.log import MetricsFile, collector_metrics, configure
@@ -120,7 +120,8 @@ class CollectConfig:
     def curriculum(self) -> CurriculumConfig:
         names = ("capacity", "min_buffer", "p_buffer", "p_diverge", "kappa")
         overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        return CurriculumConfig.for_domain(self.domain, self.variant, group_size=self.group_size, **overrides)
+        preset = curriculum_preset(get_domain(self.domain))  # a user environment names the one it uses
+        return CurriculumConfig.for_domain(preset, self.variant, group_size=self.group_size, **overrides)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
