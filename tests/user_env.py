@@ -43,7 +43,7 @@ def reward(task: Task, response: str, state: dict) -> float:
 TASKS = [Task(f"note-{i}", "notes", f"Store {v!r} under {k!r}, read it back, then reply with it.", answer=f"{k}={v}")
          for i, (k, v) in enumerate([("color", "blue"), ("city", "Oslo"), ("pet", "cat"), ("tea", "green")])]
 ENV = Environment(tasks=TASKS, reward=reward, tools=[put, get], state=lambda task: {}, max_turns=4,
-                  name="notes", system_prompt="You keep notes for the user.")
+                  name="notes", system_prompt="You keep notes for the user.", require_action=True)
 NOT_A_DOMAIN = 42
 '''
 

@@ -70,7 +70,8 @@ def _as_domain(name: str, found: Any) -> Domain:
         return found
     missing = [m for m in _METHODS if not callable(getattr(found, m, None))]
     if missing or not isinstance(getattr(found, "name", None), str):
-        raise ConfigError(f"--domain {name}: found a {type(found).__name__}, not an Environment or a Domain "
+        what = f"class {found.__name__}" if isinstance(found, type) else f"{type(found).__name__} {found!r:.60}"
+        raise ConfigError(f"--domain {name}: found {what}, not an Environment or a Domain "
                           f"(it lacks {', '.join(missing) or 'a name'})")
     return found
 

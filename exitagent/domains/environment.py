@@ -110,6 +110,7 @@ class Environment:
     system_prompt: str = ""
     max_turns: int | None = None  # per episode; default 1 without tools, 10 with (--max-turns overrides)
     native_tools: bool = False  # schemas to the server as OpenAI tools (it must parse tool calls)
+    require_action: bool = False  # a message with no call and no <TASK_FINISHED> is told so; the episode goes on
     tool_timeout_s: float = 10.0
     name: str = "custom"
     curriculum: str = ""  # the paper's buffer preset to use (math, tool_use, mle); default by turns
@@ -244,7 +245,7 @@ class Environment:
             if sandbox is None:
                 raise ConfigError(f"Environment {self.name}: python=True needs the evaluator it opens (a sandbox)")
             tools.append(PythonTool(sandbox))
-        return Toolbox.of(*tools, native=self.native_tools)
+        return Toolbox.of(*tools, native=self.native_tools, require_action=self.require_action)
 
     def _system(self, evaluator: Evaluator) -> tuple[Message, ...]:
         parts = [self.system_prompt] if self.system_prompt else []

@@ -124,7 +124,7 @@ async def test_a_bad_domain_name_is_one_clear_config_error(user_domain: str, tmp
     (tmp_path / "broken_env_mod.py").write_text("def broken(:\n")
     cases = {"no_such_module_xyz:ENV": "cannot import 'no_such_module_xyz'",
              "broken_env_mod:ENV": "SyntaxError", f"{MODULE}:MISSING": "has no attribute 'MISSING'",
-             f"{MODULE}:NOT_A_DOMAIN": "found a int, not an Environment or a Domain",
+             f"{MODULE}:NOT_A_DOMAIN": "found int 42, not an Environment or a Domain",
              "no_such_domain": "unknown domain 'no_such_domain'"}
     for name, message in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
