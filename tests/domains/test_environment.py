@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from exitagent.domains import DomainSettings, TaskSpec, curriculum_preset, get_d
 from exitagent.domains.math import MathDomain
 from exitagent.errors import ConfigError
 from exitagent.policy import SamplingParams, ScriptedPolicy
-from exitagent.types import Message, StepKind, StopReason, Variant
+from exitagent.types import Message, Sample, StepKind, StopReason, ToolCall, Variant
 from tests.user_env import MODULE, write_module
 
 PARAMS = SamplingParams(max_tokens=200)
@@ -228,3 +229,50 @@ async def test_math_expressed_through_the_public_api_scores_as_the_math_domain()
         assert [r.episode.sequences for r in a.result.rollouts] == [r.episode.sequences for r in b.result.rollouts]
     assert [r.reward for g in ours for r in g.result.rollouts] == [1.0, 0.0, 0.0] * 3
     assert isinstance(ours[0].result.rollouts[0].score, Score)
+
+
+# --- native tool calls, sandboxed code ------------------------------------------------------------
+
+
+@dataclass
+class NativeCalls(ScriptedPolicy):
+    """A server that parses tool calls itself: the script's <tool> JSON comes back as native calls."""
+
+    offered: list[Any] = field(default_factory=list)
+
+    async def sample(self, messages: Sequence[Message], *, n: int = 1, params: SamplingParams = PARAMS,
+                     tools: Sequence[dict[str, Any]] | None = None) -> list[Sample]:
+        self.offered.append(tools)
+        return [self._native(s) for s in await super().sample(messages, n=n, params=params, tools=tools)]
+
+    @staticmethod
+    def _native(sample: Sample) -> Sample:
+        if not sample.text.startswith("<tool>"):
+            return sample
+        body = json.loads(sample.text.removeprefix("<tool>").removesuffix("</tool>"))
+        return replace(sample, text="", finish_reason="tool_calls",
+                       tool_calls=(ToolCall(body["name"], body["arguments"], id="call_1"),))
+
+
+async def test_native_tool_calls_work_and_the_schemas_go_to_the_server(user_domain: str) -> None:
+    env = replace(get_domain(user_domain), native_tools=True)
+    task = env.load_tasks(TaskSpec("any", "train"))[2]
+    policy = NativeCalls(notes_player)
+    rolled = await roll(env, Start(task, StepKind.BASE), policy, group_size=2)
+    assert [r.reward for r in rolled.result.rollouts] == [1.0, 1.0]
+    assert all(m.tool_calls for m in rolled.histories[0] if m.role == "assistant" and not m.content)
+    assert {t["function"]["name"] for t in policy.offered[0]} == {"put", "get"}
+    assert "<tool>" not in policy.calls[0][0].content  # the system prompt no longer lists them
+
+
+async def test_python_runs_in_the_sandbox_seam() -> None:
+    env = Environment(tasks=[Task("t", "x", "Print 42.", answer="42")], python=True,
+                      reward=lambda task, response: float(task.answer in response))
+    settings = DomainSettings(max_context=8192, sandbox="fake")
+    script = [call("python", code="print(6 * 7)"), "It printed 42."]
+    async with env.open_evaluator(settings) as evaluator:
+        rolled = await env.roll_out(Start(env.load_tasks(TaskSpec("", ""))[0], StepKind.BASE),
+                                    ScriptedPolicy(script), evaluator, group_size=1, params=PARAMS, settings=settings)
+    (rollout,) = rolled.result.rollouts
+    assert rollout.episode.messages[3].name == "python" and rollout.episode.messages[3].content.startswith("exit code")
+    assert rollout.reward == 1.0
