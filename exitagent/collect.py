@@ -72,7 +72,8 @@ class CollectConfig:
     base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
         "help": "OpenAI-compatible policy server; several: each group goes to the least busy (exitagent.routing)"})
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
-    domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
+    domain: str = field(default="math", metadata={
+        "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
     task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
