@@ -67,13 +67,12 @@ Tasks = Sequence[Task] | Callable[[TaskSpec], Sequence[Task]]
 class RewardJudge:
     """The ``Evaluator`` of one rollout: the user's reward function on its response (and state)."""
 
-    def __init__(self, reward: Callable[..., Any], state: Any = None) -> None:
-        self.reward, self.state = reward, state
+    def __init__(self, reward: Callable[..., Any], state: Any = None, *, wants_state: bool = False) -> None:
+        self.reward, self.state, self.wants_state = reward, state, wants_state
         self.sandbox: Sandbox | None = None  # set by ``Environment.open_evaluator`` when ``python``
 
     async def score(self, task: Task, response: str) -> Score:
-        wants_state = len(inspect.signature(self.reward).parameters) >= 3
-        args = (task, response, self.state) if wants_state else (task, response)
+        args = (task, response, self.state) if self.wants_state else (task, response)
         try:
             if inspect.iscoroutinefunction(self.reward):
                 value = await self.reward(*args)
@@ -84,6 +83,20 @@ class RewardJudge:
         except Exception as error:  # the user's reward failed on this response: the rollout is left out
             raise EvaluatorError(f"the reward function raised {type(error).__name__}: {str(error)[:200]}") from None
         return _as_score(value)
+
+
+def _reward_arity(name: str, reward: Any) -> int:
+    """2 for ``reward(task, response)``, 3 for ``reward(task, response, state)``; ``ConfigError`` otherwise."""
+    try:
+        params = list(inspect.signature(reward).parameters.values())
+    except (TypeError, ValueError):  # not callable, or a signature Python cannot read
+        raise ConfigError(f"Environment {name}: reward must be a function (task, response[, state]), "
+                          f"not {reward!r:.80}") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) not in (2, 3):
+        raise ConfigError(f"Environment {name}: reward takes (task, response) or (task, response, state), "
+                          f"not {len(positional)} parameters")
+    return len(positional)
 
 
 def _as_score(value: Any) -> Score:
@@ -115,10 +128,10 @@ class Environment:
     name: str = "custom"
     curriculum: str = ""  # the paper's buffer preset to use (math, tool_use, mle); default by turns
     _tools: tuple[FunctionTool, ...] = field(init=False, repr=False)
+    _wants_state: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not callable(self.reward):
-            raise ConfigError(f"Environment {self.name}: reward must be a function, not {self.reward!r}")
+        self._wants_state = _reward_arity(self.name, self.reward) == 3
         if not callable(self.tasks) and not all(isinstance(t, Task) for t in self.tasks):
             raise ConfigError(f"Environment {self.name}: tasks must be Task objects or a function returning them")
         self._tools = tuple(function_tool(fn, timeout_s=self.tool_timeout_s) for fn in self.tools)
@@ -134,7 +147,13 @@ class Environment:
     # --- the Domain protocol ---------------------------------------------------------------------
 
     def load_tasks(self, spec: TaskSpec) -> list[Task]:
-        tasks = list(self.tasks(spec) if callable(self.tasks) else self.tasks)
+        try:
+            tasks = list(self.tasks(spec) if callable(self.tasks) else self.tasks)
+        except ExitAgentError:
+            raise
+        except Exception as error:
+            raise ConfigError(f"Environment {self.name}: its tasks function raised {type(error).__name__}: "
+                              f"{str(error)[:200]}") from None
         if not tasks or not all(isinstance(t, Task) for t in tasks):
             raise ConfigError(f"Environment {self.name}: its tasks must be a non-empty list of Task")
         if not callable(self.tasks) and spec.n is not None and spec.n < len(tasks):
@@ -146,7 +165,7 @@ class Environment:
 
     @asynccontextmanager
     async def _judge(self, settings: DomainSettings) -> AsyncIterator[Evaluator]:
-        judge = RewardJudge(self.reward)
+        judge = self._judge_of(None)
         if not self.python:
             yield judge
             return
@@ -166,10 +185,10 @@ class Environment:
         base = self._new_state(start.task)
         if self.multi_turn and start.prefix:
             await self._toolbox(base, evaluator).replay(start.prefix)  # the state at the end of the prefix
-        states = [copy.deepcopy(base) for _ in range(group_size)]
+        states = [_copy(self.name, base) for _ in range(group_size)]
 
         async def score(index: int, episode: Episode) -> Rollout:
-            return await score_rollout(RewardJudge(self.reward, states[index]), start.task, episode,
+            return await score_rollout(self._judge_of(states[index]), start.task, episode,
                                        episode.final_text, index=index)
 
         if not self.multi_turn:
@@ -227,13 +246,21 @@ class Environment:
         version = str(episode.turns[0].sample.version) if episode.turns else ""
         if episode.failure:
             return Step(episode.final_text, None, version, failure=episode.failure)
-        score, failure = await score_or_failure(RewardJudge(self.reward, state).score(task, episode.final_text),
+        score, failure = await score_or_failure(self._judge_of(state).score(task, episode.final_text),
                                                 "iterate_scoring_failed", task_id=task.id)
         return Step(episode.final_text, None if score is None else score.total, version,
                     episode.stop_reason in CUT_OFF, failure=failure)
 
+    def _judge_of(self, state: Any) -> RewardJudge:
+        return RewardJudge(self.reward, state, wants_state=self._wants_state)
+
     def _new_state(self, task: Task) -> Any:
-        return self.state(task) if self.state is not None else None
+        """A fresh state for ``task``; the user's factory failing is a ``ConfigError`` (their code, not the model's)."""
+        try:
+            return self.state(task) if self.state is not None else None
+        except Exception as error:
+            raise ConfigError(f"Environment {self.name}: the state factory raised {type(error).__name__}: "
+                              f"{str(error)[:200]} (task {task.id})") from None
 
     def _turns(self, settings: DomainSettings) -> int:
         return settings.max_turns or self.max_turns or (10 if self.multi_turn else 1)
@@ -254,6 +281,14 @@ class Environment:
         return (Message("system", "\n\n".join(parts)),) if parts else ()
 
 
+def _copy(name: str, state: Any) -> Any:
+    try:
+        return copy.deepcopy(state)
+    except Exception as error:  # e.g. a lock or an open connection inside the state
+        raise ConfigError(f"Environment {name}: each rollout gets a deep copy of the state, and this one "
+                          f"cannot be copied: {type(error).__name__}: {str(error)[:200]}") from None
+
+
 class _FreshState:
     """Single-turn evaluation: each response scored on a fresh state of its task."""
 
@@ -261,4 +296,4 @@ class _FreshState:
         self.env = env
 
     async def score(self, task: Task, response: str) -> Score:
-        return await RewardJudge(self.env.reward, self.env._new_state(task)).score(task, response)
+        return await self.env._judge_of(self.env._new_state(task)).score(task, response)

@@ -7,6 +7,7 @@ import json
 import random
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -147,6 +148,25 @@ def untyped(state, key):  # type: ignore[no-untyped-def]
 def test_a_tool_without_type_hints_is_refused_at_construction() -> None:
     with pytest.raises(ConfigError, match="tool untyped: parameter 'key' has no type hint"):
         Environment(tasks=[Task("t", "x", "p")], reward=lambda task, response: 0.0, tools=[untyped])
+
+
+async def test_a_broken_reward_signature_state_factory_or_task_function_is_one_config_error() -> None:
+    task = Task("t", "x", "p")
+    with pytest.raises(ConfigError, match="reward takes \\(task, response\\) or"):
+        Environment(tasks=[task], reward=lambda response: 1.0)
+    with pytest.raises(ConfigError, match="reward must be a function"):
+        Environment(tasks=[task], reward=3.0)  # type: ignore[arg-type]
+
+    def tasks(spec: TaskSpec) -> list[Task]:
+        raise OSError("no file")
+
+    with pytest.raises(ConfigError, match="its tasks function raised OSError: no file"):
+        Environment(tasks=tasks, reward=lambda t, r: 1.0).load_tasks(TaskSpec("", ""))
+    for state, why in ((lambda t: 1 / 0, "the state factory raised ZeroDivisionError"),
+                       (lambda t: {"db": threading.Lock()}, "cannot be copied")):
+        env = Environment(tasks=[task], reward=lambda t, r: 1.0, state=state)
+        with pytest.raises(ConfigError, match=why):
+            await roll(env, Start(task, StepKind.BASE), ScriptedPolicy(["a"]), group_size=1)
 
 
 def boom(x: int) -> int:
