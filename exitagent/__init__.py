@@ -1,7 +1,8 @@
 """exitagent: train language-model agents to improve their own work at inference time (ExIt).
 
-The embedding API is ``from exitagent import SelfImprovingAgent`` (see ``exitagent.agent``). It is
-imported on first use, so ``import exitagent`` stays light: entry points such as
+The embedding API is ``from exitagent import SelfImprovingAgent`` (see ``exitagent.agent``); your own
+tasks, tools and reward are ``from exitagent import Environment, Task, Score`` (docs/environments.md).
+They are imported on first use, so ``import exitagent`` stays light: entry points such as
 ``python -m exitagent.serve`` do not pay for the OpenAI client they never use.
 """
 
@@ -12,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from exitagent.agent import Improvement, Iterate, SelfImprovingAgent
+    from exitagent.domains.environment import Environment
+    from exitagent.types import Score, Task
 
-__all__ = ["Improvement", "Iterate", "SelfImprovingAgent"]
+__all__ = ["Environment", "Improvement", "Iterate", "Score", "SelfImprovingAgent", "Task"]
 
-_LAZY = {name: "exitagent.agent" for name in __all__}
+_LAZY = {"Improvement": "exitagent.agent", "Iterate": "exitagent.agent", "SelfImprovingAgent": "exitagent.agent",
+         "Environment": "exitagent.domains.environment", "Score": "exitagent.types", "Task": "exitagent.types"}
 
 
 def __getattr__(name: str) -> Any:

@@ -52,7 +52,7 @@ from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
-from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, curriculum_preset, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
 from exitagent.log import MetricsFile, collector_metrics, configure
@@ -72,7 +72,8 @@ class CollectConfig:
     base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
         "help": "OpenAI-compatible policy server; several: each group goes to the least busy (exitagent.routing)"})
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
-    domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
+    domain: str = field(default="math", metadata={
+        "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
     task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
@@ -120,7 +121,8 @@ class CollectConfig:
     def curriculum(self) -> CurriculumConfig:
         names = ("capacity", "min_buffer", "p_buffer", "p_diverge", "kappa")
         overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        return CurriculumConfig.for_domain(self.domain, self.variant, group_size=self.group_size, **overrides)
+        preset = curriculum_preset(get_domain(self.domain))  # a user environment names the one it uses
+        return CurriculumConfig.for_domain(preset, self.variant, group_size=self.group_size, **overrides)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)

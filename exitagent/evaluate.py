@@ -75,7 +75,8 @@ class EvalConfig:
         "help": "OpenAI-compatible policy server; several: each task goes to the least busy (exitagent.routing)"})
     model: str = field(default="policy", metadata={"help": "served model name"})
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
-    domain: str = field(default="math", metadata={"help": f"task domain: {', '.join(DOMAINS)}"})
+    domain: str = field(default="math", metadata={
+        "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
     source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
                                                         "flags": SOURCE_FLAGS})
     split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)",

@@ -22,7 +22,7 @@ from exitagent.errors import ExitAgentError
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.records import token_sequences
-from exitagent.tools import FINISHED, GAVE_UP, Toolbox, parse_action
+from exitagent.tools import Toolbox, parse_action
 from exitagent.types import Episode, Message, Sample, StopReason, Task, Turn
 
 log = structlog.get_logger(__name__)
@@ -36,16 +36,6 @@ class EpisodeLimits:
     max_total_tokens: int = 4096  # completion tokens over the whole episode
     wall_s: float = 600.0
     min_turn_tokens: int = 16  # stop rather than ask for a turn shorter than this
-    # One action per turn (tool use): only the LAST call of a message runs (a divergence answer
-    # ends with its new response, after quoting the old one); each earlier call gets an error.
-    calls_per_turn: int | None = None
-    # Every message must be an action (tool use): one with no call and no stop marker is answered
-    # with an error and the episode goes on, instead of ending as ANSWERED.
-    require_action: bool = False
-
-
-NO_ACTION = (f"error: no action: call a function in <tool>...</tool>, or write {FINISHED} when the request is "
-             f"done or {GAVE_UP} if it cannot be done")
 
 
 async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], *,
@@ -71,22 +61,8 @@ async def run_episode(task: Task, policy: Policy, tools: Toolbox, messages: Sequ
             first, spent = None, spent + len(sample.completion_ids)
             action = parse_action(sample.text, sample.tool_calls)
             history.append(Message("assistant", sample.text, tool_calls=action.calls))
-            results = [Message("tool", f"error: {e}", name="parse_error") for e in action.parse_errors]
-            errors.update("bad_json" for _ in action.parse_errors)
-            skipped = max(len(action.calls) - limits.calls_per_turn, 0) if limits.calls_per_turn else 0
-            for index, call in enumerate(action.calls):
-                if index < skipped:
-                    results.append(Message("tool", f"error: one action per turn: only the last {limits.calls_per_turn} "
-                                           "call(s) of a message run; this one did not", tool_call_id=call.id or None,
-                                           name=call.name))
-                    errors.update(["extra_call"])
-                    continue
-                message, error = await tools.execute(call)
-                results.append(message)
-                errors.update([error] if error else [])
-            if limits.require_action and not (results or action.finished or action.gave_up):
-                results.append(Message("tool", NO_ACTION, name="no_action"))
-                errors.update(["no_action"])
+            results, kinds = await tools.respond(action)  # the toolbox's rules: calls per turn, actions
+            errors.update(kinds)
             history += results
             turns.append(Turn(sample, tuple(results)))
             seen = len(sample.prompt_ids) + len(sample.completion_ids) if sample.prompt_ids else \
@@ -125,22 +101,30 @@ async def run_episode_or_crash(task: Task, policy: Policy, tools: Toolbox, messa
         return Episode(task, tuple(messages), turns, StopReason.CRASHED, (), {"crashed": 1.0}, failure=failure)
 
 
-async def run_group(task: Task, policy: Policy, tools: Toolbox, messages: Sequence[Message], n: int, *,
-                    limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS) -> list[Episode]:
-    """G episodes from one prompt: the first turns come from one request with ``n=G``."""
-    room = context_room(policy, messages)
+async def run_group(task: Task, policy: Policy, tools: Toolbox | Sequence[Toolbox], messages: Sequence[Message],
+                    n: int, *, limits: EpisodeLimits = EpisodeLimits(), params: SamplingParams = DEFAULT_PARAMS,
+                    prompt: Sequence[Message] | None = None) -> list[Episode]:
+    """G episodes from one prompt: the first turns come from one request with ``n=G``.
+
+    ``tools`` is one toolbox for all, or one per episode (each rollout its own state). ``prompt``
+    (default ``messages``) is what the first request shows, e.g. an improve prompt; each episode
+    then continues from ``messages`` with its first answer.
+    """
+    toolboxes = [tools] * n if isinstance(tools, Toolbox) else list(tools)
+    prompt = messages if prompt is None else prompt
+    room = context_room(policy, prompt)
     budget = min(params.max_tokens, limits.max_total_tokens, room)
     if budget < limits.min_turn_tokens:  # not even one short answer fits: every episode stops at once
         return [Episode(task, tuple(messages), (), StopReason.CONTEXT_FULL, ()) for _ in range(n)]
-    firsts = await policy.sample(messages, n=n, params=replace(params, max_tokens=budget),
-                                 tools=tools.server_tools())
+    firsts = await policy.sample(prompt, n=n, params=replace(params, max_tokens=budget),
+                                 tools=toolboxes[0].server_tools() if toolboxes else None)
     episodes: list[Episode | None] = [None] * n
 
     async def continue_one(index: int) -> None:
-        episodes[index] = await run_episode_or_crash(task, policy, tools, messages, limits=limits, params=params,
-                                                     first=firsts[index])
+        episodes[index] = await run_episode_or_crash(task, policy, toolboxes[index], messages, limits=limits,
+                                                     params=params, first=firsts[index])
 
     async with anyio.create_task_group() as group:
-        for index in range(n):
+        for index in range(min(n, len(firsts))):
             group.start_soon(continue_one, index)
     return [episode for episode in episodes if episode is not None]

@@ -21,7 +21,7 @@ hit its token limit or the context) is added to each score: the trainer's ``Trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import anyio
@@ -114,15 +114,43 @@ async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: 
     return out
 
 
+ScoreOne = Callable[[int, Episode], Awaitable[Rollout]]  # rollout i scored (tool use: its call record)
+
+
 async def roll_out(
     task: Task, messages: Sequence[Message], policy: Policy, evaluator: Evaluator, *, group_size: int,
-    params: SamplingParams,
+    params: SamplingParams, toolboxes: Sequence[Toolbox] | None = None, limits: EpisodeLimits | None = None,
+    prompt: Sequence[Message] | None = None, score: ScoreOne | None = None,
 ) -> GroupResult:
-    """G single-turn responses to ``messages`` (one request), scored. (Collect adds the diversity
-    bonus, ``with_diversity``, for every domain alike.)"""
-    limits = EpisodeLimits(max_turns=1, max_total_tokens=params.max_tokens)
-    episodes = await run_group(task, policy, Toolbox(), messages, group_size, limits=limits, params=params)
-    rollouts = await score_rollouts(evaluator, task, episodes)
+    """G responses to one request, scored: THE group path of every domain. (Collect adds the
+    diversity bonus, ``with_diversity``, for every domain alike.)
+
+    Single-turn (math) by default: no tools, one turn, each final text judged by ``evaluator``.
+    Multi-turn: one toolbox per rollout (each its own state), ``limits`` for the episode, ``prompt``
+    for the first request (an improve prompt; then each episode goes on from ``messages``), and
+    ``score(i, episode)`` judging rollout i from its own state.
+    """
+    limits = limits or EpisodeLimits(max_turns=1, max_total_tokens=params.max_tokens)
+    toolboxes = toolboxes if toolboxes is not None else [Toolbox()] * group_size
+    episodes = await run_group(task, policy, toolboxes, messages, group_size, limits=limits, params=params,
+                               prompt=prompt)
+
+    async def plain(index: int, episode: Episode) -> Rollout:
+        return await score_rollout(evaluator, task, episode, episode.final_text, index=index)
+
+    rollouts: list[Rollout | None] = [None] * len(episodes)
+
+    async def score_one(index: int) -> None:
+        rollouts[index] = await (score or plain)(index, episodes[index])
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(episodes)):
+            group.start_soon(score_one, index)
+    return group_result(episodes, [r for r in rollouts if r is not None])
+
+
+def group_result(episodes: Sequence[Episode], rollouts: Sequence[Rollout]) -> GroupResult:
+    """What the collector's metrics need about a group's episodes and their verdicts."""
     samples = [t.sample for e in episodes for t in e.turns]
     return GroupResult(
         version=group_version(episodes), newest=max(_versions(episodes)), rollouts=tuple(rollouts),

@@ -58,6 +58,8 @@ EVAL_CONCURRENCY = 64
 class RunConfig:
     run_dir: Path = field(default=Path("runs/demo"), metadata={"help": "where everything of this run goes"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
+    domain: str = field(default="math", metadata={
+        "help": "task domain: math, or your own as package.module:NAME (docs/environments.md)"})
     train_minutes: float = field(default=18.0, metadata={"help": "wall-clock budget of collect + update"})
     seed: int = field(default=0, metadata={"help": "seed of tasks, curriculum and trainer"})
     levels: str = field(default="add1,add2,sub1,sub2,mul1,word", metadata={"help": "arithmetic levels"})
@@ -129,8 +131,8 @@ def _wait_or_kill(process: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 # What an evaluation depends on besides the served policy: runs that agree on these measure the same thing.
-EVALUATION_FIELDS = ("seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples", "eval_temperature",
-                     "serve_flags", "precision")  # precision moves scores by points (runtime notes)
+EVALUATION_FIELDS = ("domain", "seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples",
+                     "eval_temperature", "serve_flags", "precision")  # precision moves scores by points (runtime notes)
 BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
 
 
@@ -176,7 +178,7 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> d
     print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
           f"n={cfg.eval_samples}) ...", flush=True)
     measuring = out.with_name(f".{name}.measuring.json")  # out appears only with its key in it
-    command = [sys.executable, "-m", "exitagent.evaluate", *_base_urls(servers), "--domain", "math",
+    command = [sys.executable, "-m", "exitagent.evaluate", *_base_urls(servers), "--domain", cfg.domain,
                "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
                "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
                "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
@@ -224,7 +226,8 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     # with equal draws would collect twin groups.
     names = ["collect" if i == 0 else f"collect-{i}" for i in range(cfg.collectors)]  # their log files
     collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
-                         *_base_urls(servers), "--variant", cfg.variant.value, "--levels", cfg.levels,
+                         *_base_urls(servers), "--domain", cfg.domain, "--variant", cfg.variant.value,
+                         "--levels", cfg.levels,
                          "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
                          "--temperature", str(cfg.temperature), "--concurrency", "4", "--min-buffer", "16",
                          # two batches ahead of the trainer at most (all collectors together: the

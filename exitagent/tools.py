@@ -20,7 +20,7 @@ import keyword
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -197,21 +197,65 @@ def check_arguments(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> 
     return ""
 
 
+NO_ACTION = (f"error: no action: call a function in <tool>...</tool>, or write {FINISHED} when the request is "
+             f"done or {GAVE_UP} if it cannot be done")
+
+
 @dataclass
 class Toolbox:
-    """The tools of an episode, by name.
+    """The tools of an episode, by name, and the rules of acting with them.
 
     ``native=False`` (the paper's setting): the tools are described in the system prompt and called
     in the text. ``native=True``: their schemas go to the server as OpenAI ``tools`` (the server must
     parse tool calls, e.g. vLLM's ``--enable-auto-tool-choice``); in-text calls still work.
+
+    The rules (``respond``): ``calls_per_turn`` N runs only the LAST N calls of a message (tool use:
+    one action per turn; a divergence answer ends with its new response after quoting the old one),
+    each earlier call gets an error. ``require_action``: a message with no call and no stop marker
+    is answered with an error and the episode goes on, instead of ending as answered.
     """
 
     tools: Mapping[str, Tool] = field(default_factory=dict)
     native: bool = False
+    calls_per_turn: int | None = None
+    require_action: bool = False
 
     @classmethod
-    def of(cls, *tools: Tool, native: bool = False) -> Toolbox:
-        return cls({tool.name: tool for tool in tools}, native)
+    def of(cls, *tools: Tool, native: bool = False, calls_per_turn: int | None = None,
+           require_action: bool = False) -> Toolbox:
+        return cls({tool.name: tool for tool in tools}, native, calls_per_turn, require_action)
+
+    def executed(self, calls: Sequence[ToolCall]) -> tuple[Sequence[ToolCall], Sequence[ToolCall]]:
+        """(calls skipped, calls run) of one message under ``calls_per_turn``."""
+        skipped = max(len(calls) - self.calls_per_turn, 0) if self.calls_per_turn else 0
+        return calls[:skipped], calls[skipped:]
+
+    async def respond(self, action: Action) -> tuple[list[Message], list[str]]:
+        """The tool messages answering one assistant action, and the error kinds to count."""
+        results = [Message("tool", f"error: {e}", name="parse_error") for e in action.parse_errors]
+        kinds = ["bad_json" for _ in action.parse_errors]
+        skipped, run = self.executed(action.calls)
+        for call in skipped:
+            results.append(Message("tool", f"error: one action per turn: only the last {self.calls_per_turn} "
+                                   "call(s) of a message run; this one did not", tool_call_id=call.id or None,
+                                   name=call.name))
+            kinds.append("extra_call")
+        for call in run:
+            message, error = await self.execute(call)
+            results.append(message)
+            kinds += [error] if error else []
+        if self.require_action and not (results or action.finished or action.gave_up):
+            results.append(Message("tool", NO_ACTION, name="no_action"))
+            kinds.append("no_action")
+        return results, kinds
+
+    async def replay(self, prefix: Sequence[Message]) -> None:
+        """Run the calls of ``prefix``'s assistant messages again, in order (a branch resuming at a
+        turn rebuilds its state this way when the tools are deterministic)."""
+        for message in prefix:
+            if message.role == "assistant":
+                for call in self.executed(message.tool_calls)[1]:
+                    await self.execute(call)
 
     def server_tools(self) -> list[dict[str, Any]] | None:
         return self.schemas() if self.native and self.tools else None

@@ -23,7 +23,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
               "exitagent.precision", "exitagent.policy", "exitagent.prompts", "exitagent.records",
               "exitagent.run_dir")),
     ("sandboxes", ("sandboxes",)),
-    ("toolbox", ("exitagent.tools",)),
+    ("toolbox", ("exitagent.tools", "exitagent.function_tools")),
     ("task worlds", ("evaluators.worlds",)),
     ("evaluators", ("evaluators",)),
     ("agent", ("exitagent.client", "exitagent.routing", "exitagent.loop", "exitagent.rollouts",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -174,8 +175,9 @@ async def test_group_first_turn_is_capped_by_the_room_left() -> None:
 
 async def test_calls_per_turn_runs_only_the_last_calls_of_a_message() -> None:
     tools, sandbox = toolbox("second\n")
+    tools.calls_per_turn = 1
     policy = ScriptedPolicy([call("print('first')") + " " + call("print('second')"), "done"])
-    episode = await run_episode(TASK, policy, tools, START, limits=EpisodeLimits(calls_per_turn=1))
+    episode = await run_episode(TASK, policy, tools, START)
     first, second = episode.messages[2], episode.messages[3]
     assert "one action per turn" in first.content and "second" in second.content
     assert len(sandbox.calls) == 1 and episode.metrics["tool_error_extra_call"] == 1
@@ -184,7 +186,7 @@ async def test_calls_per_turn_runs_only_the_last_calls_of_a_message() -> None:
 async def test_require_action_answers_a_message_without_one_and_goes_on() -> None:
     tools, _ = toolbox()
     policy = ScriptedPolicy(["Let me think.", "<TASK_FINISHED>"])
-    episode = await run_episode(TASK, policy, tools, START, limits=EpisodeLimits(require_action=True))
+    episode = await run_episode(TASK, policy, replace(tools, require_action=True), START)
     assert episode.stop_reason is StopReason.FINISHED and len(episode.turns) == 2
     assert episode.messages[2].name == "no_action" and episode.metrics["tool_error_no_action"] == 1
     plain = await run_episode(TASK, ScriptedPolicy(["Let me think."]), tools, START)

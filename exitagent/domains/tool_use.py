@@ -7,7 +7,7 @@ Tasks. One ``Task`` per entry (``Task.id`` is the entry id, ``prompt`` its first
 
 Actions. Each assistant message is one action (``bfcl_toolbox``): one call in ``<tool>...</tool>``
 (only the last call of a message runs), ``<TASK_FINISHED>`` or ``<TASK_ERROR>``. A message that is
-none of these is told so and costs a turn (``EpisodeLimits.require_action``), as a malformed call
+none of these is told so and costs a turn (``Toolbox.require_action``), as a malformed call
 is; it does not end the request.
 
 Collect (``roll_out``). Training uses the first user request with a 10-turn budget (a turn is one
@@ -55,11 +55,11 @@ from evaluators.worlds.bfcl.toolbox import (
 from exitagent.curriculum import Start, entry_key, render_iterate
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.errors import ConfigError, score_or_failure
-from exitagent.loop import EpisodeLimits, run_episode, run_episode_or_crash
+from exitagent.loop import EpisodeLimits, run_episode
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.prompts import step_messages
-from exitagent.rollouts import CUT_OFF, GroupResult, group_version, score_rollout
+from exitagent.rollouts import CUT_OFF, roll_out, score_rollout
 from exitagent.trajectories import Step, TaskResult
 from exitagent.types import Episode, Message, Rollout, Sample, StepKind, StopReason, Task
 
@@ -78,9 +78,8 @@ def task_of(entry: Entry) -> Task:
 
 
 def _limits(turns: int, params: SamplingParams) -> EpisodeLimits:
-    """One call per message, and every message an action: a chatty message is told so and costs a turn."""
-    return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns, calls_per_turn=1,
-                         require_action=True)
+    """The turn and token budget (the action rules, one call per message, are ``BfclToolbox``'s)."""
+    return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns)
 
 
 async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams) -> list[Sample] | None:
@@ -165,36 +164,20 @@ class ToolUseDomain:
         if start.entry is not None and context_room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
             log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
             start = Start(start.task, StepKind.BASE)
-        firsts = await _sample(policy, (system, *start.messages()), group_size, params)
-        if firsts is None:
+        if context_room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
             raise ConfigError(f"task {start.task.id} does not fit in a {policy.max_context}-token context")
         base = await self.toolbox_at(entry, start.prefix)
         ordinary = (system, Message("user", start.task.prompt), *start.prefix)
-        turns_left = max(budget - start.start_turn, 1)
-        limits = _limits(turns_left, params)
-        toolboxes = [_branch(base) for _ in firsts]
-        episodes: list[Episode | None] = [None] * len(firsts)
+        toolboxes = [_branch(base) for _ in range(group_size)]
 
-        async def one(index: int) -> None:
-            episodes[index] = await run_episode_or_crash(start.task, policy, toolboxes[index], ordinary,
-                                                         limits=limits, params=params, first=firsts[index])
+        async def score(index: int, episode: Episode) -> Rollout:
+            self._keep_turns(entry, base, toolboxes[index], episode.messages[2:], len(start.prefix))
+            return await _scored(evaluator, start.task, entry, episode, toolboxes[index], requests=1)
 
-        async with anyio.create_task_group() as group:
-            for index in range(len(firsts)):
-                group.start_soon(one, index)
-        done = [e for e in episodes if e is not None]
-        for episode, toolbox in zip(done, toolboxes, strict=True):
-            self._keep_turns(entry, base, toolbox, episode.messages[2:], len(start.prefix))
-        rollouts = [await _scored(evaluator, start.task, entry, e, t, requests=1) for e, t in zip(done, toolboxes,
-                                                                                                   strict=True)]
-        samples = [t.sample for e in done for t in e.turns]
-        result = GroupResult(
-            version=group_version(done), newest=max(s.version for s in samples), rollouts=tuple(rollouts),
-            failures=sum(r.reward is None for r in rollouts), prompt_tokens=max(len(s.prompt_ids) for s in samples),
-            completion_tokens=sum(len(s.completion_ids) for s in samples),
-            truncated=sum(e.stop_reason in CUT_OFF for e in done),
-        )
-        return RolledGroup(start, result, tuple(tuple(e.messages[2:]) for e in done))
+        result = await roll_out(start.task, ordinary, policy, evaluator, group_size=group_size, params=params,
+                                toolboxes=toolboxes, limits=_limits(max(budget - start.start_turn, 1), params),
+                                prompt=(system, *start.messages()), score=score)
+        return RolledGroup(start, result, tuple(tuple(r.episode.messages[2:]) for r in result.rollouts))
 
     # --- evaluate --------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The BFCL environment as the agent loop's ``Toolbox``: prompts, calls, the call record, snapshots.
 
 The paper's action format: the function schemas in the system prompt, one JSON call inside
-``<tool>...</tool>`` per message (``EpisodeLimits.calls_per_turn=1``), ``<TASK_FINISHED>`` when a
-request is done, ``<TASK_ERROR>`` when it cannot be; an example action ends the system prompt and a one-line
-reminder of the format ends each request (``request_text``). A JSON call is rendered as a Python call
+``<tool>...</tool>`` per message (``calls_per_turn=1``; every message an action: ``require_action``),
+``<TASK_FINISHED>`` when a request is done, ``<TASK_ERROR>`` when it cannot be; an example action ends
+the system prompt and a one-line reminder of the format ends each request (``request_text``).
+A JSON call is rendered as a Python call
 string (``calls.render_call``) and run through the safe executor; that same string goes into the
 call record the checker replays, so the episode and the checker see identical semantics (no
 schema pre-check here: BFCL's harness has none either, and the API classes report bad input).
@@ -94,6 +95,8 @@ class BfclToolbox(Toolbox):
     """Runs calls on one rollout's ``BfclEnv`` and records them per request."""
 
     env: BfclEnv = field(kw_only=True)
+    calls_per_turn: int | None = 1
+    require_action: bool = True
     request: int = 0
     calls: list[list[str]] = field(default_factory=lambda: [[]])
     snapshots: list[BfclEnv] = field(default_factory=list)  # the env after each call this toolbox ran
