@@ -54,7 +54,7 @@ from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
-from exitagent.errors import ConfigError, ExitAgentError, StoreError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import MetricsFile, collector_metrics, configure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
@@ -359,12 +359,12 @@ async def _main(cfg: CollectConfig) -> int:
         raise error
     if summary is None:
         print("collect: stopped by a second signal; groups in flight were discarded", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     print(f"collect: {summary.groups} groups recorded ({summary.total_groups} in the run), "
           f"{summary.failed_rollouts} failed rollouts ({summary.crashed_rollouts} crashed), "
           f"{summary.from_buffer} from the buffer"
           f"{', stopped early' if summary.stopped else ''}", file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,14 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_args(CollectConfig, parse_args(parser, argv, "collect"))
         configure(level=cfg.log_level)
         return anyio.run(_main, cfg)
-    except (ConfigError, StoreError) as error:
-        print(f"collect: {error}", file=sys.stderr)
-        return 2
     except ExitAgentError as error:
-        print(f"collect: {error}", file=sys.stderr)
-        return 1
+        return fail(error, "collect")
     except KeyboardInterrupt:  # a signal before the handlers are installed: nothing was started
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

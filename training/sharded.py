@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from exitagent import models
 from exitagent.curriculum.store_url import redact
-from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode
 from exitagent.faults import crash_point
 from exitagent.run_dir import RunDir
 from exitagent.serving import checkpoints
@@ -299,7 +299,7 @@ def _train(cfg: UpdateConfig, world: World, run: Any) -> int:
         trainer = ShardedTrainer.start(cfg, world)
         if not world.is_main:
             trainer.follow()
-            return 0
+            return ExitCode.OK
         try:
             return int(anyio.run(run, cfg, trainer))
         finally:

@@ -45,7 +45,7 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import open_run_store, redact
-from exitagent.errors import ExitAgentError, unwrap
+from exitagent.errors import ExitAgentError, ExitCode, fail, unwrap
 from exitagent.faults import crash_point
 from exitagent.log import MetricsFile
 from exitagent.run_dir import RunDir
@@ -131,7 +131,7 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
                             print(f"error: no groups to train on in {cfg.run_dir} for {cfg.idle_timeout_s:.0f} s "
                                   f"(is collect running?)", file=sys.stderr)
                             tasks.cancel_scope.cancel()
-                            return 3
+                            return ExitCode.IDLE
                         with anyio.move_on_after(cfg.poll_s):
                             await stop.wait()
                         trainer.idle()
@@ -150,7 +150,7 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
                 tasks.cancel_scope.cancel()
         bar.close()
         metrics.close()
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         error = unwrap(raised)
         if not isinstance(error, ExitAgentError):
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
 
 
 if __name__ == "__main__":
