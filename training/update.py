@@ -108,7 +108,8 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
         if released:
             log.warning("consumption_rolled_back", groups=released, resumed_at=trainer.step)
         trainer.ensure_published()
-        metrics = MetricsFile(RunDir(cfg.run_dir).metrics_file("update"))
+        tracker = cfg.open_tracker(cfg.run_dir, "update")  # --track: a second sink beside the JSONL file
+        metrics = MetricsFile(RunDir(cfg.run_dir).metrics_file("update"), tracker=tracker)
         target = cfg.steps or None  # absolute: rerunning the same command after a crash finishes the run
         bar = tqdm(total=cfg.steps or None, initial=trainer.step, desc="update", unit="step", file=sys.stderr,
                    disable=cfg.quiet)
