@@ -160,7 +160,8 @@ async def _iterate(args: argparse.Namespace, server: Any, run_dir: Path, sampler
                 t1, server_cpu = time.perf_counter(), sampler.cpu_s()
                 groups = store.fetch_groups(limit=args.prompts)
                 items, _ = items_from(groups, cfg)
-                result = await anyio.to_thread.run_sync(trainer.train_step, items, groups, store)
+                store.mark_consumed([g.id for g in groups], trainer.step + 1)  # as training.update does
+                result = await anyio.to_thread.run_sync(trainer.train_step, items, groups)
                 t2, server_cpu = time.perf_counter(), sampler.cpu_s() - server_cpu
                 if result is not None:  # no group had a signal: nothing new to publish
                     await anyio.to_thread.run_sync(trainer.save_and_publish)

@@ -54,8 +54,8 @@ from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, curriculum_preset, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
-from exitagent.errors import ConfigError, ExitAgentError, StoreError
-from exitagent.log import MetricsFile, collector_metrics, configure
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
+from exitagent.log import MetricsFile, TrackFlags, collector_metrics, configure
 from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
@@ -66,7 +66,7 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class CollectConfig:
+class CollectConfig(TrackFlags):
     run_dir: Path = field(metadata={"help": "run directory (the store, metrics and config live here)"})
     store: str = field(default="", metadata={"help": STORE_HELP})
     base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
@@ -117,6 +117,7 @@ class CollectConfig:
         if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
             raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
+        self.check_tracking()
 
     def curriculum(self) -> CurriculumConfig:
         names = ("capacity", "min_buffer", "p_buffer", "p_diverge", "kappa")
@@ -291,7 +292,7 @@ async def collect(cfg: CollectConfig, policy: Policy, evaluator: Evaluator, stor
     index = f":{cfg.collector_index}" if cfg.collector_index else ""
     rng = random.Random(f"exitagent-collect:{cfg.seed}{index}:{existing}")
     quota = max(cfg.groups - existing, 0) if cfg.groups else None
-    metrics = MetricsFile(collector_metrics(cfg.run_dir))
+    metrics = MetricsFile(collector_metrics(cfg.run_dir), tracker=cfg.open_tracker(cfg.run_dir, "collect"))
     bar = tqdm(total=cfg.groups or None, initial=existing, file=sys.stderr, disable=not cfg.progress,
                desc="groups", dynamic_ncols=True)
     gate = StalenessGate(store, routed, cfg.max_staleness, cfg.poll_s, cfg.max_unconsumed)
@@ -361,12 +362,12 @@ async def _main(cfg: CollectConfig) -> int:
         raise error
     if summary is None:
         print("collect: stopped by a second signal; groups in flight were discarded", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     print(f"collect: {summary.groups} groups recorded ({summary.total_groups} in the run), "
           f"{summary.failed_rollouts} failed rollouts ({summary.crashed_rollouts} crashed), "
           f"{summary.from_buffer} from the buffer"
           f"{', stopped early' if summary.stopped else ''}", file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,14 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_args(CollectConfig, parse_args(parser, argv, "collect"))
         configure(level=cfg.log_level)
         return anyio.run(_main, cfg)
-    except (ConfigError, StoreError) as error:
-        print(f"collect: {error}", file=sys.stderr)
-        return 2
     except ExitAgentError as error:
-        print(f"collect: {error}", file=sys.stderr)
-        return 1
+        return fail(error, "collect")
     except KeyboardInterrupt:  # a signal before the handlers are installed: nothing was started
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

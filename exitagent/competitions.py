@@ -25,7 +25,7 @@ import anyio
 from evaluators.worlds.mle import RECORDED, catalog_ids, prepare, prepare_one, recorded
 from evaluators.worlds.mle.catalog import SPECS
 from exitagent import config
-from exitagent.errors import ExitAgentError
+from exitagent.errors import ExitAgentError, ExitCode, fail
 from exitagent.log import configure
 
 
@@ -88,9 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _calibrate(ids, args.time_limit_s)
     except ExitAgentError as error:
-        print(f"competitions: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return fail(error, "competitions")
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

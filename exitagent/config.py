@@ -39,7 +39,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exitagent.errors import ConfigError
+from exitagent.errors import ConfigError, ExitCode
 from exitagent.run_dir import RunDir
 
 C = TypeVar("C")
@@ -185,7 +185,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, section:
         try:
             _apply(load(path, section, _settable(parser), command=parser.prog))
         except ConfigError as error:  # about the file, not the command line: no usage text
-            parser.exit(2, f"{parser.prog}: error: {error}\n")
+            parser.exit(ExitCode.USAGE, f"{parser.prog}: error: {error}\n")
     if known:
         args, rest = parser.parse_known_args(argv)
     else:

@@ -55,7 +55,7 @@ from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
-from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import configure
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
 from exitagent.routing import RoutedPolicy
@@ -324,16 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         configure(level=cfg.log_level)
         result = anyio.run(_main, cfg)
     except ExitAgentError as error:
-        print(f"evaluate: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        return fail(error, "evaluate")
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     accuracy = ", ".join("n/a" if a is None else f"{a:.3f}" for a in result.accuracy_by_step)
     print(f"evaluate: accuracy by step [{accuracy}], Delta_{result.steps} "
           f"{'n/a' if result.delta_k is None else f'{result.delta_k:+.3f}'}, net corrections "
           f"{result.net_corrections:+d}, {sum(result.failures_by_step)} evaluator failures -> {cfg.out}",
           file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

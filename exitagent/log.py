@@ -3,6 +3,12 @@
 Modules take ``log = structlog.get_logger(__name__)`` and emit snake_case past-tense events with
 key-value context (``log.info("checkpoint_loaded", step=12)``). Entry points call ``configure``
 once. Numeric metrics do not go here: they go to the run's ``metrics.jsonl`` (see ``MetricsFile``).
+
+``--track wandb`` (collect and training.update; ``TrackFlags``) also sends each metrics row to an
+experiment tracker, beside the JSONL file, which stays the record the run's own tools read. The
+tracker is an optional extra (``pip install 'exitagent[track]'``) and offline by default: its files go
+to ``RUN/tracking/`` (``wandb sync RUN/tracking/wandb/offline-run-*`` uploads them later), so a run
+sends nothing over the network unless ``--track-mode online`` says so.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ import os
 import socket
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
+from exitagent.errors import ConfigError
 from exitagent.run_dir import RunDir
+
+TRACKERS = ("none", "wandb")
+TRACK_MODES = ("offline", "online")
 
 
 def configure(*, json_lines: bool | None = None, level: str = "info", stream: TextIO | None = None) -> None:
@@ -46,20 +57,94 @@ def configure(*, json_lines: bool | None = None, level: str = "info", stream: Te
     )
 
 
-class MetricsFile:
-    """Append-only JSON-lines metrics: one object per event, flushed at once so a crash loses none."""
+class Tracker(Protocol):
+    """An experiment tracker that receives each metrics row's numbers (``WandbTracker``)."""
 
-    def __init__(self, path: Path) -> None:
+    def log(self, kind: str, values: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackFlags:
+    """The tracking flags, shared by the configs of the commands that write metrics."""
+
+    track: str = field(default="none", metadata={
+        "help": "also send metrics to an experiment tracker: none or wandb (pip install 'exitagent[track]')"})
+    track_project: str = field(default="exitagent", metadata={"help": "the tracker's project"})
+    track_run: str = field(default="", metadata={"help": "the tracker's run name (default: the run directory's)"})
+    track_mode: str = field(default="offline", metadata={
+        "help": "offline: the tracker's files under RUN/tracking, nothing sent; online: sent as the run goes"})
+
+    def check_tracking(self) -> None:
+        """Refuse an unknown tracker, or one whose package is not installed, before the run starts."""
+        if self.track not in TRACKERS or self.track_mode not in TRACK_MODES:
+            raise ConfigError(f"--track must be one of {', '.join(TRACKERS)} and --track-mode one of "
+                              f"{', '.join(TRACK_MODES)}, not {self.track!r} / {self.track_mode!r}")
+        if self.track == "wandb":
+            _import_wandb()
+
+    def open_tracker(self, run_dir: Path, command: str) -> Tracker | None:
+        if self.track == "none":
+            return None
+        name = self.track_run or Path(run_dir).resolve().name
+        settings = {k: str(v) for k, v in asdict(self).items()}  # the command's whole config
+        return WandbTracker(RunDir(run_dir).tracking, project=self.track_project, group=name,
+                            name=f"{name}-{command}", mode=self.track_mode, config=settings)
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as error:
+        raise ConfigError("--track wandb needs the wandb package: pip install 'exitagent[track]'") from error
+    return wandb
+
+
+class WandbTracker:
+    """Weights & Biases: numbers only, each under ``KIND/NAME`` (``update/loss``, ``group/reward_mean``)."""
+
+    def __init__(self, directory: Path, *, project: str, group: str, name: str, mode: str,
+                 config: dict[str, Any]) -> None:
+        wandb = _import_wandb()
+        directory.mkdir(parents=True, exist_ok=True)
+        # console="off": our stderr stays ours (one error line per failure); no system-stats sampler
+        settings = wandb.Settings(console="off", silent=True, x_disable_stats=True)
+        self._wandb = wandb
+        self._run = wandb.init(project=project, group=group, name=name, dir=str(directory), mode=mode,
+                               config=config, settings=settings)
+
+    def log(self, kind: str, values: dict[str, Any]) -> None:
+        numbers = {f"{kind}/{key}": float(value) for key, value in values.items()
+                   if isinstance(value, int | float)}
+        if numbers:
+            self._run.log(numbers)
+
+    def close(self) -> None:
+        self._run.finish()
+        self._wandb.teardown()  # finish() returns before wandb's service has written the run's file
+
+
+class MetricsFile:
+    """Append-only JSON-lines metrics: one object per event, flushed at once so a crash loses none.
+    With a ``tracker`` each row's numbers go to it as well."""
+
+    def __init__(self, path: Path, tracker: Tracker | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("a", encoding="utf-8")
+        self._tracker = tracker
 
     def write(self, kind: str, **values: Any) -> None:
         self._file.write(json.dumps({"time": time.time(), "kind": kind, **values}, default=str) + "\n")
         self._file.flush()
+        if self._tracker is not None:
+            self._tracker.log(kind, values)
 
     def close(self) -> None:
         self._file.close()
+        if self._tracker is not None:
+            self._tracker.close()
 
 
 def collector_metrics(run_dir: Path, name: str = "collect") -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from exitagent import config
-from exitagent.errors import ConfigError, ModelError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, ModelError, fail
 from exitagent.serving import checkpoints
 
 log = structlog.get_logger(__name__)
@@ -188,10 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             directory = resolve(args.model, prepare_if_missing=False)
             checkpoints.verify_manifest(directory)
             print(f"ok: {directory}")
-    except (ConfigError, ModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    except ExitAgentError as error:
+        return fail(error)
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import httpx
 from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum import store_url
-from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, child_exit_code, fail
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
 from exitagent.precision import choose as choose_precision
@@ -342,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # collect, update and the report find the store by RUN/store.url: no URL on a child's command line
         store_url.pin_run_store(cfg.run_dir, cfg.store)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     cfg = dataclasses.replace(cfg, store=store_url.redact(cfg.store))
     config.save(cfg, cfg.run_dir, "run")
     stop_requested = [False]
@@ -358,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if stop_requested[0]:
             print(f"[run] stopped while the server was starting; run the same command again to continue "
                   f"{cfg.run_dir}", flush=True)
-            return 130
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            return ExitCode.INTERRUPTED
+        return fail(error)
     finally:
         if len(servers) < cfg.servers:
             for server in servers:
@@ -371,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, servers, stop_requested)
         if stop_requested[0]:
             print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
-            return 130
+            return ExitCode.INTERRUPTED
         published = checkpoints.ready_checkpoints(RunDir(cfg.run_dir).weights)
         if published:
             latest = published[-1][0]
@@ -385,13 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:
         if stop_requested[0]:  # Ctrl-C reached the server or evaluate too, mid-call
             print(f"[run] stopped; run the same command again to continue {cfg.run_dir}", flush=True)
-            return 130
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            return ExitCode.INTERRUPTED
+        if isinstance(error, ExitAgentError):
+            return fail(error)
+        print(f"error: {error}", file=sys.stderr)  # a child that failed, or a server that stopped answering
+        return child_exit_code(error.returncode) if isinstance(error, subprocess.CalledProcessError) \
+            else ExitCode.UNAVAILABLE
     finally:
         for server in servers:
             server.stop()
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

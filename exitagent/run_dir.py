@@ -3,6 +3,7 @@
     RUN/store.sqlite             the curriculum store (SQLite; a store URL may keep it elsewhere)
     RUN/config/NAME.json         each command's resolved config
     RUN/metrics/NAME.jsonl       metrics lines (update.jsonl: the trainer's; collectors add -HOST-PID)
+    RUN/tracking/                an experiment tracker's own files (``--track wandb``), beside them
     RUN/logs/NAME.log            the logs of the processes ``run`` and ``launch`` start
     RUN/weights/step-N/          checkpoints published for serving
     RUN/trainer/                 the trainer's resumable state
@@ -33,6 +34,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking"
 
     @property
     def logs(self) -> Path:

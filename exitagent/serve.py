@@ -28,7 +28,7 @@ import structlog
 
 from exitagent import config, models, precision
 from exitagent import log as logging_setup
-from exitagent.errors import ConfigError, ExitAgentError, unwrap
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail, unwrap
 from exitagent.serving import adapters, checkpoints, engine, gateway, served_form
 from exitagent.serving.gateway import Gate, GatewayServer, create_app
 from exitagent.serving.reload import Admin, CanaryCheck, Reloader, ServingState
@@ -232,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         error = unwrap(raised)
         if not isinstance(error, ExitAgentError):
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return fail(error)
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent import config
+from exitagent.errors import ExitCode, child_exit_code
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[Variant, list[Path]] = {}
     try:
@@ -156,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as error:
         print(f"error: a run failed ({error}); finished runs are kept, run the command again to continue",
               file=sys.stderr)
-        return 2
+        return child_exit_code(error.returncode)
     table = write_table(args.out_dir, summarise(runs))
     print(table.read_text())
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

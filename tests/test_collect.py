@@ -22,7 +22,7 @@ from evaluators.base import ExactMatchEvaluator
 from exitagent.collect import CollectConfig, collect, main
 from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
-from exitagent.errors import ConfigError, ServerError
+from exitagent.errors import ConfigError, ExitCode, ServerError
 from exitagent.log import read_metrics
 from exitagent.policy import ScriptedPolicy, render
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
@@ -306,9 +306,9 @@ def test_cli_store_from_a_newer_schema_exits_2(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "config").exists()  # nothing written into a run it cannot read
 
 
-def test_cli_server_gone_exits_1_with_nothing_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_server_gone_exits_4_with_nothing_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{engine.free_port()}/v1"
-    assert main(cli(tmp_path, "--base-url", url, "--server-deadline-s", "1", "--groups", "3")) == 1
+    assert main(cli(tmp_path, "--base-url", url, "--server-deadline-s", "1", "--groups", "3")) == ExitCode.UNAVAILABLE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("collect: policy server") and url in err[0]
     with SQLiteStore.in_run(tmp_path) as store:

@@ -21,6 +21,7 @@ import structlog
 from evaluators.base import ExactMatchEvaluator
 from evaluators.math import MathEvaluator
 from exitagent.domains import DOMAINS
+from exitagent.errors import ExitCode
 from exitagent.evaluate import EvalConfig, EvalResult, evaluate, main, summarize, write_report
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams, ScriptedPolicy
 from exitagent.prompts import IMPROVE_INSTRUCTION, step_messages
@@ -205,5 +206,5 @@ def test_command_line_rejects_bad_configuration(tmp_path: Path, flags: list[str]
 
 def test_command_line_reports_a_dead_server(tmp_path: Path) -> None:
     flags = ["--base-url", "http://127.0.0.1:9/v1", "--server-deadline-s", "0.2", "--n-tasks", "2", "--no-progress"]
-    assert main(["--out", str(tmp_path / "o.json"), *flags]) == 1
+    assert main(["--out", str(tmp_path / "o.json"), *flags]) == ExitCode.UNAVAILABLE  # docs/exit-codes.md
     assert not (tmp_path / "o.json").exists()

@@ -23,7 +23,7 @@ from exitagent.collect import main as collect_main
 from exitagent.curriculum import __main__ as curriculum_cli
 from exitagent.curriculum.store_url import URL_FILENAME, open_run_store, open_store, pin_run_store, redact, schema_for
 from exitagent.diversity import HashEmbedder
-from exitagent.errors import ConfigError, StoreUnavailable
+from exitagent.errors import ConfigError, ExitCode, StoreUnavailable
 from exitagent.policy import ScriptedPolicy
 from exitagent.serving import engine
 from exitagent.types import StepKind, Variant
@@ -196,7 +196,7 @@ def test_collect_cli_keeps_the_password_out_and_says_why_it_cannot_log_in(
     url = postgres.url(tcp=True, password=PASSWORD)
     server_gone = f"http://127.0.0.1:{engine.free_port()}/v1"
     assert collect_main(collect_cli(tmp_path, "--store", url, "--base-url", server_gone, "--server-deadline-s", "1",
-                                    "--groups", "2")) == 1
+                                    "--groups", "2")) == ExitCode.UNAVAILABLE  # docs/exit-codes.md
     assert "password" in capsys.readouterr().err
     saved = (tmp_path / "config" / "collect.json").read_text()
     assert PASSWORD not in saved and "postgres:***@127.0.0.1" in saved

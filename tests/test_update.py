@@ -127,9 +127,12 @@ def test_tokens_outside_the_vocabulary_are_refused(tmp_path: Path, tiny_model_di
     tiny.save_pretrained(small)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(small)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    make_store(tmp_path / "run", model, AutoTokenizer.from_pretrained(tiny_model_dir), 2, group_size=2)
+    groups = make_store(tmp_path / "run", model, AutoTokenizer.from_pretrained(tiny_model_dir), 2, group_size=2)
     result = update(tmp_path / "run", small, "--steps", "1")
     assert result.returncode == 2 and "vocab" in result.stderr.strip().splitlines()[-1]
+    # The groups were marked consumed before the refusal: like a crash, the next start releases them.
+    assert update(tmp_path / "run", tiny_model_dir, "--steps", "1").returncode == 0
+    assert sorted(lineage(tmp_path / "run")) == sorted(groups)
 
 
 def test_a_model_directory_that_does_not_load(tmp_path: Path) -> None:
@@ -138,3 +141,14 @@ def test_a_model_directory_that_does_not_load(tmp_path: Path) -> None:
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     result = update(tmp_path, broken, "--steps", "1")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: cannot load")
+
+
+def test_track_wandb_offline_records_the_updates_beside_the_jsonl(tmp_path: Path, tiny_model_dir: Path) -> None:
+    pytest.importorskip("wandb")  # exitagent[track]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    make_store(tmp_path, model, AutoTokenizer.from_pretrained(tiny_model_dir), 2, group_size=2)
+    result = update(tmp_path, tiny_model_dir, "--steps", "1", "--track", "wandb", "--track-run", "e2e")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"kind": "update"' in (tmp_path / "metrics" / "update.jsonl").read_text()
+    [record] = (tmp_path / "tracking" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"update/loss" in record.read_bytes() and b"e2e-update" in record.read_bytes()

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exitagent.curriculum.store_url import STORE_HELP
+from exitagent.log import TrackFlags
 from exitagent.models import DEFAULT_MODEL
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import normalise as normalise_precision
 
 
 @dataclass(frozen=True)
-class UpdateConfig:
+class UpdateConfig(TrackFlags):
     run_dir: Path = field(metadata={"help": "run directory (store.sqlite, weights/, trainer/)"})
     store: str = field(default="", metadata={"help": STORE_HELP})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "initial model: name, directory or hub id"})
@@ -92,3 +93,4 @@ class UpdateConfig:
         if self.dist_timeout_s <= 0:
             raise ValueError("dist_timeout_s must be positive")
         normalise_precision(self.precision)  # an unknown value fails here, before the model loads
+        self.check_tracking()  # likewise a tracker whose package is missing

@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 
 from exitagent import models
-from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import redact
-from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode
 from exitagent.faults import crash_point
 from exitagent.run_dir import RunDir
 from exitagent.serving import checkpoints
@@ -124,16 +123,14 @@ class ShardedTrainer(Trainer):
             self._command("publish")
             self._publish()
 
-    def train_step(self, items: list[TrainItem], groups: list[StoredGroup],
-                   store: CurriculumStore) -> dict[str, float] | None:
+    def train_step(self, items: list[TrainItem], groups: list[StoredGroup]) -> dict[str, float] | None:
         started = time.perf_counter()
         try:
             batches = make_micro_batches(items, vocab_size=self.model.config.vocab_size,
                                          token_budget=self.cfg.token_budget, pad_id=self.tokenizer.pad_token_id or 0)
         except ValueError as error:
             raise ExitAgentError(f"cannot train on the stored groups: {error}") from error
-        ids = [g.id for g in groups]
-        store.mark_consumed(ids, self.step + 1)
+        ids = [g.id for g in groups]  # already consumed by step + 1 in the store (training.update)
         normaliser = loss_normaliser(batches, self.loss_cfg)
         self._command("step", (ids, normaliser, bool(batches)))
         result = self._step(ids, normaliser, bool(batches), distributed.balance(batches, self.world.size))
@@ -169,7 +166,8 @@ class ShardedTrainer(Trainer):
         dist.scatter_object_list(received, shares, src=0)
         mine: list[MicroBatch] = received[0]
         self.history.append([self.step + 1, ids])
-        crash_point("after_consume", self.step + 1)
+        if not self.world.is_main:  # rank 0 passed this point in training.update, right after marking
+            crash_point("after_consume", self.step + 1)
         if not any_batches:
             return None
         self.model.train()
@@ -301,7 +299,7 @@ def _train(cfg: UpdateConfig, world: World, run: Any) -> int:
         trainer = ShardedTrainer.start(cfg, world)
         if not world.is_main:
             trainer.follow()
-            return 0
+            return ExitCode.OK
         try:
             return int(anyio.run(run, cfg, trainer))
         finally:

@@ -17,7 +17,6 @@ import structlog
 import torch
 
 from exitagent import models, precision
-from exitagent.curriculum.store import CurriculumStore
 from exitagent.errors import ExitAgentError, ModelError
 from exitagent.faults import crash_point
 from exitagent.run_dir import RunDir
@@ -145,12 +144,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def train_step(self, items: list[TrainItem], groups: list[StoredGroup],
-                   store: CurriculumStore) -> dict[str, float] | None:
-        """One update on ``items``; ``groups`` are marked consumed by it first (see update.py).
+    def train_step(self, items: list[TrainItem], groups: list[StoredGroup]) -> dict[str, float] | None:
+        """One update on ``items``, from ``groups``, which the caller has already marked consumed by
+        step ``self.step + 1`` (training.update: the crash-safety order is written there).
 
-        Returns None, without an update, when no group carried a learning signal: the groups are
-        still consumed (by the next step, so a crash before it is saved releases them again).
+        Returns None, without an update, when no group carried a learning signal: the groups stay
+        consumed (by the next step, so a crash before it is saved releases them again).
         """
         started = time.perf_counter()
         try:
@@ -159,9 +158,7 @@ class Trainer:
                                          pad_id=self.tokenizer.pad_token_id or 0)
         except ValueError as error:
             raise ExitAgentError(f"cannot train on the stored groups: {error}") from error
-        store.mark_consumed([g.id for g in groups], self.step + 1)
         self.history.append([self.step + 1, [g.id for g in groups]])
-        crash_point("after_consume", self.step + 1)
         if not batches:
             return None
         self.model.train()

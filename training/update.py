@@ -9,7 +9,8 @@ Crash safety (a ``kill -9`` at any point, then a restart, neither loses nor doub
 group). Three records are tied together by the step number N:
 
 1. the store marks the groups of update N with ``consumed_by_step = N`` in one transaction,
-   just before the optimizer step;
+   before the trainer touches them (a refusal after that, such as tokens outside the vocabulary,
+   ends the process like a crash: the next start releases them);
 2. every K updates the trainer saves its complete state (model, optimizer, reference, RNG) as
    ``RUN/trainer/state-N`` (write, fsync, rename, then COMPLETE marker);
 3. only then is the model published as ``RUN/weights/step-N`` (hard links to the state's files).
@@ -21,8 +22,9 @@ is either in the saved weights exactly once, or unconsumed and waiting. One trai
 second one on the same RUN is refused (``RUN/trainer/update.lock``, released by the kernel even
 after a kill -9).
 
-Under torchrun the same loop runs on rank 0 with ``training.sharded.ShardedTrainer`` (the other
-ranks follow it); the protocol above is unchanged.
+``run``'s loop below does them in this order, in one place: read groups, mark them consumed by
+N, train, and every K updates save and publish. Under torchrun the same loop runs on rank 0 with
+``training.sharded.ShardedTrainer`` (the other ranks follow it); the protocol above is unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import resource
 import signal
 import sys
 import time
+from typing import Any
 
 import anyio
 import structlog
@@ -42,7 +45,8 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import open_run_store, redact
-from exitagent.errors import ExitAgentError, unwrap
+from exitagent.errors import ExitAgentError, ExitCode, fail, unwrap
+from exitagent.faults import crash_point
 from exitagent.log import MetricsFile
 from exitagent.run_dir import RunDir
 from exitagent.types import StoredGroup, Variant
@@ -87,6 +91,16 @@ def gather(store: CurriculumStore, trainer: Trainer, cfg: UpdateConfig, metrics:
     return store.fetch_groups(min_version=min_version, limit=cfg.groups_per_step)
 
 
+def record(metrics: MetricsFile, bar: Any, step: int, row: dict[str, float], groups: list[StoredGroup]) -> None:
+    """Update ``step``'s metrics row (with the groups' staleness and peak memory), and the progress bar."""
+    staleness = [step - 1 - g.version.step for g in groups]
+    row = {**row, "staleness_mean": sum(staleness) / len(staleness), "staleness_max": float(max(staleness)),
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    metrics.write("update", step=step, **row)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row.get('loss', 0):.4f}", reward=f"{row.get('reward_mean', 0):.2f}")
+
+
 async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
     trainer = trainer or Trainer.restore_or_start(cfg)
     with open_run_store(cfg.run_dir, cfg.store) as store:
@@ -94,7 +108,8 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
         if released:
             log.warning("consumption_rolled_back", groups=released, resumed_at=trainer.step)
         trainer.ensure_published()
-        metrics = MetricsFile(RunDir(cfg.run_dir).metrics_file("update"))
+        tracker = cfg.open_tracker(cfg.run_dir, "update")  # --track: a second sink beside the JSONL file
+        metrics = MetricsFile(RunDir(cfg.run_dir).metrics_file("update"), tracker=tracker)
         target = cfg.steps or None  # absolute: rerunning the same command after a crash finishes the run
         bar = tqdm(total=cfg.steps or None, initial=trainer.step, desc="update", unit="step", file=sys.stderr,
                    disable=cfg.quiet)
@@ -117,30 +132,26 @@ async def run(cfg: UpdateConfig, trainer: Trainer | None = None) -> int:
                             print(f"error: no groups to train on in {cfg.run_dir} for {cfg.idle_timeout_s:.0f} s "
                                   f"(is collect running?)", file=sys.stderr)
                             tasks.cancel_scope.cancel()
-                            return 3
+                            return ExitCode.IDLE
                         with anyio.move_on_after(cfg.poll_s):
                             await stop.wait()
                         trainer.idle()
                         continue
                     idle_since = time.monotonic()
+                    store.mark_consumed([g.id for g in groups], trainer.step + 1)  # 1: before training on them
+                    crash_point("after_consume", trainer.step + 1)
                     items, counts = items_from(groups, cfg)
-                    result = await anyio.to_thread.run_sync(trainer.train_step, items, groups, store)
+                    result = await anyio.to_thread.run_sync(trainer.train_step, items, groups)
                     if result is None:
                         metrics.write("no_signal", step=trainer.step, **counts)
                         continue
-                    staleness = [trainer.step - 1 - g.version.step for g in groups]
-                    row = {**result, **counts, "staleness_mean": sum(staleness) / len(staleness),
-                           "staleness_max": float(max(staleness)),
-                           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-                    metrics.write("update", step=trainer.step, **row)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row.get('loss', 0):.4f}", reward=f"{row.get('reward_mean', 0):.2f}")
-                    if trainer.step % cfg.publish_every == 0:
+                    record(metrics, bar, trainer.step, {**result, **counts}, groups)
+                    if trainer.step % cfg.publish_every == 0:  # 2 and 3: save the state, then publish
                         await anyio.to_thread.run_sync(trainer.save_and_publish)
                 tasks.cancel_scope.cancel()
         bar.close()
         metrics.close()
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         error = unwrap(raised)
         if not isinstance(error, ExitAgentError):
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 from exitagent import config
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, run_store_target, store_exists
 from exitagent.curriculum.view import format_collectors, format_summary, plot, summarize
-from exitagent.errors import ExitAgentError
+from exitagent.errors import ExitAgentError, ExitCode, fail
 from exitagent.log import configure, read_metrics
 
 
@@ -26,18 +26,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not store_exists(args.run_dir, args.store):  # opening would create an empty store
             print(f"no curriculum store at {run_store_target(args.run_dir, args.store)}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
         with open_run_store(args.run_dir, args.store) as store:
             entries, groups = store.entries(), store.groups()
     except ExitAgentError as error:  # an unreachable server, a refused login, a bad store.url
-        print(f"curriculum show: {error}", file=sys.stderr)
-        return 2
+        return fail(error, "curriculum show")
     print(format_summary(summarize(entries, groups)))
     print(format_collectors(read_metrics(args.run_dir, "collect", "group")))  # every collector's file
     if args.plot:
         plot(groups, args.plot)
         print(f"plots written to {args.plot}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

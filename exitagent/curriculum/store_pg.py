@@ -53,7 +53,7 @@ from exitagent.curriculum.store_rows import (
     rollout_from_row,
     rollout_row,
 )
-from exitagent.errors import ConfigError, StoreError, StoreUnavailable
+from exitagent.errors import ConfigError, StoreError, StoreRefused, StoreUnavailable
 from exitagent.types import BufferEntry, Group, StoredGroup
 
 log = structlog.get_logger(__name__)
@@ -193,13 +193,14 @@ class PostgresStore:
             psycopg.connect(url, connect_timeout=int(timeout_s)).close()
         except psycopg.OperationalError as error:
             text = str(error).strip().replace("\n", " ")
+            refused: type[StoreUnavailable] = StoreRefused
             if "password" in text or "authentication" in text:
                 hint = "check the user and password (PGPASSWORD, ~/.pgpass or the URL file)"
             elif "does not exist" in text:
                 hint = "create the database, or name an existing one in the URL"
             else:
-                hint = "is PostgreSQL running there, and reachable from this machine?"
-            raise StoreUnavailable(f"cannot open the curriculum store {self.shown}: {text} ({hint})") from error
+                refused, hint = StoreUnavailable, "is PostgreSQL running there, and reachable from this machine?"
+            raise refused(f"cannot open the curriculum store {self.shown}: {text} ({hint})") from error
         except psycopg.ProgrammingError as error:  # libpq could not parse the URL itself
             raise ConfigError(f"not a valid PostgreSQL URL {self.shown}: {error}") from error
 

@@ -64,7 +64,7 @@ def test_an_adapter_update_lowers_the_loss_and_publishes_a_servable_adapter(tmp_
         groups = store.fetch_groups(min_version=0, limit=4)
         items, _ = items_from(groups, cfg)
         before = _batch_loss(trainer, items)
-        trainer.train_step(items, groups, store)
+        trainer.train_step(items, groups)
         after = _batch_loss(trainer, items)
     assert after < before - 1e-3, (before, after)
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
@@ -102,7 +102,7 @@ def test_the_reference_is_the_adapter_disabled_then_a_frozen_copy(tmp_path: Path
         items, _ = items_from(groups, cfg)
         with torch.no_grad():  # before any refresh the reference is the base model itself
             assert torch.allclose(token_logprobs(trainer.reference, ids, torch.ones_like(ids))[0], base, atol=1e-5)
-        trainer.train_step(items, groups, store)  # ref_every=1: refreshed with alpha 0.5 after it
+        trainer.train_step(items, groups)  # ref_every=1: refreshed with alpha 0.5 after it
     assert trainer.reference.refreshed and trainer.reference_moved
     with torch.no_grad():
         reference, _ = token_logprobs(trainer.reference, ids, torch.ones_like(ids))

@@ -107,7 +107,7 @@ def test_the_trainer_runs_all_memory_options_together_and_resumes(tmp_path: Path
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with SQLiteStore.in_run(tmp_path) as store:
         groups = store.fetch_groups(min_version=0, limit=4)
-        metrics = trainer.train_step(items_from(groups, cfg)[0], groups, store)
+        metrics = trainer.train_step(items_from(groups, cfg)[0], groups)
     assert metrics is not None and metrics["skipped"] == 0.0
     layers = {n: p for n, p in trainer.model.named_parameters() if ".layers." in n}  # every row had a gradient
     moved = sum(int((p != before[n]).sum()) for n, p in layers.items())
