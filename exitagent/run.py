@@ -38,6 +38,7 @@ import httpx
 from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum import store_url
+from exitagent.curriculum.paper import paper_values
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
@@ -65,6 +66,11 @@ class RunConfig:
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
     max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
+    # Deviations from the paper's math row (curriculum/paper.py), so the buffer fills within minutes:
+    capacity: int = field(default=256, metadata={
+        "help": f"buffer capacity N (paper, math: {paper_values('math').capacity})"})
+    min_buffer: int = field(default=16, metadata={
+        "help": f"B_min, the buffer is sampled once this full (paper, math: {paper_values('math').min_buffer})"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of training rollouts"})
     eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
@@ -226,11 +232,12 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
                          *_base_urls(servers), "--variant", cfg.variant.value, "--levels", cfg.levels,
                          "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
-                         "--temperature", str(cfg.temperature), "--concurrency", "4", "--min-buffer", "16",
+                         "--temperature", str(cfg.temperature), "--concurrency", "4",
+                         "--min-buffer", str(cfg.min_buffer),
                          # two batches ahead of the trainer at most (all collectors together: the
                          # staleness gate counts the store's unconsumed groups): the CPU is shared with it
                          "--max-unconsumed", str(2 * cfg.groups_per_step),
-                         "--capacity", "256", "--seed", str(cfg.seed), "--collector-index", str(i),
+                         "--capacity", str(cfg.capacity), "--seed", str(cfg.seed), "--collector-index", str(i),
                          "--no-progress")
                   for i in range(cfg.collectors)]
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
