@@ -231,7 +231,8 @@ def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, 
         buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-        truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3), seconds=round(seconds, 3),
+        rollouts=len(result.rollouts), truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3),
+        seconds=round(seconds, 3),
         # several servers: which one answered, how far apart the servers' versions are, and how far
         # apart the oldest and newest sample of this group are (a reload landed mid-group)
         server=servers[-1], server_attempts=len(servers), version_skew=run.policy.router.skew(),

@@ -37,6 +37,7 @@ import httpx
 
 from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.budget import describe, spent, trained_seconds
 from exitagent.curriculum import store_url
 from exitagent.curriculum.paper import paper_values
 from exitagent.errors import ConfigError, ExitAgentError
@@ -59,7 +60,10 @@ EVAL_CONCURRENCY = 64
 class RunConfig:
     run_dir: Path = field(default=Path("runs/demo"), metadata={"help": "where everything of this run goes"})
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
-    train_minutes: float = field(default=18.0, metadata={"help": "wall-clock budget of collect + update"})
+    train_minutes: float = field(default=18.0, metadata={
+        "help": "wall-clock budget of collect + update (with --train-updates: a cap)"})
+    train_updates: int = field(default=0, metadata={
+        "help": "budget in trainer updates, the same for every variant (0: wall clock only)"})
     seed: int = field(default=0, metadata={"help": "seed of tasks, curriculum and trainer"})
     levels: str = field(default="add1,add2,sub1,sub2,mul1,word", metadata={"help": "arithmetic levels"})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
@@ -201,11 +205,6 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> d
 # same command continues the budget instead of starting it again.
 
 
-def trained_seconds(run_dir: Path) -> float:
-    path = RunDir(run_dir).train_clock
-    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
-
-
 def _record_training(run_dir: Path, seconds: float) -> None:
     tmp = run_dir / f".{TRAIN_CLOCK}.tmp"
     tmp.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
@@ -245,12 +244,16 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                     "--temperature", str(cfg.temperature), "--precision", cfg.precision,
                     # no activation checkpointing: a 135M model fits, and without it each group's
                     # prompt runs once for its G responses (training/loss.py, prefix sharing)
-                    "--no-activation-checkpointing", "--quiet", "--log-json")
+                    "--no-activation-checkpointing", "--quiet", "--log-json",
+                    *(("--steps", str(cfg.train_updates)) if cfg.train_updates else ()))
     started, next_report = time.monotonic(), 15.0
     try:
         while not stop_requested[0] and (elapsed := time.monotonic() - started) < budget:
+            if cfg.train_updates and update.poll() == 0:
+                break  # the trainer made its --steps updates: the budget is spent, not the minutes
             for process, name in zip((*collectors, update), (*names, "update"), strict=True):
-                if process.poll() is not None:
+                code = process.poll()
+                if code is not None and not (process is update and cfg.train_updates and code == 0):
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
             if elapsed >= next_report:
                 next_report += 15.0
@@ -272,6 +275,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
         for process in collectors:
             _wait_or_kill(process, grace_s=60)
         _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
+        print(f"[run] spent: {describe(spent(cfg.run_dir))}", flush=True)
 
 
 def progress(run_dir: Path, servers: list[launch.ServeProcess]) -> str:
