@@ -51,7 +51,7 @@ from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
-from exitagent.diversity import Embedder, MiniLMEmbedder
+from exitagent.diversity import NORMS, Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, StoreError
@@ -97,6 +97,9 @@ class CollectConfig:
     p_buffer: float | None = field(default=None, metadata={"help": "p: chance to start from the buffer"})
     p_diverge: float | None = field(default=None, metadata={"help": "p_div: chance of a divergence step"})
     kappa: float | None = field(default=None, metadata={"help": "softmax temperature over buffer scores"})
+    diversity_norm: str = field(default="range", metadata={"choices": NORMS, "help": (
+        "full ExIt's diversity multiplier: distance to the centroid over the group's range (Eq. 6, the paper) "
+        "or over its mean (multipliers average 1 in every group; exitagent/diversity.py)")})
     eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
     eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
     sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
@@ -198,7 +201,8 @@ async def _one_group(run: _Run, group_id: str) -> None:
     run.shortened += rolled.start != start
     start, result = rolled.start, rolled.result
     if run.embedder is not None:
-        result = replace(result, rollouts=tuple(await with_diversity(run.embedder, result.rollouts, run.embed_lock)))
+        bonus = await with_diversity(run.embedder, result.rollouts, run.embed_lock, run.cfg.diversity_norm)
+        result = replace(result, rollouts=tuple(bonus))
     run.gate.observe(result.newest.step)
     group = run.curriculum.group(start, group_id, result.version, result.rollouts)
     update = run.curriculum.record(run.store, start, group, rolled.histories)

@@ -40,6 +40,7 @@ from exitagent import log as logging_setup
 from exitagent.budget import describe, spent, trained_seconds
 from exitagent.curriculum import store_url
 from exitagent.curriculum.paper import paper_values
+from exitagent.diversity import NORMS
 from exitagent.errors import ConfigError, ExitAgentError
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
@@ -70,6 +71,8 @@ class RunConfig:
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
     max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
+    diversity_norm: str = field(default="range", metadata={
+        "choices": NORMS, "help": "full ExIt's diversity multiplier: range (Eq. 6, the paper) or mean (diversity.py)"})
     # Deviations from the paper's math row (curriculum/paper.py), so the buffer fills within minutes:
     capacity: int = field(default=256, metadata={
         "help": f"buffer capacity N (paper, math: {paper_values('math').capacity})"})
@@ -236,7 +239,8 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                          # two batches ahead of the trainer at most (all collectors together: the
                          # staleness gate counts the store's unconsumed groups): the CPU is shared with it
                          "--max-unconsumed", str(2 * cfg.groups_per_step),
-                         "--capacity", str(cfg.capacity), "--seed", str(cfg.seed), "--collector-index", str(i),
+                         "--capacity", str(cfg.capacity), "--diversity-norm", cfg.diversity_norm,
+                         "--seed", str(cfg.seed), "--collector-index", str(i),
                          "--no-progress")
                   for i in range(cfg.collectors)]
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
