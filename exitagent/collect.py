@@ -60,7 +60,7 @@ from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.types import StopReason, Task, Variant
+from exitagent.types import StepKind, StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +86,11 @@ class CollectConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_tokens: int = field(default=1024, metadata={"help": "completion tokens per response"})
+    improve_max_tokens: int = field(default=0, metadata={
+        "help": "completion tokens of improve and debug steps (0: --max-tokens)"})
+    diverge_max_tokens: int = field(default=0, metadata={
+        "help": "completion tokens of divergence steps, whose format (summary, new approach, new answer) is "
+                "longer than a plain answer (0: --max-tokens)"})
     max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
     max_staleness: int = field(default=2, metadata={"help": "pause while unconsumed groups are older than this"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw and the curriculum"})
@@ -116,8 +121,10 @@ class CollectConfig:
     def __post_init__(self) -> None:
         get_domain(self.domain)
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
-        if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
-            raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
+        if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0 \
+                or min(self.improve_max_tokens, self.diverge_max_tokens) < 0:
+            raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups, max-staleness and "
+                              "the per-step max-tokens >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
 
     def curriculum(self) -> CurriculumConfig:
@@ -125,8 +132,11 @@ class CollectConfig:
         overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         return CurriculumConfig.for_domain(self.domain, self.variant, group_size=self.group_size, **overrides)
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+    def sampling(self, kind: StepKind = StepKind.BASE) -> SamplingParams:
+        """Sampling for a step of ``kind``: iterate steps may get their own token limit."""
+        per_kind = {StepKind.IMPROVE: self.improve_max_tokens, StepKind.DEBUG: self.improve_max_tokens,
+                    StepKind.DIVERGE: self.diverge_max_tokens}.get(kind, 0)
+        return SamplingParams(max_tokens=per_kind or self.max_tokens, temperature=self.temperature, top_p=self.top_p)
 
     def task_spec(self) -> TaskSpec:
         levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
@@ -195,7 +205,7 @@ async def _one_group(run: _Run, group_id: str) -> None:
     async def on(server: Pinned) -> RolledGroup:
         servers.append(server.base_url)
         return await run.domain.roll_out(start, server, run.evaluator, group_size=run.cfg.group_size,
-                                         params=run.cfg.sampling(), settings=run.cfg.settings())
+                                         params=run.cfg.sampling(start.step_kind), settings=run.cfg.settings())
 
     rolled = await run.policy.run_pinned(on)
     run.shortened += rolled.start != start

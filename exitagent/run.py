@@ -70,7 +70,10 @@ class RunConfig:
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
-    max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
+    max_tokens: int = field(default=64, metadata={"help": "new tokens per response (first attempts, improve steps)"})
+    diverge_max_tokens: int = field(default=192, metadata={
+        "help": "new tokens of a divergence step: its format (summary, new approach, new answer) does not fit "
+                "--max-tokens, and a cut answer loses its \\boxed{} (0: --max-tokens)"})
     diversity_norm: str = field(default="range", metadata={
         "choices": NORMS, "help": "full ExIt's diversity multiplier: range (Eq. 6, the paper) or mean (diversity.py)"})
     # Deviations from the paper's math row (curriculum/paper.py), so the buffer fills within minutes:
@@ -234,6 +237,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
                          *_base_urls(servers), "--variant", cfg.variant.value, "--levels", cfg.levels,
                          "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
+                         "--diverge-max-tokens", str(cfg.diverge_max_tokens),
                          "--temperature", str(cfg.temperature), "--concurrency", "4",
                          "--min-buffer", str(cfg.min_buffer),
                          # two batches ahead of the trainer at most (all collectors together: the
