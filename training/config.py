@@ -40,7 +40,9 @@ class UpdateConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature collect used (same value)"})
     aggregation: str = field(default="token", metadata={"help": "loss averaging: token or sequence"})
     drop_truncated: bool = field(default=False, metadata={"help": "leave truncated responses out of the loss"})
-    drop_unparseable: bool = field(default=False, metadata={"help": "leave unparseable responses out"})
+    drop_unparseable: bool = field(default=False, metadata={"help": (
+        "leave responses with no valid answer or action out of the loss (tool use: the paper's overlong "
+        "filtering; the evaluator's 'unparseable' component)")})
     max_staleness: int = field(default=4, metadata={"help": "drop groups more than this many versions old"})
     publish_every: int = field(default=1, metadata={"help": "save and publish a checkpoint every K updates"})
     keep: int = field(default=3, metadata={"help": "published checkpoints to keep"})
