@@ -16,7 +16,11 @@ State is cumulative: the model's calls of earlier requests stay in effect. Rewar
 request; ``Score.total`` is 1.0 when every request of the record passes (BFCL's entry accuracy,
 and for training, which uses the first request only, the first-request reward). Components:
 ``requests``, ``passed`` (the total return), ``first_request``, ``calls``, ``errored`` (always
-0: a failing call is a model mistake the model saw, not a crash).
+0: a failing call is a model mistake the model saw, not a crash), and ``unparseable``: 1.0 when a
+request that needed calls got no valid one (the episode ran out of tokens or turns, or wrote text
+that parses as no call). That is the "no valid action" signal of the paper's overlong filtering:
+``training.update --drop-unparseable`` leaves such rollouts out of the loss. An irrelevance
+request answered without calls is a right answer, not a missing action.
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def score_record(record: CallRecord) -> Score:
     passed = sum(v.passed for v in verdicts)
     components = {"requests": float(len(verdicts)), "passed": float(passed),
                   "first_request": float(bool(verdicts) and verdicts[0].passed),
-                  "calls": float(sum(len(c) for c in record.calls)), "errored": 0.0}
+                  "calls": float(sum(len(c) for c in record.calls)), "errored": 0.0,
+                  "unparseable": float(any(v.reason == "no_call" for v in verdicts))}
     detail = " ".join(f"{i}:{'ok' if v.passed else v.reason}" for i, v in enumerate(verdicts))
     return Score(float(bool(verdicts) and passed == len(verdicts)), components, detail)
 

@@ -51,7 +51,7 @@ from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
-from exitagent.diversity import Embedder, MiniLMEmbedder
+from exitagent.diversity import NORMS, Embedder, MiniLMEmbedder
 from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, curriculum_preset, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
@@ -60,7 +60,7 @@ from exitagent.policy import Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.types import StopReason, Task, Variant
+from exitagent.types import StepKind, StopReason, Task, Variant
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +87,11 @@ class CollectConfig(TrackFlags):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_tokens: int = field(default=1024, metadata={"help": "completion tokens per response"})
+    improve_max_tokens: int = field(default=0, metadata={
+        "help": "completion tokens of improve and debug steps (0: --max-tokens)"})
+    diverge_max_tokens: int = field(default=0, metadata={
+        "help": "completion tokens of divergence steps, whose format (summary, new approach, new answer) is "
+                "longer than a plain answer (0: --max-tokens)"})
     max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
     max_staleness: int = field(default=2, metadata={"help": "pause while unconsumed groups are older than this"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw and the curriculum"})
@@ -98,6 +103,9 @@ class CollectConfig(TrackFlags):
     p_buffer: float | None = field(default=None, metadata={"help": "p: chance to start from the buffer"})
     p_diverge: float | None = field(default=None, metadata={"help": "p_div: chance of a divergence step"})
     kappa: float | None = field(default=None, metadata={"help": "softmax temperature over buffer scores"})
+    diversity_norm: str = field(default="range", metadata={"choices": NORMS, "help": (
+        "full ExIt's diversity multiplier: distance to the centroid over the group's range (Eq. 6, the paper) "
+        "or over its mean (multipliers average 1 in every group; exitagent/diversity.py)")})
     eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
     eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
     sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
@@ -114,8 +122,10 @@ class CollectConfig(TrackFlags):
     def __post_init__(self) -> None:
         get_domain(self.domain)
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
-        if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0:
-            raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups and max-staleness >= 0")
+        if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0 \
+                or min(self.improve_max_tokens, self.diverge_max_tokens) < 0:
+            raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups, max-staleness and "
+                              "the per-step max-tokens >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
         self.check_tracking()
 
@@ -125,8 +135,11 @@ class CollectConfig(TrackFlags):
         preset = curriculum_preset(get_domain(self.domain))  # a user environment names the one it uses
         return CurriculumConfig.for_domain(preset, self.variant, group_size=self.group_size, **overrides)
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+    def sampling(self, kind: StepKind = StepKind.BASE) -> SamplingParams:
+        """Sampling for a step of ``kind``: iterate steps may get their own token limit."""
+        per_kind = {StepKind.IMPROVE: self.improve_max_tokens, StepKind.DEBUG: self.improve_max_tokens,
+                    StepKind.DIVERGE: self.diverge_max_tokens}.get(kind, 0)
+        return SamplingParams(max_tokens=per_kind or self.max_tokens, temperature=self.temperature, top_p=self.top_p)
 
     def task_spec(self) -> TaskSpec:
         levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
@@ -195,13 +208,14 @@ async def _one_group(run: _Run, group_id: str) -> None:
     async def on(server: Pinned) -> RolledGroup:
         servers.append(server.base_url)
         return await run.domain.roll_out(start, server, run.evaluator, group_size=run.cfg.group_size,
-                                         params=run.cfg.sampling(), settings=run.cfg.settings())
+                                         params=run.cfg.sampling(start.step_kind), settings=run.cfg.settings())
 
     rolled = await run.policy.run_pinned(on)
     run.shortened += rolled.start != start
     start, result = rolled.start, rolled.result
     if run.embedder is not None:
-        result = replace(result, rollouts=tuple(await with_diversity(run.embedder, result.rollouts, run.embed_lock)))
+        bonus = await with_diversity(run.embedder, result.rollouts, run.embed_lock, run.cfg.diversity_norm)
+        result = replace(result, rollouts=tuple(bonus))
     run.gate.observe(result.newest.step)
     group = run.curriculum.group(start, group_id, result.version, result.rollouts)
     update = run.curriculum.record(run.store, start, group, rolled.histories)
@@ -234,7 +248,8 @@ def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, 
         buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-        truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3), seconds=round(seconds, 3),
+        rollouts=len(result.rollouts), truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3),
+        seconds=round(seconds, 3),
         # several servers: which one answered, how far apart the servers' versions are, and how far
         # apart the oldest and newest sample of this group are (a reload landed mid-group)
         server=servers[-1], server_attempts=len(servers), version_skew=run.policy.router.skew(),

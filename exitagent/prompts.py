@@ -1,8 +1,10 @@
 """Prompt texts of the self-iteration steps (exit-spec.md section 3), math and tool use.
 
-A step's prompt is the request as the first user message, the earlier turns' final messages as
-ordinary history, then (for improve and divergence steps) one user message carrying the iteration
-instruction, the request and the latest iterate of the turn being revised. No correctness feedback
+A first attempt (or a replay) is the request as the first user message, then the earlier turns'
+final messages as ordinary history. An improve or divergence step of a single-turn task (no earlier
+turns) is the paper's template alone, one user message: the iteration instruction, the request and
+the latest iterate, so the request appears once. When earlier turns exist (tool use past its first
+action), they stay as history after the request and the template follows them. No correctness feedback
 appears anywhere: the model must judge its own response. MLE has its own template (later).
 """
 
@@ -65,4 +67,6 @@ def step_messages(
     history = (Message("user", request), *prefix)
     if kind in (StepKind.BASE, StepKind.REPLAY):
         return history
-    return (*history, Message("user", iteration_prompt(kind, request, iterate)))
+    iteration = Message("user", iteration_prompt(kind, request, iterate))
+    # Single-turn: the template already carries the request; a copy before it was the same text twice.
+    return (iteration,) if not prefix else (*history, iteration)

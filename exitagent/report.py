@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from exitagent.budget import describe, spent
 from exitagent.curriculum import view as curriculum_view
 from exitagent.curriculum.store_url import open_run_store
 from exitagent.log import read_metrics
@@ -115,6 +116,7 @@ Held-out arithmetic, avg@{base.get("config", {}).get("samples", "n")}; accuracy 
 
 Machine: {machine or "not recorded"}.
 Time: {_timing(run_dir, base, trained, wall_s)}.
+Budget: {describe(spent(run_dir))}.
 
 ## Training
 

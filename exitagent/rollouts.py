@@ -101,13 +101,14 @@ async def score_rollout(evaluator: Evaluator, task: Task, episode: Episode, resp
     return Rollout(episode, score, score.total)
 
 
-async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: anyio.Lock) -> list[Rollout]:
+async def with_diversity(embedder: Embedder, rollouts: Sequence[Rollout], lock: anyio.Lock,
+                         norm: str = "range") -> list[Rollout]:
     """Diversity multipliers over the group's scored responses (failed ones keep 1.0: they are
     not trained on, so they must not move the centroid the others are measured from)."""
     scored = [i for i, r in enumerate(rollouts) if r.reward is not None]
     texts = [rollouts[i].episode.final_text for i in scored]
     async with lock:  # one embedding at a time: the model is CPU-bound and loads on first use
-        values = await anyio.to_thread.run_sync(diversity_multipliers, embedder, texts)
+        values = await anyio.to_thread.run_sync(diversity_multipliers, embedder, texts, norm)
     out = list(rollouts)
     for i, value in zip(scored, values, strict=True):
         out[i] = replace(out[i], diversity=value)

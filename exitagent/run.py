@@ -37,7 +37,10 @@ import httpx
 
 from exitagent import config
 from exitagent import log as logging_setup
+from exitagent.budget import describe, spent, trained_seconds
 from exitagent.curriculum import store_url
+from exitagent.curriculum.paper import paper_values
+from exitagent.diversity import NORMS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, child_exit_code, fail
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
@@ -60,13 +63,26 @@ class RunConfig:
     variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
     domain: str = field(default="math", metadata={
         "help": "task domain: math, or your own as package.module:NAME (docs/environments.md)"})
-    train_minutes: float = field(default=18.0, metadata={"help": "wall-clock budget of collect + update"})
+    train_minutes: float = field(default=18.0, metadata={
+        "help": "wall-clock budget of collect + update (with --train-updates: a cap)"})
+    train_updates: int = field(default=0, metadata={
+        "help": "budget in trainer updates, the same for every variant (0: wall clock only)"})
     seed: int = field(default=0, metadata={"help": "seed of tasks, curriculum and trainer"})
     levels: str = field(default="add1,add2,sub1,sub2,mul1,word", metadata={"help": "arithmetic levels"})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
-    max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
+    max_tokens: int = field(default=64, metadata={"help": "new tokens per response (first attempts, improve steps)"})
+    diverge_max_tokens: int = field(default=192, metadata={
+        "help": "new tokens of a divergence step: its format (summary, new approach, new answer) does not fit "
+                "--max-tokens, and a cut answer loses its \\boxed{} (0: --max-tokens)"})
+    diversity_norm: str = field(default="range", metadata={
+        "choices": NORMS, "help": "full ExIt's diversity multiplier: range (Eq. 6, the paper) or mean (diversity.py)"})
+    # Deviations from the paper's math row (curriculum/paper.py), so the buffer fills within minutes:
+    capacity: int = field(default=256, metadata={
+        "help": f"buffer capacity N (paper, math: {paper_values('math').capacity})"})
+    min_buffer: int = field(default=16, metadata={
+        "help": f"B_min, the buffer is sampled once this full (paper, math: {paper_values('math').min_buffer})"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature of training rollouts"})
     eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
@@ -197,11 +213,6 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> d
 # same command continues the budget instead of starting it again.
 
 
-def trained_seconds(run_dir: Path) -> float:
-    path = RunDir(run_dir).train_clock
-    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
-
-
 def _record_training(run_dir: Path, seconds: float) -> None:
     tmp = run_dir / f".{TRAIN_CLOCK}.tmp"
     tmp.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
@@ -229,11 +240,14 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                          *_base_urls(servers), "--domain", cfg.domain, "--variant", cfg.variant.value,
                          "--levels", cfg.levels,
                          "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
-                         "--temperature", str(cfg.temperature), "--concurrency", "4", "--min-buffer", "16",
+                         "--diverge-max-tokens", str(cfg.diverge_max_tokens),
+                         "--temperature", str(cfg.temperature), "--concurrency", "4",
+                         "--min-buffer", str(cfg.min_buffer),
                          # two batches ahead of the trainer at most (all collectors together: the
                          # staleness gate counts the store's unconsumed groups): the CPU is shared with it
                          "--max-unconsumed", str(2 * cfg.groups_per_step),
-                         "--capacity", "256", "--seed", str(cfg.seed), "--collector-index", str(i),
+                         "--capacity", str(cfg.capacity), "--diversity-norm", cfg.diversity_norm,
+                         "--seed", str(cfg.seed), "--collector-index", str(i),
                          "--no-progress")
                   for i in range(cfg.collectors)]
     update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
@@ -241,12 +255,16 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                     "--temperature", str(cfg.temperature), "--precision", cfg.precision,
                     # no activation checkpointing: a 135M model fits, and without it each group's
                     # prompt runs once for its G responses (training/loss.py, prefix sharing)
-                    "--no-activation-checkpointing", "--quiet", "--log-json")
+                    "--no-activation-checkpointing", "--quiet", "--log-json",
+                    *(("--steps", str(cfg.train_updates)) if cfg.train_updates else ()))
     started, next_report = time.monotonic(), 15.0
     try:
         while not stop_requested[0] and (elapsed := time.monotonic() - started) < budget:
+            if cfg.train_updates and update.poll() == 0:
+                break  # the trainer made its --steps updates: the budget is spent, not the minutes
             for process, name in zip((*collectors, update), (*names, "update"), strict=True):
-                if process.poll() is not None:
+                code = process.poll()
+                if code is not None and not (process is update and cfg.train_updates and code == 0):
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
             if elapsed >= next_report:
                 next_report += 15.0
@@ -268,6 +286,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
         for process in collectors:
             _wait_or_kill(process, grace_s=60)
         _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
+        print(f"[run] spent: {describe(spent(cfg.run_dir))}", flush=True)
 
 
 def progress(run_dir: Path, servers: list[launch.ServeProcess]) -> str:

@@ -1,8 +1,12 @@
 """The paper's five variants side by side: same budget, same seeds, one Table-1-style comparison.
 
-    python -m exitagent.variants --out-dir runs/variants --seeds 0,1 --train-minutes 10
+    python -m exitagent.variants --out-dir runs/variants --seeds 0,1,2 --updates 40 [--max-minutes 60]
 
-Each (variant, seed) is one ``exitagent.run`` in ``OUT/<variant>-s<seed>`` (its own server,
+The budget is trainer updates, the same for every variant and seed (exit-spec.md section 6: only
+the prompts differ, so the comparison is compute-equivalent); ``--max-minutes`` only caps a run's
+wall clock. A run the cap stopped short has fewer updates, and the table says so rather than
+compare it. The table states each variant's updates, groups trained, tokens generated and minutes
+(``exitagent.budget``). Each (variant, seed) is one ``exitagent.run`` in ``OUT/<variant>-s<seed>`` (its own server,
 store, trainer and report), so a finished pair is skipped when the command is run again. The base
 policy is evaluated once per seed: later variants of that seed reuse the first one's measurement
 (its ``measured`` key must be this run's), about two minutes saved per run. The
@@ -31,6 +35,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from exitagent import config
+from exitagent.budget import BUDGET_KEYS, spent
 from exitagent.errors import ExitCode, child_exit_code
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
@@ -43,12 +48,17 @@ LABELS = {Variant.GRPO: "GRPO", Variant.CURRICULUM: "+ curriculum", Variant.IMPR
           Variant.DIVERGE: "+ diverge", Variant.EXIT: "full ExIt"}
 
 
+def run_args(run_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> list[str]:
+    """``exitagent.run``'s flags for one (variant, seed): only the variant and the run dir differ."""
+    return ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
+
+
 def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> Path:
     run_dir = out_dir / f"{variant.value}-s{seed}"
     if RunDir(run_dir).evaluation("trained").exists():
         return run_dir
     print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
-    args = ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
+    args = run_args(run_dir, variant, seed, passthrough)
     reuse_base_evaluation(out_dir, parse_config(args))
     subprocess.run([sys.executable, "-m", "exitagent.run", *args], check=True, stdin=subprocess.DEVNULL)
     return run_dir
@@ -89,9 +99,17 @@ def summarise(runs: dict[Variant, list[Path]]) -> dict[str, Any]:
         for directory in directories:
             seed = directory.name.rsplit("-s", 1)[1]
             bases.setdefault(seed, json.loads(RunDir(directory).evaluation("base").read_text()))
-        table["variants"][variant.value] = _row(results)
+        table["variants"][variant.value] = {**_row(results), **_budget([spent(d) for d in directories])}
     table["base"] = _row(list(bases.values()))
+    updates = {v: row["updates_by_seed"] for v, row in table["variants"].items()}
+    table["equal_updates"] = len({tuple(u) for u in updates.values()}) <= 1
     return table
+
+
+def _budget(spent_by_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds of what each run spent, and the update count of every seed (to compare)."""
+    return {"updates_by_seed": [b["updates"] for b in spent_by_seed],
+            "budget": {key: statistics.fmean(b[key] for b in spent_by_seed) for key in BUDGET_KEYS}}
 
 
 def _row(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,19 +122,24 @@ def _row(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
     k = len(table["base"]["curve"]) - 1
-    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) |", "|---|---|---|---|"]
+    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) | updates | groups trained | "
+             "tokens generated | training minutes |", "|---|---|---|---|---|---|---|---|"]
 
     def line(name: str, row: dict[str, Any]) -> str:
         (acc, acc_sd), (delta, delta_sd) = row["accuracy_after_k"], row["delta_k"]
+        spent = row.get("budget")
+        cost = (f"{spent['updates']:.0f} | {spent['groups_trained']:.0f} | {spent['tokens_generated']:.0f} | "
+                f"{spent['minutes']:.1f}") if spent else "- | - | - | -"
         return (f"| {name} | {row['seeds']} | {100 * acc:.1f} ± {100 * acc_sd:.1f} | "
-                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} |")
+                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} | {cost} |")
 
     lines.append(line("base model", table["base"]))
     for variant in ORDER:
         if variant.value in table["variants"]:
             lines.append(line(LABELS[variant], table["variants"][variant.value]))
     text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
-        "\n\nMean ± population standard deviation over seeds.\n\n![curves](curves.png)\n"
+        "\n\nMean ± population standard deviation over seeds; updates, groups, tokens and minutes: mean over " \
+        "seeds.\n\n" + _equal_note(table) + "![curves](curves.png)\n"
     (out_dir / "table.md").write_text(text)
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -135,13 +158,25 @@ def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
     return out_dir / "table.md"
 
 
+def _equal_note(table: dict[str, Any]) -> str:
+    if table.get("equal_updates", True):
+        return "Every variant made the same number of trainer updates at every seed.\n\n"
+    counts = "; ".join(f"{LABELS[Variant(v)]}: {row['updates_by_seed']}" for v, row in table["variants"].items())
+    return (f"**Unequal budgets: the variants made different numbers of updates ({counts}); the wall-clock cap "
+            "stopped some early. Do not compare these rows as compute-equivalent.**\n\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exitagent.variants", description=__doc__.split("\n\n")[0],
                                      epilog="Other flags are passed to every `python -m exitagent.run`.")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
+    parser.add_argument("--updates", type=int, default=40, help="trainer updates per run, every variant alike")
+    parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of a run's training")
     args, passthrough = config.parse_known_args(parser, argv, "variants")  # --config goes on to run
+    # ours first: a --train-updates or --train-minutes the user passes on to run comes later and wins
+    passthrough = ["--train-updates", str(args.updates), "--train-minutes", str(args.max_minutes), *passthrough]
     try:
         variants = [Variant(v) for v in args.variants.split(",") if v]
         seeds = [int(s) for s in args.seeds.split(",") if s]

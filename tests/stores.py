@@ -67,3 +67,18 @@ def make_store(run_dir: Path, model: Any, tokenizer: Any, n_groups: int, *, grou
             store.record_group(group, lambda buffer: None)
             ids.append(group.id)
     return ids
+
+
+def tiny_run(run_dir: Path, tokenizer_dir: Path, n_groups: int, *, group_size: int = 2) -> Path:
+    """A tiny random Llama with ``tokenizer_dir``'s tokenizer in ``RUN/tiny``, and ``n_groups``
+    groups whose behaviour log-probabilities are its own. Returns the model's directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    tiny.save_pretrained(run_dir / "tiny")
+    tokenizer.save_pretrained(run_dir / "tiny")
+    make_store(run_dir, tiny, tokenizer, n_groups, group_size=group_size)
+    return run_dir / "tiny"

@@ -34,7 +34,7 @@ def default_logging() -> Iterator[None]:
 
 
 def follow(messages: Sequence[Message]) -> str:
-    match = CURRENT.search(messages[-1].content.removesuffix(f"\n\n{DIVERGE_STEPS}")) if len(messages) > 1 else None
+    match = CURRENT.search(messages[-1].content.removesuffix(f"\n\n{DIVERGE_STEPS}"))  # None: a first attempt
     return CHAIN[match.group(1) if match else None]
 
 

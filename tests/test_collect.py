@@ -7,6 +7,7 @@ a server that dies mid-run, reruns on the same run dir, and the command line's b
 from __future__ import annotations
 
 import functools
+import re
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from exitagent.types import Message, PolicyVersion, Sample, StepKind, Task, Vari
 pytestmark = pytest.mark.anyio
 
 G = 4
+REQUEST = re.compile(r"## Request:\n(.*?)\n\n## Current response:", re.DOTALL)
 TASKS = [Task(f"t{i}", "math", f"What is {i} + {i}?", answer=str(2 * i)) for i in range(5)]
 
 
@@ -45,7 +47,8 @@ def answers(fail_every: int = 0) -> Any:
         n = next(counter)
         if fail_every and n % fail_every == fail_every - 1:
             return "boom"
-        task = by_prompt[messages[0].content]
+        asked = REQUEST.search(messages[0].content)  # an iteration step: the request is inside its template
+        task = by_prompt[asked.group(1) if asked else messages[0].content]
         return str(task.answer) if n % 2 == 0 else f"wrong {n}"
 
     return script

@@ -59,3 +59,26 @@ def test_packaged_minilm_embeds_similar_sentences_closer() -> None:
     assert math.dist(cat, kitten) < math.dist(cat, finance) - 0.2
     [alone] = embedder.embed(["A kitten naps on the couch."])
     assert alone == pytest.approx(kitten, abs=1e-5)
+
+
+def test_mean_normalisation_keeps_the_scale_of_every_group_at_one() -> None:
+    # Eq. 6 (range) scales a group by how many answers coincide; "mean" averages 1 whatever the group.
+    copies = [[0.0], [0.0], [0.0], [0.0], [0.0], [0.0], [0.0], [1.0]]  # a copy-heavy improve group
+    spread = [[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [7.0]]  # a varied base group
+    range_means = [sum(multipliers(g)) / len(g) for g in (copies, spread)]
+    assert range_means[1] / range_means[0] > 2.0  # the literal form: the varied group weighs >2x more
+    for group in (copies, spread):
+        mean = multipliers(group, "mean")
+        assert sum(mean) / len(mean) == pytest.approx(1.0)
+        # the order of the responses (who stands out) is the same under both forms
+        assert sorted(range(8), key=mean.__getitem__) == sorted(range(8), key=multipliers(group).__getitem__)
+    assert multipliers([[0.0], [1.0], [3.0]], "mean") == pytest.approx([4 / 3 / (10 / 9), 1 / 3 / (10 / 9),
+                                                                         5 / 3 / (10 / 9)])
+    assert multipliers([[0.3, 0.4]] * 4, "mean") == [1.0] * 4  # identical responses: no bonus either way
+
+
+def test_an_unknown_normalisation_is_one_clear_error() -> None:
+    from exitagent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="range, mean"):
+        multipliers([[0.0], [1.0]], "median")

@@ -60,10 +60,9 @@ def chains(trajectories: dict[str, list[list[Any]]]) -> Any:
     successor = {text(*a): text(*b) for runs in trajectories.values() for run in runs for a, b in pairwise(run)}
 
     def script(messages: Sequence[Message]) -> str:
-        if len(messages) == 1:
+        match = CURRENT.search(messages[-1].content)  # None: a first attempt, the plain request
+        if match is None:
             return firsts[messages[0].content].pop(0)
-        match = CURRENT.search(messages[-1].content)
-        assert match, messages[-1].content
         return successor[match.group(1)]
 
     return script
@@ -91,13 +90,15 @@ async def test_metrics_are_exact_on_known_trajectories() -> None:
 async def test_steps_see_only_the_request_and_the_latest_iterate() -> None:
     policy = ScriptedPolicy(chains(TRAJECTORIES))
     await run(policy, [P, Q], concurrency=1)
-    firsts = [call for call in policy.calls if len(call) == 1]
-    improves = [call for call in policy.calls if len(call) > 1]
+    firsts = [call for call in policy.calls if not CURRENT.search(call[-1].content)]
+    improves = [call for call in policy.calls if CURRENT.search(call[-1].content)]
     assert sorted(c[0].content for c in firsts) == [P.prompt, Q.prompt]  # one n=2 request per task
     assert len(improves) == 2 * 2 * 2  # tasks x samples x K, one request each
     for call in improves:
-        request, current = call[0].content, CURRENT.search(call[-1].content).group(1)  # type: ignore[union-attr]
+        request = next(t.prompt for t in (P, Q) if f"## Request:\n{t.prompt}\n" in call[-1].content)
+        current = CURRENT.search(call[-1].content).group(1)  # type: ignore[union-attr]
         assert tuple(call) == step_messages(StepKind.IMPROVE, request, (), current)  # the training prompt
+        assert sum(m.content.count(request) for m in call) == 1  # the paper's template alone
         assert call[-1].content.startswith(IMPROVE_INSTRUCTION)
         tag = current.split(":")[0]
         assert all(f"{tag[:2]}-{k}" not in call[-1].content for k in range(int(tag[-1])))  # no older iterate
@@ -159,7 +160,7 @@ async def test_a_server_that_ignores_n_is_asked_again() -> None:
     policy = OneAtATime(chains(TRAJECTORIES))
     result = await run(policy, [P, Q])
     assert result.accuracy_by_step == (0.5, 0.25, 0.75)
-    assert sum(len(call) == 1 for call in policy.calls) == 4  # two requests per task for y^0
+    assert sum(not CURRENT.search(call[-1].content) for call in policy.calls) == 4  # two requests per task for y^0
 
 
 def test_summarize_with_no_scored_iterate_has_no_accuracy() -> None:

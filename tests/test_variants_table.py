@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from exitagent.log import MetricsFile
 from exitagent.run import BASE_POLICY, evaluation_key, parse_config, resolve_precision
+from exitagent.run_dir import RunDir
 from exitagent.types import Variant
-from exitagent.variants import reuse_base_evaluation, summarise, write_table
+from exitagent.variants import ORDER, reuse_base_evaluation, run_args, summarise, write_table
 
 
 def fake_run(root: Path, variant: Variant, seed: int, base: list[float], trained: list[float],
@@ -40,7 +42,7 @@ def test_mean_and_spread_over_seeds_and_one_base_per_seed(tmp_path: Path) -> Non
     assert grpo["delta_k"] == pytest.approx((-0.05, 0.05))
     assert exit_["delta_k"] == pytest.approx((0.2, 0.0))
     text = write_table(tmp_path, table).read_text()
-    assert "| full ExIt | 2 | 65.0 ± 5.0 | +20.0 ± 0.0 |" in text
+    assert "| full ExIt | 2 | 65.0 ± 5.0 | +20.0 ± 0.0 | 0 | 0 | 0 | 0.0 |" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -72,3 +74,52 @@ def test_an_evaluation_without_its_key_is_not_reused(tmp_path: Path) -> None:
     (old / "eval" / "base.json").write_text(json.dumps(saved))
     cfg = parse_config(["--run-dir", str(tmp_path / "exit-s0"), "--variant", "exit", "--seed", "0"])
     assert reuse_base_evaluation(tmp_path, cfg) is None
+
+
+def spend(directory: Path, updates: int, *, groups_per_update: int = 8, tokens_per_group: int = 100,
+          minutes: float = 10.0, truncated: int = 1) -> None:
+    """The metrics a run's collect and update leave: ``updates`` updates over full batches."""
+    collect, update = (MetricsFile(RunDir(directory).metrics_file(name)) for name in ("collect-host-1", "update"))
+    for i in range(updates * groups_per_update):
+        collect.write("group", group_id=f"g{i}", step_kind="improve" if i % 2 else "base",
+                      completion_tokens=tokens_per_group, rollouts=8, truncated=truncated if i % 2 else 0)
+    for step in range(1, updates + 1):
+        update.write("update", step=step, groups=float(groups_per_update))
+    update.write("no_signal", step=updates, groups=float(groups_per_update))
+    collect.close()
+    update.close()
+    RunDir(directory).train_clock.write_text(json.dumps({"seconds": 60 * minutes}))
+
+
+def test_every_variant_gets_the_same_seed_and_update_budget() -> None:
+    """What variants hands each run differs only in the variant and the run dir."""
+    passthrough = ["--train-updates", "40", "--train-minutes", "60", "--lr", "1e-5"]
+    configs = [parse_config(run_args(Path(f"out/{v.value}-s3"), v, 3, passthrough)) for v in ORDER]
+    assert {(c.seed, c.train_updates, c.train_minutes, c.lr) for c in configs} == {(3, 40, 60.0, 1e-5)}
+    assert [c.variant for c in configs] == ORDER
+
+
+def test_the_table_states_each_variants_budget_and_flags_unequal_updates(tmp_path: Path) -> None:
+    grpo = fake_run(tmp_path, Variant.GRPO, 0, [0.3, 0.2], [0.4, 0.4])
+    exit_ = fake_run(tmp_path, Variant.EXIT, 0, [0.3, 0.2], [0.4, 0.6])
+    spend(grpo, 5, minutes=10.0)
+    spend(exit_, 5, tokens_per_group=150, minutes=14.0)
+    table = summarise({Variant.GRPO: [grpo], Variant.EXIT: [exit_]})
+    assert table["equal_updates"]
+    # 5 updates + one batch with no signal, 8 groups each; 40 groups collected
+    assert table["variants"]["exit"]["budget"] == {"updates": 5, "groups_collected": 40, "groups_trained": 48,
+                                                   "tokens_generated": 6000, "minutes": 14.0}
+    text = write_table(tmp_path, table).read_text()
+    assert "| GRPO | 1 | 40.0 ± 0.0 | +0.0 ± 0.0 | 5 | 48 | 4000 | 10.0 |" in text
+    assert "the same number of trainer updates" in text and "Unequal" not in text
+    spend(exit_, 2)  # the wall-clock cap stopped a run early: its metrics now hold 7 updates
+    table = summarise({Variant.GRPO: [grpo], Variant.EXIT: [exit_]})
+    assert not table["equal_updates"]
+    assert "Unequal budgets" in write_table(tmp_path, table).read_text()
+
+
+def test_truncation_is_reported_per_step_kind(tmp_path: Path) -> None:
+    from exitagent.budget import spent
+
+    spend(tmp_path, 2, truncated=4)  # 8 improve groups of 8 responses, 4 cut each; base groups never cut
+    assert spent(tmp_path)["truncation_by_step_kind"] == {"base": 0.0, "improve": 0.5}

@@ -27,6 +27,9 @@ class UpdateConfig(TrackFlags):
     partial_batches: bool = field(default=False, metadata={"help": "train on fewer groups when no more are ready"})
     lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper 1e-6; 135M model: ~1e-5)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=1, metadata={"help": (
+        "optimizer steps per batch, each against the first epoch's log-probabilities as PPO's old policy "
+        "(paper: 2 in tool use, curriculum/paper.py); single-process only")})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
     is_cap: float = field(default=2.0, metadata={"help": "truncated importance weight cap C"})
@@ -38,7 +41,9 @@ class UpdateConfig(TrackFlags):
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature collect used (same value)"})
     aggregation: str = field(default="token", metadata={"help": "loss averaging: token or sequence"})
     drop_truncated: bool = field(default=False, metadata={"help": "leave truncated responses out of the loss"})
-    drop_unparseable: bool = field(default=False, metadata={"help": "leave unparseable responses out"})
+    drop_unparseable: bool = field(default=False, metadata={"help": (
+        "leave responses with no valid answer or action out of the loss (tool use: the paper's overlong "
+        "filtering; the evaluator's 'unparseable' component)")})
     max_staleness: int = field(default=4, metadata={"help": "drop groups more than this many versions old"})
     publish_every: int = field(default=1, metadata={"help": "save and publish a checkpoint every K updates"})
     keep: int = field(default=3, metadata={"help": "published checkpoints to keep"})
@@ -84,8 +89,8 @@ class UpdateConfig(TrackFlags):
     log_json: bool = field(default=False, metadata={"help": "log JSON lines"})
 
     def __post_init__(self) -> None:
-        if self.groups_per_step < 1 or self.publish_every < 1 or self.keep < 1:
-            raise ValueError("groups_per_step, publish_every and keep must be positive")
+        if self.groups_per_step < 1 or self.publish_every < 1 or self.keep < 1 or self.epochs < 1:
+            raise ValueError("groups_per_step, publish_every, keep and epochs must be positive")
         if self.aggregation not in ("token", "sequence"):
             raise ValueError(f"aggregation must be token or sequence, not {self.aggregation!r}")
         if self.lora_rank < 0 or (self.lora_rank and (self.lora_alpha < 1 or not self.lora_targets.strip())):

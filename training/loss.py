@@ -297,6 +297,7 @@ class _Stats:
             # As TRL: a token counts as clipped only where the clip removes its gradient.
             "clip_low_frac": self.mean((self.ratio < low) & (self.adv_BT < 0)),
             "clip_high_frac": self.mean((self.ratio > high) & (self.adv_BT > 0)),
+            "ratio_deviation_mean": self.mean((self.ratio - 1).abs()),  # 0 unless pi_old is an earlier epoch's
             "is_weight_mean": self.mean(self.raw_weight.clamp(max=c.is_cap)),
             "is_weight_max": float(weights.max()) if weights.numel() else 0.0,
             "is_truncated_frac": self.mean(self.raw_weight > c.is_cap),
@@ -373,6 +374,17 @@ def micro_batch_loss(
     return grpo_loss(logprobs_BT, batch.behaviour_logprobs_BT.to(device), batch.advantages_B.to(device),
                      mask_BT, config, old_logprobs_BT=None if old_logprobs_BT is None else old_logprobs_BT.to(device),
                      ref_logprobs_BT=ref_BT, entropy_BT=entropy_BT, normaliser=normaliser)
+
+
+@torch.no_grad()
+def old_logprobs(model: Any, batch: MicroBatch, config: LossConfig, *, chunk: int = 256) -> torch.Tensor:
+    """pi_old on ``batch``: the log-probabilities before the first epoch, kept for every epoch."""
+    device = next(model.parameters()).device
+    tokens_BT, attention_BT = batch.tokens_BT.to(device), batch.attention_BT.to(device)
+    mask_BT = effective_mask(batch, config).to(device)
+    logprobs_BT, _ = _logprobs_of(model)(tokens_BT, attention_BT, score_BT=mask_BT > 0, chunk=chunk,
+                                         temperature=config.temperature, prefix_len=batch.prefix_len)
+    return logprobs_BT.detach()
 
 
 # --- the reference policy ------------------------------------------------------------------------

@@ -189,9 +189,9 @@ class ShardedTrainer(Trainer):
         self._apply(result, grad_norm)
         return result, grad_norm, tokens
 
-    def _apply(self, result: dict[str, float], grad_norm: float) -> None:
+    def _apply(self, result: dict[str, float], grad_norm: float, advance: bool = True) -> None:
         self._reshard()
-        super()._apply(result, grad_norm)
+        super()._apply(result, grad_norm, advance)
 
     def _reshard(self) -> None:
         """Back to shards only. FSDP leaves a root unit gathered after a forward without backward

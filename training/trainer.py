@@ -26,7 +26,14 @@ from training import lora, memory
 from training import state as trainer_state
 from training.config import UpdateConfig
 from training.data import MicroBatch, TrainItem, make_micro_batches
-from training.loss import LossConfig, loss_normaliser, micro_batch_loss, reference_due, refresh_reference
+from training.loss import (
+    LossConfig,
+    loss_normaliser,
+    micro_batch_loss,
+    old_logprobs,
+    reference_due,
+    refresh_reference,
+)
 from training.publish import compute_canary, publish_from
 
 log = structlog.get_logger(__name__)
@@ -162,32 +169,42 @@ class Trainer:
         if not batches:
             return None
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         normaliser = loss_normaliser(batches, self.loss_cfg)
-        totals: dict[str, float] = {}
-        tokens = 0
-        for batch in batches:
-            tokens += self._backward(batch, normaliser, totals)
-        trained = sum(b.num_tokens for b in batches) or 1
-        result = {k: (v if k == "loss" else v / trained) for k, v in totals.items()}
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        self._apply(result, grad_norm)
+        # PPO's pi_old is the policy before this update: every epoch's ratio is taken against the first
+        # epoch's log-probabilities (one epoch: pi_theta detached, which is the same thing).
+        old: list[torch.Tensor | None] = [None] * len(batches)
+        if self.cfg.epochs > 1:
+            with self._autocast():
+                old = [old_logprobs(self.model, b, self.loss_cfg, chunk=self.cfg.logprob_chunk) for b in batches]
+        for epoch in range(self.cfg.epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}
+            tokens = 0
+            for batch, old_BT in zip(batches, old, strict=True):
+                tokens += self._backward(batch, normaliser, totals, old_logprobs_BT=old_BT)
+            trained = sum(b.num_tokens for b in batches) or 1
+            result = {k: (v if k == "loss" else v / trained) for k, v in totals.items()}
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+            self._apply(result, grad_norm, advance=epoch == self.cfg.epochs - 1)  # one update per batch
         return self._step_metrics(result, grad_norm, len(items), tokens, groups, started)
 
-    def _backward(self, batch: MicroBatch, normaliser: float, totals: dict[str, float], scale: float = 1.0) -> int:
+    def _backward(self, batch: MicroBatch, normaliser: float, totals: dict[str, float], scale: float = 1.0,
+                  old_logprobs_BT: torch.Tensor | None = None) -> int:
         """Forward and backward of one micro-batch (loss times ``scale``); adds its metrics, weighted
         by its trainable tokens, to ``totals``. Returns its real tokens."""
         with self._autocast():
             loss, metrics = micro_batch_loss(self.model, batch, self.loss_cfg, ref_model=self.reference,
-                                             normaliser=normaliser, chunk=self.cfg.logprob_chunk)
+                                             old_logprobs_BT=old_logprobs_BT, normaliser=normaliser,
+                                             chunk=self.cfg.logprob_chunk)
         (loss * scale if scale != 1.0 else loss).backward()
         weight = batch.num_tokens if scale else 0
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * (1.0 if key == "loss" and scale else weight)
         return int(batch.attention_BT.sum()) if scale else 0
 
-    def _apply(self, result: dict[str, float], grad_norm: float) -> None:
-        """The optimizer step (skipped when the loss or gradient is not finite), then the reference refresh."""
+    def _apply(self, result: dict[str, float], grad_norm: float, advance: bool = True) -> None:
+        """The optimizer step (skipped when the loss or gradient is not finite), then, with ``advance``
+        (the last epoch over a batch), the update count and the reference refresh."""
         if not (math.isfinite(result.get("loss", 0.0)) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -197,6 +214,8 @@ class Trainer:
         else:
             self.optimizer.step()
             self.bad_steps = 0
+        if not advance:
+            return
         self.step += 1
         if reference_due(self.step, self.cfg.ref_every) and self.reference is not None:
             refresh_reference(self.model, self.reference, self.cfg.ref_alpha)

@@ -45,7 +45,7 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import open_run_store, redact
-from exitagent.errors import ExitAgentError, ExitCode, fail, unwrap
+from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail, unwrap
 from exitagent.faults import crash_point
 from exitagent.log import MetricsFile
 from exitagent.run_dir import RunDir
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         logging_setup.configure(json_lines=cfg.log_json or None)
         world = distributed.from_env()
         if world is not None:  # started by torchrun
+            if cfg.epochs > 1:  # ShardedTrainer's step is one pass; its ranks would disagree on pi_old
+                raise ConfigError("--epochs > 1 is single-process only for now: run without torchrun, or --epochs 1")
             from training.sharded import main_sharded
 
             return main_sharded(cfg, world, run)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from exitagent.curriculum.paper import paper_values
 from exitagent.curriculum.store import Buffer, CurriculumStore
 from exitagent.errors import ConfigError
 from exitagent.prompts import step_messages
@@ -40,16 +41,6 @@ from exitagent.types import (
 )
 
 log = structlog.get_logger(__name__)
-
-# Paper values by domain (exit-spec.md section 6): N, B_min, p, p_div.
-DOMAIN_PRESETS: Mapping[str, Mapping[str, float]] = {
-    "math": {"capacity": 512, "min_buffer": 128, "p_buffer": 0.5, "p_diverge": 0.2},
-    "tool_use": {"capacity": 640, "min_buffer": 320, "p_buffer": 0.5, "p_diverge": 0.5},
-    "mle": {"capacity": 24, "min_buffer": 3, "p_buffer": 0.5, "p_diverge": 0.5},
-}
-# The paper's tool-use "+ curriculum" runs replay less often.
-CURRICULUM_ONLY_P_BUFFER: Mapping[str, float] = {"tool_use": 0.2}
-
 
 @dataclass(frozen=True)
 class CurriculumConfig:
@@ -83,12 +74,8 @@ class CurriculumConfig:
 
     @classmethod
     def for_domain(cls, domain: str, variant: Variant = Variant.EXIT, **overrides: object) -> CurriculumConfig:
-        """The paper's values for ``domain`` ("math", "tool_use", "mle"), then ``overrides``."""
-        if domain not in DOMAIN_PRESETS:
-            raise ConfigError(f"no curriculum preset for domain {domain!r}: pick one of {sorted(DOMAIN_PRESETS)}")
-        values: dict[str, object] = {**DOMAIN_PRESETS[domain], "variant": variant}
-        if variant is Variant.CURRICULUM and domain in CURRICULUM_ONLY_P_BUFFER:
-            values["p_buffer"] = CURRICULUM_ONLY_P_BUFFER[domain]
+        """The paper's values for ``domain`` and ``variant`` (``paper.py``), then ``overrides``."""
+        values: dict[str, object] = {**paper_values(domain, variant).curriculum(), "variant": variant}
         return cls(**{**values, **overrides})  # type: ignore[arg-type]
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from exitagent.curriculum.store import SQLiteStore
 from exitagent.errors import ConfigError
-from tests.stores import make_store
+from tests.stores import tiny_run
 from training.config import UpdateConfig
 from training.loss import token_logprobs
 from training.memory import build_optimizer, state_bytes
@@ -91,13 +91,7 @@ def test_a_bf16_reference_is_within_bf16_rounding_of_the_fp32_one(model_dir: Pat
 
 
 def test_the_trainer_runs_all_memory_options_together_and_resumes(tmp_path: Path, model_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
-    tiny.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    make_store(tmp_path, tiny, tokenizer, 4, group_size=2)
+    tiny_run(tmp_path, model_dir, 4)
     cfg = UpdateConfig(run_dir=tmp_path, model=str(tmp_path / "tiny"), groups_per_step=4, lr=1e-6, beta=0.01,
                        precision="float32", optimizer="adamw8bit", weights_dtype="bfloat16",
                        reference_dtype="bfloat16", quiet=True)
