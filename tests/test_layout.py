@@ -21,7 +21,7 @@ PACKAGES = ("exitagent", "sandboxes", "evaluators", "training")
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("exitagent.errors", "exitagent.types", "exitagent.faults", "exitagent.log", "exitagent.config",
               "exitagent.precision", "exitagent.policy", "exitagent.prompts", "exitagent.records",
-              "exitagent.run_dir")),
+              "exitagent.run_dir", "exitagent.stats")),
     ("sandboxes", ("sandboxes",)),
     ("toolbox", ("exitagent.tools",)),
     ("task worlds", ("evaluators.worlds",)),
