@@ -39,6 +39,7 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.curriculum import store_url
 from exitagent.errors import ConfigError, ExitAgentError
+from exitagent.policy import TRAINING_TEMPERATURE
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
 from exitagent.precision import choose as choose_precision
@@ -65,7 +66,8 @@ class RunConfig:
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
     max_tokens: int = field(default=64, metadata={"help": "new tokens per response"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of training rollouts"})
+    temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
+        "help": "sampling temperature of training rollouts"})
     eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})

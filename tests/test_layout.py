@@ -33,7 +33,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("serving", ("exitagent.serving",)),
     ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
                       "exitagent.variants", "exitagent.models", "exitagent.competitions", "exitagent.report",
-                      "exitagent.staleness")),
+                      "exitagent.curves", "exitagent.staleness")),
     ("training", ("training",)),
     ("embedding API", ("exitagent",)),  # the package itself: `from exitagent import SelfImprovingAgent`
 ]
