@@ -44,6 +44,11 @@ def with_interval(value: float | None, interval: dict[str, float] | None, sign: 
     return text + (f" [{100 * interval['low']:{spec}}, {100 * interval['high']:{spec}}]" if interval else "")
 
 
+def delta_with_interval(result: dict[str, Any]) -> str:
+    """Delta_K in points with its interval: ``+2.0 [-0.5, +4.4]``."""
+    return with_interval(result["delta_k"], (result.get("intervals") or {}).get("delta_k"), sign=True)
+
+
 def net_with_interval(result: dict[str, Any]) -> str:
     """Net corrections (a count) with its interval: ``+3 [-2, +8]``."""
     interval = (result.get("intervals") or {}).get("net_corrections")
@@ -74,9 +79,7 @@ def plot_evaluation(result: dict[str, Any], path: Path, title: str) -> None:
     draw_curve(ax, result, f"avg@{result['samples']}")
     if result.get("greedy"):
         draw_curve(ax, result["greedy"], "greedy", linestyle="--")
-    steps = result["steps"]
-    delta = with_interval(result["delta_k"], (result.get("intervals") or {}).get("delta_k"), sign=True)
-    ax.set_title(f"{title}\nDelta_{steps} = {delta} points, net corrections {net_with_interval(result)}",
-                 fontsize=9)
+    ax.set_title(f"{title}\nDelta_{result['steps']} = {delta_with_interval(result)} points, "
+                 f"net corrections {net_with_interval(result)}", fontsize=9)
     axes(ax)
     save(figure, path)
