@@ -7,9 +7,15 @@ store, trainer and report), so a finished pair is skipped when the command is ru
 policy is evaluated once per seed: later variants of that seed reuse the first one's measurement
 (its ``measured`` key must be this run's), about two minutes saved per run. The
 comparison goes to ``OUT/table.md`` and ``OUT/table.json``: accuracy after K self-improvement
-steps and Delta_K, mean and spread (population standard deviation) over seeds, plus the base
-policy's row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve. Each run's
-curriculum plots (sample depth, "sampled from iteration", start turn) are in its own report.
+steps and Delta_K, mean and spread (population standard deviation) over seeds, each with a 95%
+interval (``exitagent.stats``: seeds resampled, then tasks within each), plus the base policy's
+row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve and its band. Each
+run's curriculum plots (sample depth, "sampled from iteration", start turn) are in its own report.
+
+Every run evaluates with the paper's protocol (``exitagent.evaluate``'s defaults: avg@8 at the
+training temperature, K = 16, ``FULL_SIZE_TASKS`` tasks; README "What the evaluation protocol
+costs"), not with the main job's smaller evaluation; ``--eval-*`` flags given here still win, and
+``--run-size-evaluation`` keeps the main job's (minutes instead of hours on a CPU).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
-from exitagent import config
+from exitagent import config, curves, stats
+from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
@@ -42,15 +48,25 @@ LABELS = {Variant.GRPO: "GRPO", Variant.CURRICULUM: "+ curriculum", Variant.IMPR
           Variant.DIVERGE: "+ diverge", Variant.EXIT: "full ExIt"}
 
 
-def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> Path:
+def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str],
+            run_size_evaluation: bool = False) -> Path:
     run_dir = out_dir / f"{variant.value}-s{seed}"
     if RunDir(run_dir).evaluation("trained").exists():
         return run_dir
     print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
-    args = ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
+    evaluation = [] if run_size_evaluation else protocol_flags(passthrough)
+    args = ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *evaluation, *passthrough]
     reuse_base_evaluation(out_dir, parse_config(args))
     subprocess.run([sys.executable, "-m", "exitagent.run", *args], check=True, stdin=subprocess.DEVNULL)
     return run_dir
+
+
+def protocol_flags(passthrough: list[str]) -> list[str]:
+    """The paper's evaluation protocol as ``exitagent.run`` flags, sampled at the temperature the runs
+    train at; put before ``passthrough`` so that the user's own ``--eval-*`` flags win."""
+    temperature = parse_config(["--run-dir", ".", *passthrough]).temperature
+    return ["--eval-samples", str(PAPER_SAMPLES), "--eval-steps", str(PAPER_STEPS),
+            "--eval-temperature", str(temperature), "--eval-tasks", str(FULL_SIZE_TASKS)]
 
 
 def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
@@ -98,39 +114,54 @@ def _row(results: list[dict[str, Any]]) -> dict[str, Any]:
     delta = [r["delta_k"] for r in results]
     curves = [r["accuracy_by_step"] for r in results]
     return {"seeds": len(results), "accuracy_after_k": _spread(final), "delta_k": _spread(delta),
-            "curve": [statistics.fmean(step) for step in zip(*curves, strict=True)]}
+            "curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
+            "intervals": seed_intervals(results)}
+
+
+def seed_intervals(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """95% intervals over seeds and tasks from each evaluation's per-task scores; None when an
+    evaluation lacks them or has under two tasks (the table then shows the spread alone)."""
+    try:
+        return stats.bootstrap([[row["scores"] for row in r["per_task"]] for r in results]).to_json()
+    except (KeyError, stats.StatsError):
+        return None
 
 
 def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
     k = len(table["base"]["curve"]) - 1
-    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) |", "|---|---|---|---|"]
+    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) | 95% intervals: accuracy after "
+             f"K, Δ_{k}, accuracy at k=0 |", "|---|---|---|---|---|"]
 
     def line(name: str, row: dict[str, Any]) -> str:
         (acc, acc_sd), (delta, delta_sd) = row["accuracy_after_k"], row["delta_k"]
+        bands = row.get("intervals")
+        intervals = "–" if not bands else ", ".join(
+            stats.Interval(**i).points(sign=signed) if i else "n/a"
+            for i, signed in ((bands["accuracy_by_step"][-1], False), (bands["delta_k"], True),
+                              (bands["accuracy_by_step"][0], False)))
         return (f"| {name} | {row['seeds']} | {100 * acc:.1f} ± {100 * acc_sd:.1f} | "
-                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} |")
+                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} | {intervals} |")
 
     lines.append(line("base model", table["base"]))
     for variant in ORDER:
         if variant.value in table["variants"]:
             lines.append(line(LABELS[variant], table["variants"][variant.value]))
     text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
-        "\n\nMean ± population standard deviation over seeds.\n\n![curves](curves.png)\n"
+        ("\n\nMean ± population standard deviation over seeds; intervals: paired percentile bootstrap, "
+         "seeds resampled, then tasks within each (exitagent.stats).\n\n![curves](curves.png)\n")
     (out_dir / "table.md").write_text(text)
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([100 * a for a in table["base"]["curve"]], "k--", label="base model")
+
+    def curve(row: dict[str, Any]) -> dict[str, Any]:
+        return {"accuracy_by_step": row["curve"], "intervals": row.get("intervals")}
+
+    curves.draw_curve(axis, curve(table["base"]), "base model", color="black", linestyle="--")
     for variant in ORDER:
         if variant.value in table["variants"]:
-            axis.plot([100 * a for a in table["variants"][variant.value]["curve"]], marker="o", label=LABELS[variant])
-    axis.set_xlabel("self-improvement step k")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    axis.set_ylabel("held-out accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / "curves.png", dpi=120)
-    plt.close(figure)
+            curves.draw_curve(axis, curve(table["variants"][variant.value]), LABELS[variant])
+    curves.axes(axis)
+    curves.save(figure, out_dir / "curves.png")
     return out_dir / "table.md"
 
 
@@ -140,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
+    parser.add_argument("--run-size-evaluation", action="store_true",
+                        help="evaluate as exitagent.run does by default (greedy, n=1, K=4), not the paper's protocol")
     args, passthrough = config.parse_known_args(parser, argv, "variants")  # --config goes on to run
     try:
         variants = [Variant(v) for v in args.variants.split(",") if v]
@@ -152,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:  # seeds outermost: an interrupted sweep has every variant at the first seed
             for variant in variants:
-                runs.setdefault(variant, []).append(run_one(args.out_dir, variant, seed, passthrough))
+                runs.setdefault(variant, []).append(run_one(args.out_dir, variant, seed, passthrough,
+                                                            args.run_size_evaluation))
     except subprocess.CalledProcessError as error:
         print(f"error: a run failed ({error}); finished runs are kept, run the command again to continue",
               file=sys.stderr)

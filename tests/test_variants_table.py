@@ -72,3 +72,33 @@ def test_an_evaluation_without_its_key_is_not_reused(tmp_path: Path) -> None:
     (old / "eval" / "base.json").write_text(json.dumps(saved))
     cfg = parse_config(["--run-dir", str(tmp_path / "exit-s0"), "--variant", "exit", "--seed", "0"])
     assert reuse_base_evaluation(tmp_path, cfg) is None
+
+
+def test_intervals_over_seeds_and_tasks_in_the_table(tmp_path: Path) -> None:
+    """From the per-task scores each evaluation keeps: seeds resampled, then tasks (exitagent.stats)."""
+    runs = {Variant.EXIT: [fake_run(tmp_path, Variant.EXIT, s, [0.5, 0.5], [0.5, 0.75]) for s in (0, 1)]}
+    for directory in runs[Variant.EXIT]:
+        for name, last in (("base", 0.0), ("trained", 1.0)):
+            path = directory / "eval" / f"{name}.json"
+            saved = json.loads(path.read_text())
+            saved["per_task"] = [{"scores": [[0.0, last], [1.0, 1.0]]}, {"scores": [[1.0, 1.0], [0.0, 0.0]]}] * 2
+            path.write_text(json.dumps(saved))
+    table = summarise(runs)
+    bands = table["variants"]["exit"]["intervals"]
+    assert bands["seeds"] == 2 and bands["tasks"] == 8
+    assert bands["delta_k"]["estimate"] == pytest.approx(0.25) and bands["delta_k"]["low"] <= 0.25
+    text = write_table(tmp_path, table).read_text()
+    assert "| full ExIt | 2 | 75.0 ± 0.0 | +25.0 ± 0.0 | 75.0 [" in text  # the spread, then the intervals
+    assert "seeds resampled, then tasks" in text
+
+
+def test_variants_evaluate_with_the_papers_protocol_unless_told_otherwise() -> None:
+    from exitagent.evaluate import FULL_SIZE_TASKS
+    from exitagent.variants import protocol_flags
+
+    flags = protocol_flags(["--temperature", "1.0"])
+    assert flags == ["--eval-samples", "8", "--eval-steps", "16", "--eval-temperature", "1.0",
+                     "--eval-tasks", str(FULL_SIZE_TASKS)]  # sampled at the runs' own training temperature
+    # the user's flags come after, so they win
+    cfg = parse_config(["--run-dir", "r", *flags, "--eval-tasks", "3"])
+    assert (cfg.eval_tasks, cfg.eval_samples, cfg.eval_temperature) == (3, 8, 1.0)
