@@ -11,11 +11,11 @@ sees ONLY the request and the latest iterate, through the prompt training uses
 instruction with the request and the current response). No correctness feedback. Every iterate is
 scored.
 
-Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
-
 The defaults are the paper's protocol (exit-spec.md section 7): avg@8 (``--samples 8``) sampled at
 the temperature the policy was trained at (``exitagent.policy.TRAINING_TEMPERATURE``), K = 16
 (``--steps``). Base and trained policies must be measured with the same flags to be compared.
+
+Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
 - ``accuracy_by_step[k]``, k = 0..K: the mean score of the k-th iterates over tasks and samples
   (avg@n). ``--temperature 0 --samples 1`` is a greedy run.

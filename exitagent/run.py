@@ -178,14 +178,15 @@ def full_size_commands(cfg: RunConfig, checkpoint: Path | None) -> str:
     """What measures base and trained with the paper's protocol at full size (evaluate's defaults,
     ``FULL_SIZE_TASKS`` tasks), on the run's held-out levels and answer length, with identical flags."""
     flags = (f"--levels {cfg.levels} --max-tokens {cfg.max_tokens} --seed {cfg.seed} "
-             f"--n-tasks {FULL_SIZE_TASKS}")
+             f"--temperature {cfg.temperature} --n-tasks {FULL_SIZE_TASKS}")  # the temperature it trained at
     lines = []
     for name, model in (("base", DEFAULT_MODEL), ("trained", checkpoint)):
         if model is None:
             continue
         out = RunDir(cfg.run_dir).eval / f"{name}-full.json"
-        lines += [f"python -m exitagent.serve --model {model} --dtype {cfg.precision} --port 8000 &  # then:",
-                  f"python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 {flags} --out {out}; kill %1"]
+        lines += [f"python -m exitagent.serve --model {model} --dtype {cfg.precision} --port 8000 &",
+                  f"python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 {flags} --out {out} "
+                  "--server-deadline-s 900; kill %1  # the deadline covers the server's start-up"]
     return "\n".join(lines)
 
 
