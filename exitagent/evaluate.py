@@ -1,7 +1,7 @@
 """K-step inference-time self-improvement evaluation (exit-spec.md section 7).
 
     python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 --domain math \\
-        --source arithmetic --split heldout --n-tasks 400 --out eval/base.json
+        --source arithmetic --split heldout --n-tasks 1200 --out eval/base.json
     python -m exitagent.evaluate --base-url URL --tasks problems.jsonl --steps 4 --samples 4 --out eval/mine.json
 
 For each task and each of the n ``--samples`` trajectories: y^0 answers the plain request (one
@@ -80,7 +80,7 @@ SCHEMA = "exitagent.evaluate/1"
 PAPER_SAMPLES, PAPER_STEPS = 8, 16
 # Held-out tasks for a 95% interval of Delta_16 of about +-1.5 points at avg@8 (README, "What the
 # evaluation protocol costs": from a measured per-task spread of Delta_K).
-FULL_SIZE_TASKS = 600
+FULL_SIZE_TASKS = 1200
 
 
 @dataclass(frozen=True)
