@@ -123,7 +123,7 @@ def seed_intervals(results: list[dict[str, Any]]) -> dict[str, Any] | None:
     evaluation lacks them or has under two tasks (the table then shows the spread alone)."""
     try:
         return stats.bootstrap([[row["scores"] for row in r["per_task"]] for r in results]).to_json()
-    except (KeyError, stats.StatsError):
+    except (KeyError, TypeError, ValueError):  # StatsError is a ValueError; a hand-edited file, the others
         return None
 
 
