@@ -43,14 +43,14 @@ import structlog
 
 from exitagent.client import OpenAIPolicy
 from exitagent.errors import ConfigError, score_or_failure
-from exitagent.policy import Policy, SamplingParams, room
+from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams, room
 from exitagent.prompts import step_messages
 from exitagent.types import Message, Sample, Score, StepKind
 
 log = structlog.get_logger(__name__)
 
 MIN_ANSWER_TOKENS = 16  # a step that leaves less room than this for the answer is not worth sending
-AGENT_PARAMS = SamplingParams(max_tokens=512, temperature=1.0)  # the temperature the policy was trained at
+AGENT_PARAMS = SamplingParams(max_tokens=512, temperature=TRAINING_TEMPERATURE)  # the policy as it was trained
 
 Mode = Literal["improve", "diverge"]
 MODES: dict[str, StepKind] = {"improve": StepKind.IMPROVE, "diverge": StepKind.DIVERGE}

@@ -56,7 +56,7 @@ from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, Task
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import MetricsFile, TrackFlags, collector_metrics, configure
-from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams
 from exitagent.rollouts import GroupResult, with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
@@ -84,7 +84,7 @@ class CollectConfig(TrackFlags):
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     group_size: int = field(default=8, metadata={"help": "G: responses per prompt (one request)"})
     concurrency: int = field(default=8, metadata={"help": "groups in flight"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    temperature: float = field(default=TRAINING_TEMPERATURE, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_tokens: int = field(default=1024, metadata={"help": "completion tokens per response"})
     improve_max_tokens: int = field(default=0, metadata={

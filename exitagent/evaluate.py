@@ -1,7 +1,7 @@
 """K-step inference-time self-improvement evaluation (exit-spec.md section 7).
 
     python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 --domain math \\
-        --source arithmetic --split heldout --n-tasks 100 --steps 16 --samples 8 --out eval/base.json
+        --source arithmetic --split heldout --n-tasks 1200 --out eval/base.json
     python -m exitagent.evaluate --base-url URL --tasks problems.jsonl --steps 4 --samples 4 --out eval/mine.json
 
 For each task and each of the n ``--samples`` trajectories: y^0 answers the plain request (one
@@ -11,11 +11,20 @@ sees ONLY the request and the latest iterate, through the prompt training uses
 request and the current response, the request appearing once). No correctness feedback. Every iterate is
 scored.
 
+The defaults are the paper's protocol (exit-spec.md section 7): avg@8 (``--samples 8``) sampled at
+the temperature the policy was trained at (``exitagent.policy.TRAINING_TEMPERATURE``), K = 16
+(``--steps``). Base and trained policies must be measured with the same flags to be compared.
+
 Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
 - ``accuracy_by_step[k]``, k = 0..K: the mean score of the k-th iterates over tasks and samples
-  (avg@n). Sampling is at ``--temperature`` 1.0 by default, the temperature training samples at,
-  as the paper's avg@8; ``--temperature 0 --samples 1`` is a greedy run.
+  (avg@n). ``--temperature 0 --samples 1`` is a greedy run.
+- ``intervals``: a 95% interval for every accuracy, every Delta_k and the net corrections, by a
+  paired bootstrap over tasks (``exitagent.stats``; null with fewer than two tasks).
+- ``greedy``: the same metrics (and intervals) of a second, greedy pass (temperature 0, one sample
+  per task), the old protocol's numbers as a secondary column; ``--no-greedy`` skips it, and a
+  greedy main pass has none. It costs tasks x (K + 1) requests beside the main pass's
+  tasks x (1 + n K) (y^0's n samples are one request).
 - ``delta_k`` = accuracy[K] - accuracy[0], and ``net_corrections`` = (wrong -> right) - (right ->
   wrong) between y^0 and y^K of the same trajectory; ``corrections_by_step`` the same between
   steps k-1 and k. "Right" means a score of ``RIGHT_AT`` (math: correct).
@@ -37,6 +46,7 @@ are averaged into ``domain_metrics``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -51,21 +61,26 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent import routing
+from exitagent import curves, routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import configure
-from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
+from exitagent.policy import DEFAULT_PARAMS, TRAINING_TEMPERATURE, Policy, SamplingParams
 from exitagent.routing import RoutedPolicy
+from exitagent.stats import RIGHT_AT, StatsError, bootstrap
 from exitagent.trajectories import TaskResult
 from exitagent.types import Task
 
 log = structlog.get_logger(__name__)
 
 SCHEMA = "exitagent.evaluate/1"
-RIGHT_AT = 1.0  # a score at least this is "right" for corrections (math scores are 0 or 1)
+# The paper's protocol (exit-spec.md section 7, math): avg@8, K = 16, at the training temperature.
+PAPER_SAMPLES, PAPER_STEPS = 8, 16
+# Held-out tasks for a 95% interval of Delta_16 of about +-1.5 points at avg@8 (README, "What the
+# evaluation protocol costs": from a measured per-task spread of Delta_K).
+FULL_SIZE_TASKS = 1200
 
 
 @dataclass(frozen=True)
@@ -86,9 +101,12 @@ class EvalConfig:
                                                         "flags": N_TASKS_FLAGS})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw"})
-    steps: int = field(default=4, metadata={"help": "K: improve steps after the first attempt"})
-    samples: int = field(default=4, metadata={"help": "n: trajectories per task (avg@n)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (1.0: as in training)"})
+    steps: int = field(default=PAPER_STEPS, metadata={"help": "K: improve steps after the first attempt"})
+    samples: int = field(default=PAPER_SAMPLES, metadata={"help": "n: trajectories per task (avg@n)"})
+    temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
+        "help": "sampling temperature (default: the one training samples at)"})
+    greedy: bool = field(default=True, metadata={
+        "help": "also a greedy one-sample pass, reported as `greedy` (skipped when --temperature is 0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_tokens: int = field(default=1024, metadata={"help": "completion tokens per iterate"})
     max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
@@ -113,6 +131,10 @@ class EvalConfig:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
+
+    @property
+    def greedy_pass(self) -> bool:
+        return self.greedy and self.temperature > 0
 
     def task_spec(self) -> TaskSpec:
         levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
@@ -151,9 +173,12 @@ class EvalResult:
     tasks: tuple[TaskResult, ...]
     elapsed_s: float = 0.0
     domain_metrics: dict[str, float] = field(default_factory=dict)  # each TaskResult.metrics key, mean over tasks
+    intervals: dict[str, Any] | None = None  # exitagent.stats.Intervals.to_json(); None: under two tasks
+    greedy: EvalResult | None = None  # the greedy one-sample pass, when there was one
 
     def to_json(self, *, keep_texts: bool = False) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "tasks"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("tasks", "greedy")}
+        out["greedy"] = None if self.greedy is None else self.greedy.to_json(keep_texts=keep_texts)
         out["num_tasks"] = len(self.tasks)
         out["num_trajectories"] = sum(len(t.trajectories) for t in self.tasks)
         out["evaluator_failures"] = sum(self.failures_by_step)
@@ -203,8 +228,16 @@ def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s
         truncated_by_step=tuple(sum(t[k].truncated for t in runs) for k in range(steps + 1)),
         context_full_by_step=tuple(sum(t[k].context_full for t in runs) for k in range(steps + 1)),
         policy_versions=dict(sorted(versions.items())), tasks=tuple(results), elapsed_s=round(elapsed_s, 3),
-        domain_metrics={k: sum(v) / len(v) for k, v in sorted(extras.items())},
+        domain_metrics={k: sum(v) / len(v) for k, v in sorted(extras.items())}, intervals=_intervals(results),
     )
+
+
+def _intervals(results: Sequence[TaskResult]) -> dict[str, Any] | None:
+    try:
+        return bootstrap([[[[s.score for s in t] for t in r.trajectories] for r in results]]).to_json()
+    except StatsError as error:  # too few tasks to say anything: the report says "no interval"
+        log.info("intervals_skipped", reason=str(error))
+        return None
 
 
 async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], steps: int, samples: int, *,
@@ -258,30 +291,6 @@ def _first_leaf(error: BaseException) -> BaseException:
 # --- output and the command line ------------------------------------------------------------------
 
 
-def plot_curve(result: EvalResult, path: Path, title: str) -> None:
-    """Accuracy at every step k as a PNG (matplotlib's Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(k, a) for k, a in enumerate(result.accuracy_by_step) if a is not None]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([k for k, _ in points], [a for _, a in points], marker="o")
-    ax.set_xlabel("self-improvement step k")
-    ax.set_ylabel(f"accuracy (avg@{result.samples})")
-    delta = "n/a" if result.delta_k is None else f"{result.delta_k:+.3f}"
-    ax.set_title(f"{title}\nDelta_{result.steps} = {delta}, net corrections {result.net_corrections:+d}", fontsize=9)
-    if result.steps <= 20:
-        ax.set_xticks(range(result.steps + 1))
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def write_report(cfg: EvalConfig, result: EvalResult) -> None:
     """``cfg.out`` (JSON) and the same stem's ``.png``, each written completely before it appears."""
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +300,7 @@ def write_report(cfg: EvalConfig, result: EvalResult) -> None:
     tmp.write_text(json.dumps(body, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, cfg.out)
     source = cfg.tasks.name if cfg.tasks is not None else f"{cfg.source}/{cfg.split}"
-    plot_curve(result, cfg.out.with_suffix(".png"), f"{cfg.domain}: {source}, {len(result.tasks)} tasks")
+    curves.plot_evaluation(body, cfg.out.with_suffix(".png"), f"{cfg.domain}: {source}, {len(result.tasks)} tasks")
 
 
 async def _main(cfg: EvalConfig) -> EvalResult:
@@ -302,14 +311,20 @@ async def _main(cfg: EvalConfig) -> EvalResult:
     policy = routing.open_servers(cfg.base_url, deadline_s=cfg.server_deadline_s, failover_s=cfg.failover_s,
                                   model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
                                   max_context=cfg.max_context)
-    bar = tqdm(total=len(tasks) * cfg.samples * (cfg.steps + 1), unit="iterate", file=sys.stderr,
-               disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
+    bar = tqdm(total=len(tasks) * (cfg.samples + cfg.greedy_pass) * (cfg.steps + 1), unit="iterate",
+               file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
     try:
         async with policy, domain.open_evaluator(cfg.settings()) as evaluator:
             await policy.check_same_base()
             result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
                                     concurrency=cfg.concurrency, domain=domain, settings=cfg.settings(),
                                     on_progress=bar.update)
+            if cfg.greedy_pass:  # same tasks, temperature 0, one sample: the secondary column
+                greedy = await evaluate(policy, evaluator, tasks, cfg.steps, 1,
+                                        params=dataclasses.replace(cfg.sampling(), temperature=0.0),
+                                        concurrency=cfg.concurrency * cfg.samples, domain=domain,
+                                        settings=cfg.settings(), on_progress=bar.update)
+                result = dataclasses.replace(result, greedy=greedy)
     finally:
         bar.close()
     write_report(cfg, result)
@@ -327,12 +342,23 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error, "evaluate")
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
-    accuracy = ", ".join("n/a" if a is None else f"{a:.3f}" for a in result.accuracy_by_step)
-    print(f"evaluate: accuracy by step [{accuracy}], Delta_{result.steps} "
-          f"{'n/a' if result.delta_k is None else f'{result.delta_k:+.3f}'}, net corrections "
-          f"{result.net_corrections:+d}, {sum(result.failures_by_step)} evaluator failures -> {cfg.out}",
-          file=sys.stderr)
+    print(f"evaluate: {summary_line(result)} -> {cfg.out}", file=sys.stderr)
     return ExitCode.OK
+
+
+def summary_line(result: EvalResult) -> str:
+    """Accuracy at 0 and K, Delta_K and net corrections, each with its 95% interval (in points)."""
+    bands = result.intervals or {}
+    ends = bands.get("accuracy_by_step") or [None] * (result.steps + 1)
+    net = bands.get("net_corrections")
+    line = (f"avg@{result.samples} accuracy at k=0 {curves.with_interval(result.accuracy_by_step[0], ends[0])}, "
+            f"at k={result.steps} {curves.with_interval(result.accuracy_by_step[-1], ends[-1])}, Delta_{result.steps} "
+            f"{curves.with_interval(result.delta_k, bands.get('delta_k'), sign=True)} points (95% intervals), net "
+            f"corrections {result.net_corrections:+d}" + (f" [{net['low']:+.0f}, {net['high']:+.0f}]" if net else "")
+            + f", {sum(result.failures_by_step)} evaluator failures")
+    if result.greedy is not None:
+        line += f"; greedy: {summary_line(result.greedy)}"
+    return line
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ from typing import Any, Protocol
 
 from exitagent.types import Message, PolicyVersion, Sample
 
+# The temperature the policy is trained at: collect samples rollouts with it, update corrects for it,
+# and evaluate and the embedding API sample at it by default, so that they measure the trained policy
+# (another temperature is another policy). The main job's value; a recipe sets its own for all of them.
+TRAINING_TEMPERATURE = 0.7
+
 
 @dataclass(frozen=True)
 class SamplingParams:

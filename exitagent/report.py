@@ -2,11 +2,15 @@
 
 ``write_report(run_dir, base, trained)`` writes ``RUN/report.md`` and the PNG plots it shows
 (``RUN/report/*.png``) from the two evaluation results and the run's metrics files and store.
+Every accuracy, Delta_K and net correction is shown with its 95% interval (``exitagent.stats``,
+carried in each evaluation's ``intervals``), the curve to K step by step, the greedy pass as a
+secondary column, and the depths training sampled, since K is meant to go beyond them.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
+from exitagent import curves
 from exitagent.budget import describe, spent
 from exitagent.curriculum import view as curriculum_view
 from exitagent.curriculum.store_url import open_run_store
@@ -33,17 +37,12 @@ def _rows(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
 def _accuracy_plot(base: dict[str, Any], trained: dict[str, Any], out: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     for name, result in (("base", base), ("trained", trained)):
-        curve = [100 * a for a in result["accuracy_by_step"]]
-        axis.plot(range(len(curve)), curve, marker="o", label=name)
-    axis.set_xlabel("self-improvement step k")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    axis.set_ylabel("held-out accuracy (%)")
-    axis.set_title("Inference-time self-improvement")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
+        curves.draw_curve(axis, result, name)
+        if result.get("greedy"):
+            curves.draw_curve(axis, result["greedy"], f"{name}, greedy", linestyle="--")
+    axis.set_title("Inference-time self-improvement (held-out)")
+    curves.axes(axis)
+    curves.save(figure, out)
 
 
 def _training_plot(run_dir: Path, out: Path) -> None:
@@ -70,9 +69,45 @@ def _training_plot(run_dir: Path, out: Path) -> None:
 
 
 def _line(name: str, result: dict[str, Any]) -> str:
-    curve = " → ".join(f"{100 * a:.1f}" for a in result["accuracy_by_step"])
-    return f"| {name} | {100 * result['accuracy_by_step'][0]:.1f} | {100 * result['delta_k']:+.1f} | " \
-           f"{result['net_corrections']:+d} | {curve} |"
+    def ends(r: dict[str, Any]) -> tuple[str, str]:
+        accuracy, bands = r["accuracy_by_step"], curves.bands(r)
+        return curves.with_interval(accuracy[0], bands[0]), curves.with_interval(accuracy[-1], bands[-1])
+
+    greedy = result.get("greedy")
+    secondary = f"{ends(greedy)[0]} | {curves.delta_with_interval(greedy)}" if greedy else "– | –"
+    first, last = ends(result)
+    return (f"| {name} | {first} | {last} | {curves.delta_with_interval(result)} | "
+            f"{curves.net_with_interval(result)} | {secondary} |")
+
+
+def _curve_table(base: dict[str, Any], trained: dict[str, Any]) -> str:
+    """Accuracy at every k (the whole curve to K), each with its interval."""
+    rows = ["| k | base (%) | trained (%) |", "|---|---|---|"]
+    columns = [(r["accuracy_by_step"], curves.bands(r)) for r in (base, trained)]
+    for k in range(len(base["accuracy_by_step"])):
+        cells = [curves.with_interval(acc[k], band[k]) if k < len(acc) else "–" for acc, band in columns]
+        rows.append(f"| {k} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def _protocol(result: dict[str, Any]) -> str:
+    cfg, bands = result.get("config", {}), result.get("intervals") or {}
+    temperature = cfg.get("temperature")
+    how = "greedy" if temperature == 0 else f"sampled at temperature {temperature}"
+    intervals = (f"95% intervals: {bands['method']} ({bands['draws']} draws)" if bands
+                 else "no intervals (fewer than two tasks, or an evaluation from before they existed)")
+    return (f"{result.get('num_tasks', cfg.get('n_tasks', '?'))} tasks, avg@{cfg.get('samples', 'n')} "
+            f"{how}, K = {len(result['accuracy_by_step']) - 1}; {intervals}")
+
+
+def training_depths(groups: list[Any]) -> str:
+    """How deep the groups training learned from were (depth k: the k-th revision of an answer)."""
+    if not groups:
+        return "no groups"
+    counts = Counter(g.depth for g in groups)
+    shares = ", ".join(f"{depth}: {100 * n / len(groups):.0f}%" for depth, n in sorted(counts.items()))
+    mean = sum(g.depth for g in groups) / len(groups)
+    return f"{shares} (mean {mean:.2f}, deepest {max(counts)}) over {len(groups)} groups"
 
 
 def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s: float | None) -> str:
@@ -86,8 +121,10 @@ def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s
 
 
 def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *, machine: str = "",
-                 wall_s: float | None = None) -> Path:
-    """``machine``: the hardware and precision the run used (``exitagent.run`` passes it)."""
+                 wall_s: float | None = None, full_size: str = "") -> Path:
+    """``machine``: the hardware and precision the run used (``exitagent.run`` passes it);
+    ``full_size``: what measures this run's checkpoint with the paper's protocol at full size, when
+    the run's own evaluation was smaller."""
     figures = RunDir(run_dir).report
     figures.mkdir(parents=True, exist_ok=True)
     _accuracy_plot(base, trained, figures / "accuracy.png")
@@ -104,13 +141,16 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
 
 ## Result
 
-| policy | accuracy at k=0 (%) | Δ_{k} (points) | net corrections | accuracy by step k = 0..{k} (%) |
-|---|---|---|---|---|
+| policy | accuracy at k=0 (%) | at k={k} (%) | Δ_{k} (points) | net corrections | greedy k=0 (%) | greedy Δ_{k} |
+|---|---|---|---|---|---|---|
 {_line("base", base)}
 {_line("trained", trained)}
 
-Held-out arithmetic, avg@{base.get("config", {}).get("samples", "n")}; accuracy at k=0 changed by
-{gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
+Held-out arithmetic: {_protocol(trained)}. Base and trained were measured with the same flags.
+Accuracy at k=0 changed by {gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
+Depths trained on: {training_depths(groups)}.
+{full_size}
+{_curve_table(base, trained)}
 
 ![accuracy](report/accuracy.png)
 

@@ -11,7 +11,12 @@ What happens (each part is also a command of its own, started here as a child pr
    (GRPO, checkpoints) run side by side for ``--train-minutes``; the server hot-reloads every
    checkpoint, and a progress line shows the trainer's step, the served version and the reward;
 4. the trained policy is evaluated the same way, and ``RUN/report.md`` (with PNG plots) compares
-   the two.
+   the two, every figure with its 95% interval.
+
+The run's own evaluations are smaller than the paper's protocol (``exitagent.evaluate``'s
+defaults) so that the whole job fits its 30 minutes on two cores: greedy, one sample, K = 4, 100
+tasks by default. Their intervals say how little that can resolve; the report and the last lines
+printed give the commands that measure the base and the trained checkpoint at full size.
 
 Ctrl-C stops every child cleanly; running the same command again continues the run: the store,
 the trainer state and finished evaluations are kept, and training gets what is left of its minutes
@@ -42,6 +47,9 @@ from exitagent.curriculum import store_url
 from exitagent.curriculum.paper import paper_values
 from exitagent.diversity import NORMS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, child_exit_code, fail
+from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
+from exitagent.models import DEFAULT_MODEL
+from exitagent.policy import TRAINING_TEMPERATURE
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
 from exitagent.precision import choose as choose_precision
@@ -83,7 +91,8 @@ class RunConfig:
         "help": f"buffer capacity N (paper, math: {paper_values('math').capacity})"})
     min_buffer: int = field(default=16, metadata={
         "help": f"B_min, the buffer is sampled once this full (paper, math: {paper_values('math').min_buffer})"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of training rollouts"})
+    temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
+        "help": "sampling temperature of training rollouts"})
     eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
@@ -181,6 +190,22 @@ def served_version(servers: list[launch.ServeProcess]) -> str:
     if len(versions) != 1:
         raise ExitAgentError(f"the servers serve different versions {sorted(versions)}; evaluating needs one")
     return versions.pop()
+
+
+def full_size_commands(cfg: RunConfig, checkpoint: Path | None) -> str:
+    """What measures base and trained with the paper's protocol at full size (evaluate's defaults,
+    ``FULL_SIZE_TASKS`` tasks), on the run's held-out levels and answer length, with identical flags."""
+    flags = (f"--levels {cfg.levels} --max-tokens {cfg.max_tokens} --seed {cfg.seed} "
+             f"--temperature {cfg.temperature} --n-tasks {FULL_SIZE_TASKS}")  # the temperature it trained at
+    lines = []
+    for name, model in (("base", DEFAULT_MODEL), ("trained", checkpoint)):
+        if model is None:
+            continue
+        out = RunDir(cfg.run_dir).eval / f"{name}-full.json"
+        lines += [f"python -m exitagent.serve --model {model} --dtype {cfg.precision} --port 8000 &",
+                  f"python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 {flags} --out {out} "
+                  "--server-deadline-s 900; kill %1  # the deadline covers the server's start-up"]
+    return "\n".join(lines)
 
 
 def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> dict[str, Any]:
@@ -345,6 +370,15 @@ def start_server(cfg: RunConfig, index: int) -> launch.ServeProcess:
                               *cfg.serve_flags.split(), env=env, name="serve" if index == 0 else f"serve-{index}")
 
 
+def _full_size_note(cfg: RunConfig, checkpoint: Path | None) -> str:
+    if (cfg.eval_samples >= PAPER_SAMPLES and cfg.eval_steps >= PAPER_STEPS and cfg.eval_tasks >= FULL_SIZE_TASKS
+            and cfg.eval_temperature == cfg.temperature):
+        return ""
+    return ("\nThis run's evaluation is smaller than the paper's protocol (avg@8 at the training temperature, "
+            f"K = 16, {FULL_SIZE_TASKS} tasks), to fit the job's time budget. Full size, base and trained with "
+            f"identical flags:\n\n```\n{full_size_commands(cfg, checkpoint)}\n```\n")
+
+
 def resolve_precision(cfg: RunConfig) -> tuple[RunConfig, Precision]:
     """One dtype for serve and update (the canary tolerance assumes they agree), decided here from
     this machine, so the saved config and the evaluations' keys carry what actually ran."""
@@ -396,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
         trained = evaluate(cfg, servers, "trained")
         machine = f"{chosen.hardware.describe()}; precision {chosen.dtype} ({chosen.reason})"
-        report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started)
+        full_size = _full_size_note(cfg, published[-1][1] if published else None)
+        report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started,
+                              full_size=full_size)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)
     except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:

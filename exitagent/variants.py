@@ -11,9 +11,15 @@ store, trainer and report), so a finished pair is skipped when the command is ru
 policy is evaluated once per seed: later variants of that seed reuse the first one's measurement
 (its ``measured`` key must be this run's), about two minutes saved per run. The
 comparison goes to ``OUT/table.md`` and ``OUT/table.json``: accuracy after K self-improvement
-steps and Delta_K, mean and spread (population standard deviation) over seeds, plus the base
-policy's row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve. Each run's
-curriculum plots (sample depth, "sampled from iteration", start turn) are in its own report.
+steps and Delta_K, mean and spread (population standard deviation) over seeds, each with a 95%
+interval (``exitagent.stats``: seeds resampled, then tasks within each), plus the base policy's
+row, and ``OUT/curves.png`` with every variant's mean accuracy-by-step curve and its band. Each
+run's curriculum plots (sample depth, "sampled from iteration", start turn) are in its own report.
+
+Every run evaluates with the paper's protocol (``exitagent.evaluate``'s defaults: avg@8 at the
+training temperature, K = 16, ``FULL_SIZE_TASKS`` tasks; README "What the evaluation protocol
+costs"), not with the main job's smaller evaluation; ``--eval-*`` flags given here still win, and
+``--run-size-evaluation`` keeps the main job's (minutes instead of hours on a CPU).
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
-from exitagent import config
+from exitagent import config, curves, stats
 from exitagent.budget import BUDGET_KEYS, spent
 from exitagent.errors import ExitCode, child_exit_code
+from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
@@ -53,15 +59,25 @@ def run_args(run_dir: Path, variant: Variant, seed: int, passthrough: list[str])
     return ["--run-dir", str(run_dir), "--variant", variant.value, "--seed", str(seed), *passthrough]
 
 
-def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> Path:
+def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str],
+            run_size_evaluation: bool = False) -> Path:
     run_dir = out_dir / f"{variant.value}-s{seed}"
     if RunDir(run_dir).evaluation("trained").exists():
         return run_dir
     print(f"[variants] {LABELS[variant]}, seed {seed} -> {run_dir}", flush=True)
-    args = run_args(run_dir, variant, seed, passthrough)
+    evaluation = [] if run_size_evaluation else protocol_flags(passthrough)
+    args = run_args(run_dir, variant, seed, [*evaluation, *passthrough])
     reuse_base_evaluation(out_dir, parse_config(args))
     subprocess.run([sys.executable, "-m", "exitagent.run", *args], check=True, stdin=subprocess.DEVNULL)
     return run_dir
+
+
+def protocol_flags(passthrough: list[str]) -> list[str]:
+    """The paper's evaluation protocol as ``exitagent.run`` flags, sampled at the temperature the runs
+    train at; put before ``passthrough`` so that the user's own ``--eval-*`` flags win."""
+    temperature = parse_config(["--run-dir", ".", *passthrough]).temperature
+    return ["--eval-samples", str(PAPER_SAMPLES), "--eval-steps", str(PAPER_STEPS),
+            "--eval-temperature", str(temperature), "--eval-tasks", str(FULL_SIZE_TASKS)]
 
 
 def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
@@ -117,44 +133,59 @@ def _row(results: list[dict[str, Any]]) -> dict[str, Any]:
     delta = [r["delta_k"] for r in results]
     curves = [r["accuracy_by_step"] for r in results]
     return {"seeds": len(results), "accuracy_after_k": _spread(final), "delta_k": _spread(delta),
-            "curve": [statistics.fmean(step) for step in zip(*curves, strict=True)]}
+            "curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
+            "intervals": seed_intervals(results)}
+
+
+def seed_intervals(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """95% intervals over seeds and tasks from each evaluation's per-task scores; None when an
+    evaluation lacks them or has under two tasks (the table then shows the spread alone)."""
+    try:
+        return stats.bootstrap([[row["scores"] for row in r["per_task"]] for r in results]).to_json()
+    except (KeyError, TypeError, ValueError):  # StatsError is a ValueError; a hand-edited file, the others
+        return None
 
 
 def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
     k = len(table["base"]["curve"]) - 1
-    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) | updates | groups trained | "
-             "tokens generated | training minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) | 95% intervals: accuracy after "
+             f"K, Δ_{k}, accuracy at k=0 | updates | groups trained | tokens generated | training minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def line(name: str, row: dict[str, Any]) -> str:
         (acc, acc_sd), (delta, delta_sd) = row["accuracy_after_k"], row["delta_k"]
+        bands = row.get("intervals")
+        intervals = "–" if not bands else ", ".join(
+            stats.Interval(**i).points(sign=signed) if i else "n/a"
+            for i, signed in ((bands["accuracy_by_step"][-1], False), (bands["delta_k"], True),
+                              (bands["accuracy_by_step"][0], False)))
         spent = row.get("budget")
         cost = (f"{spent['updates']:.0f} | {spent['groups_trained']:.0f} | {spent['tokens_generated']:.0f} | "
                 f"{spent['minutes']:.1f}") if spent else "- | - | - | -"
         return (f"| {name} | {row['seeds']} | {100 * acc:.1f} ± {100 * acc_sd:.1f} | "
-                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} | {cost} |")
+                f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} | {intervals} | {cost} |")
 
     lines.append(line("base model", table["base"]))
     for variant in ORDER:
         if variant.value in table["variants"]:
             lines.append(line(LABELS[variant], table["variants"][variant.value]))
     text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
-        "\n\nMean ± population standard deviation over seeds; updates, groups, tokens and minutes: mean over " \
+        "\n\nMean ± population standard deviation over seeds; intervals: paired percentile bootstrap, seeds " \
+        "resampled, then tasks within each (exitagent.stats); updates, groups, tokens and minutes: mean over " \
         "seeds.\n\n" + _equal_note(table) + "![curves](curves.png)\n"
     (out_dir / "table.md").write_text(text)
     (out_dir / "table.json").write_text(json.dumps(table, indent=2))
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([100 * a for a in table["base"]["curve"]], "k--", label="base model")
+
+    def curve(row: dict[str, Any]) -> dict[str, Any]:
+        return {"accuracy_by_step": row["curve"], "intervals": row.get("intervals")}
+
+    curves.draw_curve(axis, curve(table["base"]), "base model", color="black", linestyle="--")
     for variant in ORDER:
         if variant.value in table["variants"]:
-            axis.plot([100 * a for a in table["variants"][variant.value]["curve"]], marker="o", label=LABELS[variant])
-    axis.set_xlabel("self-improvement step k")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    axis.set_ylabel("held-out accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / "curves.png", dpi=120)
-    plt.close(figure)
+            curves.draw_curve(axis, curve(table["variants"][variant.value]), LABELS[variant])
+    curves.axes(axis)
+    curves.save(figure, out_dir / "curves.png")
     return out_dir / "table.md"
 
 
@@ -174,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
     parser.add_argument("--updates", type=int, default=40, help="trainer updates per run, every variant alike")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of a run's training")
+    parser.add_argument("--run-size-evaluation", action="store_true",
+                        help="evaluate as exitagent.run does by default (greedy, n=1, K=4), not the paper's protocol")
     args, passthrough = config.parse_known_args(parser, argv, "variants")  # --config goes on to run
     # ours first: a --train-updates or --train-minutes the user passes on to run comes later and wins
     passthrough = ["--train-updates", str(args.updates), "--train-minutes", str(args.max_minutes), *passthrough]
@@ -188,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:  # seeds outermost: an interrupted sweep has every variant at the first seed
             for variant in variants:
-                runs.setdefault(variant, []).append(run_one(args.out_dir, variant, seed, passthrough))
+                runs.setdefault(variant, []).append(run_one(args.out_dir, variant, seed, passthrough,
+                                                            args.run_size_evaluation))
     except subprocess.CalledProcessError as error:
         print(f"error: a run failed ({error}); finished runs are kept, run the command again to continue",
               file=sys.stderr)

@@ -7,6 +7,8 @@ plain numbers, so ``MathEvaluator`` settles them in-process (no math-verify work
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -22,9 +24,10 @@ from evaluators.base import ExactMatchEvaluator
 from evaluators.math import MathEvaluator
 from exitagent.domains import DOMAINS
 from exitagent.errors import ExitCode
-from exitagent.evaluate import EvalConfig, EvalResult, evaluate, main, summarize, write_report
+from exitagent.evaluate import EvalConfig, EvalResult, evaluate, main, summarize, summary_line, write_report
 from exitagent.policy import DEFAULT_PARAMS, SamplingParams, ScriptedPolicy
 from exitagent.prompts import IMPROVE_INSTRUCTION, step_messages
+from exitagent.trajectories import Step, TaskResult
 from exitagent.types import Message, Sample, StepKind, Task
 
 pytestmark = pytest.mark.anyio
@@ -209,3 +212,47 @@ def test_command_line_reports_a_dead_server(tmp_path: Path) -> None:
     flags = ["--base-url", "http://127.0.0.1:9/v1", "--server-deadline-s", "0.2", "--n-tasks", "2", "--no-progress"]
     assert main(["--out", str(tmp_path / "o.json"), *flags]) == ExitCode.UNAVAILABLE  # docs/exit-codes.md
     assert not (tmp_path / "o.json").exists()
+
+
+def test_defaults_are_the_papers_protocol_at_the_training_temperature(tmp_path: Path) -> None:
+    from exitagent.collect import CollectConfig
+    from exitagent.config import add_arguments, from_args
+    from exitagent.policy import TRAINING_TEMPERATURE
+    from exitagent.run import RunConfig
+    from training.config import UpdateConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, EvalConfig)
+    cfg = from_args(EvalConfig, parser.parse_args(["--out", str(tmp_path / "o.json")]))
+    assert (cfg.samples, cfg.steps, cfg.temperature) == (8, 16, TRAINING_TEMPERATURE)
+    assert cfg.sampling().temperature == RunConfig().temperature == TRAINING_TEMPERATURE == 0.7
+    assert CollectConfig.__dataclass_fields__["temperature"].default == TRAINING_TEMPERATURE
+    assert UpdateConfig.__dataclass_fields__["temperature"].default == TRAINING_TEMPERATURE
+    assert cfg.greedy_pass  # the greedy secondary column is on by default ...
+    greedy = from_args(EvalConfig, parser.parse_args(["--out", "o.json", "--temperature", "0", "--samples", "1"]))
+    assert not greedy.greedy_pass  # ... and not repeated when the main pass is greedy already
+    assert not from_args(EvalConfig, parser.parse_args(["--out", "o.json", "--no-greedy"])).greedy_pass
+
+
+async def test_every_metric_carries_its_interval_and_the_greedy_column(tmp_path: Path) -> None:
+    sampled = await run(ScriptedPolicy(chains(TRAJECTORIES)), [P, Q])
+    greedy = summarize(sampled.tasks[:2], steps=2, samples=1)
+    cfg = EvalConfig(out=tmp_path / "e.json", steps=2, samples=2)
+    write_report(cfg, dataclasses.replace(sampled, greedy=greedy))
+    body = json.loads(cfg.out.read_text())
+    bands = body["intervals"]
+    assert bands["tasks"] == 2 and bands["level"] == 0.95
+    assert [b["estimate"] for b in bands["accuracy_by_step"]] == pytest.approx([0.5, 0.25, 0.75])
+    assert all(b["low"] <= b["estimate"] <= b["high"] for b in bands["accuracy_by_step"])
+    assert bands["delta_k"]["estimate"] == pytest.approx(body["delta_k"])
+    assert bands["net_corrections"]["estimate"] == body["net_corrections"]
+    assert body["greedy"]["samples"] == 1 and body["greedy"]["intervals"]["delta_k"] is not None
+    line = summary_line(dataclasses.replace(sampled, greedy=greedy))
+    assert "Delta_2 +25.0 [" in line and "; greedy: avg@1" in line
+
+
+def test_one_task_has_no_interval_rather_than_a_false_one() -> None:
+    steps = tuple(Step("x", s, "base") for s in (0.0, 1.0))
+    result = summarize([TaskResult(P, (steps,))], steps=1, samples=1)
+    assert result.intervals is None and result.delta_k == 1.0
+    assert "Delta_1 +100.0 points" in summary_line(result)  # no bracket: nothing to claim

@@ -21,7 +21,7 @@ PACKAGES = ("exitagent", "sandboxes", "evaluators", "training")
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("exitagent.errors", "exitagent.types", "exitagent.faults", "exitagent.log", "exitagent.config",
               "exitagent.precision", "exitagent.policy", "exitagent.prompts", "exitagent.records",
-              "exitagent.run_dir")),
+              "exitagent.run_dir", "exitagent.stats")),
     ("sandboxes", ("sandboxes",)),
     ("toolbox", ("exitagent.tools", "exitagent.function_tools")),
     ("task worlds", ("evaluators.worlds",)),
@@ -33,8 +33,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("serving", ("exitagent.serving",)),
     ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
                       "exitagent.variants", "exitagent.models", "exitagent.competitions", "exitagent.report",
-                      "exitagent.budget",
-                      "exitagent.staleness")),
+                      "exitagent.budget", "exitagent.curves", "exitagent.staleness")),
     ("training", ("training",)),
     ("embedding API", ("exitagent",)),  # the package itself: `from exitagent import SelfImprovingAgent`
 ]

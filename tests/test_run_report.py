@@ -60,3 +60,48 @@ def test_the_progress_line_says_when_the_server_refuses_checkpoints(tmp_path: Pa
     # several servers (run --servers): one version each, they reload seconds apart
     two = run.progress(tmp_path, [PolicyOnly(), PolicyOnly(version="step-000002")])  # type: ignore[list-item]
     assert two.endswith("served step-000003 / step-000002")
+
+
+def synthetic(seed: int, tasks: int, samples: int, steps: int, p_right: float) -> dict[str, object]:
+    """An evaluation's JSON from scored TaskResults (no server): evaluate's own summarize."""
+    import random
+
+    from exitagent.evaluate import summarize
+    from exitagent.trajectories import Step, TaskResult
+    from exitagent.types import Task
+
+    rng = random.Random(seed)
+    results = [TaskResult(Task(f"t{t}", "math", f"q{t}", answer="1"),
+                          tuple(tuple(Step("x", float(rng.random() < p_right), "base") for _ in range(steps + 1))
+                                for _ in range(samples))) for t in range(tasks)]
+    body = summarize(results, steps=steps, samples=samples).to_json()
+    body["config"] = {"samples": samples, "temperature": 0.7}
+    return body
+
+
+def test_the_report_shows_every_figure_with_its_interval_and_the_greedy_column(tmp_path: Path) -> None:
+    base, trained = synthetic(0, 40, 4, 3, 0.3), synthetic(1, 40, 4, 3, 0.5)
+    trained["greedy"] = synthetic(2, 40, 1, 3, 0.5)
+    note = "Full size:\n\n```\npython -m exitagent.evaluate\n```"
+    text = write_report(tmp_path, base, trained, full_size=note).read_text()
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| base |", "| trained |"))}
+    assert rows["| base"].count("[") == 4 and rows["| base"].endswith("| – | – |")  # no greedy pass for base
+    assert rows["| trained"].count("[") == 6  # k=0, k=K, Delta_K, net corrections, greedy k=0, greedy Delta_K
+    first = trained["intervals"]["accuracy_by_step"][0]  # type: ignore[index]
+    assert f"{100 * first['estimate']:.1f} [{100 * first['low']:.1f}, {100 * first['high']:.1f}]" in rows["| trained"]
+    assert "| k | base (%) | trained (%) |" in text and "| 3 | " in text  # the curve to K, step by step
+    assert "Held-out arithmetic: 40 tasks, avg@4 sampled at temperature 0.7, K = 3" in text
+    assert "paired percentile bootstrap over tasks" in text and "Depths trained on: no groups" in text
+    assert "python -m exitagent.evaluate" in text
+    assert (tmp_path / "report" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_small_run_evaluation_prints_the_full_size_commands(tmp_path: Path) -> None:
+    cfg = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32"])
+    note = run._full_size_note(cfg, tmp_path / "weights" / "step-000040")
+    assert "smaller than the paper's protocol" in note
+    assert f"--model {tmp_path / 'weights' / 'step-000040'} --dtype float32" in note
+    assert note.count(f"--n-tasks {run.FULL_SIZE_TASKS}") == 2  # base and trained, the same flags
+    full = run.parse_config(["--run-dir", str(tmp_path), "--eval-samples", "8", "--eval-steps", "16",
+                             "--eval-temperature", "0.7", "--eval-tasks", str(run.FULL_SIZE_TASKS)])
+    assert run._full_size_note(full, None) == ""

@@ -42,7 +42,8 @@ def test_mean_and_spread_over_seeds_and_one_base_per_seed(tmp_path: Path) -> Non
     assert grpo["delta_k"] == pytest.approx((-0.05, 0.05))
     assert exit_["delta_k"] == pytest.approx((0.2, 0.0))
     text = write_table(tmp_path, table).read_text()
-    assert "| full ExIt | 2 | 65.0 ± 5.0 | +20.0 ± 0.0 | 0 | 0 | 0 | 0.0 |" in text
+    assert row(text, "full ExIt").startswith("| full ExIt | 2 | 65.0 ± 5.0 | +20.0 ± 0.0 |")
+    assert row(text, "full ExIt").endswith("| 0 | 0 | 0 | 0.0 |")  # its intervals in between
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -74,6 +75,11 @@ def test_an_evaluation_without_its_key_is_not_reused(tmp_path: Path) -> None:
     (old / "eval" / "base.json").write_text(json.dumps(saved))
     cfg = parse_config(["--run-dir", str(tmp_path / "exit-s0"), "--variant", "exit", "--seed", "0"])
     assert reuse_base_evaluation(tmp_path, cfg) is None
+
+
+def row(table: str, name: str) -> str:
+    """The table's line for ``name``."""
+    return next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
 
 
 def spend(directory: Path, updates: int, *, groups_per_update: int = 8, tokens_per_group: int = 100,
@@ -110,7 +116,8 @@ def test_the_table_states_each_variants_budget_and_flags_unequal_updates(tmp_pat
     assert table["variants"]["exit"]["budget"] == {"updates": 5, "groups_collected": 40, "groups_trained": 48,
                                                    "tokens_generated": 6000, "minutes": 14.0}
     text = write_table(tmp_path, table).read_text()
-    assert "| GRPO | 1 | 40.0 ± 0.0 | +0.0 ± 0.0 | 5 | 48 | 4000 | 10.0 |" in text
+    assert row(text, "GRPO").startswith("| GRPO | 1 | 40.0 ± 0.0 | +0.0 ± 0.0 |")
+    assert row(text, "GRPO").endswith("| 5 | 48 | 4000 | 10.0 |")
     assert "the same number of trainer updates" in text and "Unequal" not in text
     spend(exit_, 2)  # the wall-clock cap stopped a run early: its metrics now hold 7 updates
     table = summarise({Variant.GRPO: [grpo], Variant.EXIT: [exit_]})
@@ -123,3 +130,33 @@ def test_truncation_is_reported_per_step_kind(tmp_path: Path) -> None:
 
     spend(tmp_path, 2, truncated=4)  # 8 improve groups of 8 responses, 4 cut each; base groups never cut
     assert spent(tmp_path)["truncation_by_step_kind"] == {"base": 0.0, "improve": 0.5}
+
+
+def test_intervals_over_seeds_and_tasks_in_the_table(tmp_path: Path) -> None:
+    """From the per-task scores each evaluation keeps: seeds resampled, then tasks (exitagent.stats)."""
+    runs = {Variant.EXIT: [fake_run(tmp_path, Variant.EXIT, s, [0.5, 0.5], [0.5, 0.75]) for s in (0, 1)]}
+    for directory in runs[Variant.EXIT]:
+        for name, last in (("base", 0.0), ("trained", 1.0)):
+            path = directory / "eval" / f"{name}.json"
+            saved = json.loads(path.read_text())
+            saved["per_task"] = [{"scores": [[0.0, last], [1.0, 1.0]]}, {"scores": [[1.0, 1.0], [0.0, 0.0]]}] * 2
+            path.write_text(json.dumps(saved))
+    table = summarise(runs)
+    bands = table["variants"]["exit"]["intervals"]
+    assert bands["seeds"] == 2 and bands["tasks"] == 8
+    assert bands["delta_k"]["estimate"] == pytest.approx(0.25) and bands["delta_k"]["low"] <= 0.25
+    text = write_table(tmp_path, table).read_text()
+    assert "| full ExIt | 2 | 75.0 ± 0.0 | +25.0 ± 0.0 | 75.0 [" in text  # the spread, then the intervals
+    assert "seeds resampled, then tasks" in text
+
+
+def test_variants_evaluate_with_the_papers_protocol_unless_told_otherwise() -> None:
+    from exitagent.evaluate import FULL_SIZE_TASKS
+    from exitagent.variants import protocol_flags
+
+    flags = protocol_flags(["--temperature", "1.0"])
+    assert flags == ["--eval-samples", "8", "--eval-steps", "16", "--eval-temperature", "1.0",
+                     "--eval-tasks", str(FULL_SIZE_TASKS)]  # sampled at the runs' own training temperature
+    # the user's flags come after, so they win
+    cfg = parse_config(["--run-dir", "r", *flags, "--eval-tasks", "3"])
+    assert (cfg.eval_tasks, cfg.eval_samples, cfg.eval_temperature) == (3, 8, 1.0)

@@ -13,6 +13,7 @@ from pathlib import Path
 from exitagent.curriculum.store_url import STORE_HELP
 from exitagent.log import TrackFlags
 from exitagent.models import DEFAULT_MODEL
+from exitagent.policy import TRAINING_TEMPERATURE
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import normalise as normalise_precision
 
@@ -38,7 +39,8 @@ class UpdateConfig(TrackFlags):
     ref_alpha: float = field(default=1.0, metadata={"help": "reference refresh factor (MLE: 0.5)"})
     dr_grpo: bool = field(default=False, metadata={"help": "no std division of advantages (Dr. GRPO)"})
     diversity: bool = field(default=True, metadata={"help": "apply stored diversity multipliers (full ExIt)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature collect used (same value)"})
+    temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
+        "help": "sampling temperature collect used (same value)"})
     aggregation: str = field(default="token", metadata={"help": "loss averaging: token or sequence"})
     drop_truncated: bool = field(default=False, metadata={"help": "leave truncated responses out of the loss"})
     drop_unparseable: bool = field(default=False, metadata={"help": (

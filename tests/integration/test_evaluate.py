@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from exitagent import SelfImprovingAgent
-from exitagent.policy import SamplingParams
+from exitagent.policy import TRAINING_TEMPERATURE, SamplingParams
 
 pytestmark = pytest.mark.vllm
 
@@ -44,7 +44,12 @@ def test_command_line_writes_metrics_and_curve(served, tmp_path: Path) -> None:
     assert sum(body["policy_versions"].values()) == generated and "unknown" not in body["policy_versions"]
     assert body["config"]["steps"] == K and body["config"]["base_url"] == [served.base_url]  # repeatable flag
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "accuracy by step" in done.stderr
+    # the protocol's additions: intervals on every metric, and the greedy one-sample pass beside it
+    assert len(body["intervals"]["accuracy_by_step"]) == K + 1 and body["intervals"]["tasks"] == TASKS
+    assert body["intervals"]["delta_k"]["estimate"] == pytest.approx(body["delta_k"])
+    assert body["config"]["temperature"] == TRAINING_TEMPERATURE
+    assert body["greedy"]["samples"] == 1 and body["greedy"]["num_trajectories"] == TASKS
+    assert f"Delta_{K}" in done.stderr and "95% intervals" in done.stderr and "greedy:" in done.stderr
 
 
 def has_sum(text: str) -> float:

@@ -23,6 +23,7 @@ def test_variants_command_writes_a_table_for_all_five(tmp_path: Path) -> None:
     for row in [table["base"], *table["variants"].values()]:
         assert row["seeds"] >= 1 and len(row["curve"]) == 2
         assert 0.0 <= row["accuracy_after_k"][0] <= 1.0 and -1.0 <= row["delta_k"][0] <= 1.0
+        assert row["intervals"]["tasks"] == 3 and row["intervals"]["delta_k"] is not None  # the protocol's intervals
     assert "full ExIt" in (tmp_path / "table.md").read_text()
     # the base policy was evaluated once, by the first run; the other four reused a sibling's copy
     assert result.stdout.count("[variants] reusing the base evaluation of") == 4, result.stdout[-3000:]
