@@ -181,3 +181,16 @@ async def test_the_app_sees_the_version_change() -> None:
             break
     assert [str(v) for v in seen] == ["base", "step-000001"]
     assert await agent.policy_version() == PolicyVersion.at_step(1)
+
+
+async def test_python_true_runs_code_through_the_sandbox_seam(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXITAGENT_SANDBOX", "fake")  # the Sandbox seam's in-memory backend
+    run = '<tool>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool>'
+    policy = ScriptedPolicy(lambda m: run if m[-1].role != "tool" else "It printed 42.")
+    async with SelfImprovingAgent(policy=policy, python=True) as agent:
+        reply = await agent.respond("Compute 6 * 7 with Python.")
+        assert agent._tools is not None and agent._tools.sandbox is not None
+    assert reply.messages[1].name == "python" and reply.messages[1].content.startswith("exit code: 0")
+    assert agent._tools.sandbox is None  # closed with the agent
+    with pytest.raises(ConfigError, match="share a name"):
+        SelfImprovingAgent(policy=policy, tools=[find_note, find_note])
