@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from exitagent.agent import Improvement, Iterate, Reply, SelfImprovingAgent
-    from exitagent.recorder import Recorder
     from exitagent.domains.environment import Environment
+    from exitagent.recorder import Recorder
     from exitagent.types import Score, Task
 
 __all__ = ["Environment", "Improvement", "Iterate", "Recorder", "Reply", "Score", "SelfImprovingAgent", "Task"]
