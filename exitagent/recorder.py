@@ -140,6 +140,8 @@ class Recorder:
                     await self._score(pending, i)
         for episode_id in ids:
             self._pending[episode_id] = pending
+        if pending.missing() == 0:  # nothing waits for the app (its answer failed; the rest are scored)
+            await self._complete(pending)
         return list(ids)
 
     async def feedback(self, episode_id: str, reward: float | Score) -> None:
@@ -151,7 +153,10 @@ class Recorder:
             raise FeedbackError(f"unknown episode {episode_id!r}: not answered by this agent, or already recorded "
                                 f"more than {REMEMBERED} episodes ago")
         index = pending.ids.index(episode_id)
-        if pending.scores[index] is not None or pending.failures[index]:
+        if pending.failures[index]:
+            raise FeedbackError(f"episode {episode_id} failed ({pending.failures[index][:200]}): it is left out of "
+                                "training, so it takes no reward")
+        if pending.scores[index] is not None:
             raise FeedbackError(f"episode {episode_id} already has its reward; its group waits for "
                                 f"{pending.missing()} more")
         pending.scores[index] = score

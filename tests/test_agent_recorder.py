@@ -194,3 +194,19 @@ async def test_python_true_runs_code_through_the_sandbox_seam(monkeypatch: pytes
     assert agent._tools.sandbox is None  # closed with the agent
     with pytest.raises(ConfigError, match="share a name"):
         SelfImprovingAgent(policy=policy, tools=[find_note, find_note])
+
+
+async def test_a_failed_answer_takes_no_reward_and_its_group_completes_without_it(tmp_path: Path) -> None:
+    def crashes(request: str, text: str) -> float:
+        raise RuntimeError("the grader is down")
+
+    recorder = Recorder(tmp_path, group_fraction=1.0, group_size=2, reward=crashes)
+    agent = SelfImprovingAgent(policy=ScriptedPolicy(lambda m: "42"), recorder=recorder)
+    reply = await agent.respond("What is 6 * 7?")
+    with pytest.raises(FeedbackError, match=r"failed .*takes no reward"):
+        await agent.feedback(reply.group_ids[0], 1.0)
+    await agent.feedback(reply.episode_id, 1.0)
+    with SQLiteStore.in_run(tmp_path) as store:
+        (group,) = store.fetch_groups()
+    assert [r.reward for r in group.rollouts] == [1.0, None]  # left out, never a 0
+    assert "RuntimeError" in group.rollouts[1].failure and recorder.pending == 0
