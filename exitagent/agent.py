@@ -62,6 +62,7 @@ from exitagent.function_tools import FunctionTool, function_tool
 from exitagent.loop import EpisodeLimits, run_group
 from exitagent.policy import Policy, SamplingParams, room
 from exitagent.prompts import step_messages
+from exitagent.rollouts import CUT_OFF
 from exitagent.tools import PythonTool, Tool, Toolbox
 from exitagent.types import Episode, Message, PolicyVersion, Sample, Score, StepKind, StopReason, Task
 from sandboxes.base import Sandbox
@@ -155,7 +156,7 @@ async def improve(policy: Policy, request: str, *, steps: int = 4, mode: Mode = 
                   params: SamplingParams = AGENT_PARAMS, evaluator: TextEvaluator | None = None,
                   tools: AgentTools | None = None) -> Improvement:
     """y^0 for ``request``, then ``steps`` improve (or diverge) steps, each iterate scored when asked.
-    With ``tools`` each iterate is a multi-turn episode (``AgentTools.episode``)."""
+    With ``tools`` each iterate is a multi-turn episode (``AgentTools.episodes``)."""
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
     if steps < 0:
@@ -193,8 +194,7 @@ async def _tool_iterate(policy: Policy, tools: AgentTools, request: str, message
     (episode,) = await tools.episodes(policy, request, prompt, params, n=1)
     if episode.failure:  # a bug that model text reached (loop.run_episode_or_crash): said, not scored
         return Iterate(step, episode.final_text, failure=episode.failure, finish_reason="crashed")
-    cut = episode.stop_reason in (StopReason.TRUNCATED, StopReason.MAX_TOKENS, StopReason.CONTEXT_FULL)
-    return Iterate(step, episode.final_text, finish_reason="length" if cut else "stop",
+    return Iterate(step, episode.final_text, finish_reason="length" if episode.stop_reason in CUT_OFF else "stop",
                    messages=episode.messages[len(prompt):])
 
 

@@ -33,13 +33,15 @@ def load_example() -> ModuleType:
 
 
 def half_right_model(app: ModuleType):
-    """Looks the note up, then every other answer quotes it (right) or guesses (wrong)."""
-    quote = itertools.cycle([True, False])
+    """Quotes the note it looked up; of the answers sampled together, the first looks up the right
+    topic and the second a wrong one (so the app's served answer is right, and a group has a signal)."""
+    first_calls = itertools.count()
 
     def script(messages: Sequence[Message]) -> str:
         if messages[-1].role == "tool":
-            return f"Your note says: {messages[-1].content}" if next(quote) else "I am not sure."
+            return f"Your note says: {messages[-1].content}"
         topic = next(t for t in app.NOTES if t in messages[-1].content)
+        topic = topic if next(first_calls) % 2 == 0 else "taxes"
         return f'<tool>{{"name": "find_note", "arguments": {{"topic": "{topic}"}}}}</tool>'
 
     return script
@@ -51,12 +53,13 @@ async def test_the_notes_app_feeds_its_run(tmp_path: Path) -> None:
     agent = SelfImprovingAgent(policy=ScriptedPolicy(half_right_model(app)), tools=[app.find_note],
                                system_prompt=app.SYSTEM, max_turns=3, recorder=recorder)
     summary = await app.serve(agent, app.topics_for(4, seed=0))
-    assert summary.served == 4 and 0.0 < summary.mean < 1.0 and recorder.pending == 0
+    assert summary.served == 4 and summary.mean == 1.0 and recorder.pending == 0
     with SQLiteStore.in_run(tmp_path) as store:
         groups = store.fetch_groups()
     assert len(groups) == 4 and all(len(g.rollouts) == 2 for g in groups)
     items, _ = items_from(groups, UpdateConfig(run_dir=tmp_path))
-    assert items  # groups with a right and a wrong answer carry a learning signal
+    assert sorted(r.reward for g in groups for r in g.rollouts) == [0.0] * 4 + [1.0] * 4
+    assert len(items) == 8  # each group, a right and a wrong answer, carries a learning signal
 
 
 def test_find_note_names_the_topics_it_knows() -> None:
