@@ -197,9 +197,9 @@ class Recorder:
 
     async def _deliver(self, records: list[dict[str, Any]]) -> int:
         """The spool's records, then ``records``, into the store, in order; what the store did not
-        take goes (back) to the spool."""
+        take goes (back) to the spool, whatever stopped it."""
         async with self._lock:
-            waiting = [json.loads(line) for line in self._spool_lines()] + records
+            waiting = self._spooled_records() + records
             done = 0
             try:
                 for record in waiting:
@@ -209,8 +209,9 @@ class Recorder:
                 self.close()
                 log.warning("records_spooled", spool=str(self.spool), waiting=len(waiting) - done,
                             error=str(error)[:200])
-            if waiting:
-                self._rewrite_spool(waiting[done:])
+            finally:
+                if waiting:
+                    self._rewrite_spool(waiting[done:])
             return len(waiting) - done
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -226,6 +227,24 @@ class Recorder:
             return [line for line in self.spool.read_text(encoding="utf-8").splitlines() if line.strip()]
         except FileNotFoundError:
             return []
+
+    def _spooled_records(self) -> list[dict[str, Any]]:
+        """The spool's records; a line that is not one (a hand edit, a torn disk) is moved to
+        ``SPOOL.bad`` and logged, so it neither blocks the records behind it nor is lost."""
+        records, bad = [], []
+        for line in self._spool_lines():
+            try:
+                record = json.loads(line)
+                _rebuild(record)
+                records.append(record)
+            except (ValueError, KeyError, TypeError):
+                bad.append(line)
+        if bad:
+            with self.spool.with_suffix(".bad").open("a", encoding="utf-8") as out:
+                out.writelines(line + "\n" for line in bad)
+            log.error("spool_lines_set_aside", count=len(bad), path=str(self.spool.with_suffix(".bad")))
+            self._rewrite_spool(records)
+        return records
 
     def _rewrite_spool(self, records: list[dict[str, Any]]) -> None:
         """Write, then rename: a crash leaves the old spool or the new one, never half of one."""

@@ -158,6 +158,18 @@ async def test_an_unreachable_store_spools_records_and_the_next_call_writes_them
         assert sorted(r.reward for g in store.fetch_groups() for r in g.rollouts) == [0.0, 1.0]
 
 
+async def test_a_spool_line_that_is_not_a_record_is_set_aside(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, group_fraction=0)
+    recorder.spool.parent.mkdir(parents=True)
+    recorder.spool.write_text('{"torn": \n')
+    agent = SelfImprovingAgent(policy=ScriptedPolicy(lambda m: "42"), recorder=recorder)
+    reply = await agent.respond("What is 6 * 7?")
+    await agent.feedback(reply.episode_id, 1.0)  # the new record is written; the bad line waits aside
+    assert recorder.spooled() == 0 and recorder.spool.with_suffix(".bad").read_text() == '{"torn": \n'
+    with SQLiteStore.in_run(tmp_path) as store:
+        assert len(store.fetch_groups()) == 1
+
+
 def test_bad_recorder_settings_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="run directory or a store URL"):
         Recorder()
