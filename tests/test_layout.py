@@ -29,6 +29,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("agent", ("exitagent.client", "exitagent.routing", "exitagent.loop", "exitagent.rollouts",
                "exitagent.trajectories", "exitagent.agent", "exitagent.diversity")),
     ("curriculum", ("exitagent.curriculum",)),
+    ("recorder", ("exitagent.recorder",)),  # the embedded agent's episodes into the store
     ("domains", ("exitagent.domains",)),
     ("serving", ("exitagent.serving",)),
     ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
