@@ -31,7 +31,8 @@ def test_one_update_lowers_the_loss_and_is_served(served, model_dir: Path) -> No
     run_dir = served.weights_dir.parent
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     make_store(run_dir, model, AutoTokenizer.from_pretrained(model_dir), 4, group_size=4)
-    cfg = UpdateConfig(run_dir=run_dir, groups_per_step=4, lr=1e-5, precision="float32")
+    # temperature 1: the store's behaviour log-probs are the model's own, unscaled (make_store)
+    cfg = UpdateConfig(run_dir=run_dir, groups_per_step=4, lr=1e-5, precision="float32", temperature=1.0)
     trainer = Trainer.restore_or_start(cfg)
     with SQLiteStore.in_run(run_dir) as store:
         groups = store.fetch_groups()

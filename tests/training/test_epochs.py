@@ -24,7 +24,8 @@ def run_dir(tmp_path: Path, model_dir: Path) -> Path:
 
 def _one_update(run_dir: Path, epochs: int) -> tuple[Trainer, dict[str, float]]:
     cfg = UpdateConfig(run_dir=run_dir, model=str(run_dir / "tiny"), groups_per_step=2, lr=1e-2, beta=0.0,
-                       precision="float32", epochs=epochs, activation_checkpointing=False, quiet=True)
+                       precision="float32", epochs=epochs, activation_checkpointing=False, quiet=True,
+                       temperature=1.0)  # the store's behaviour log-probs are the model's own, unscaled
     trainer = Trainer.restore_or_start(cfg)
     with SQLiteStore.in_run(run_dir) as store:
         groups = store.fetch_groups(min_version=0, limit=2)
