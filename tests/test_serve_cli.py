@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from exitagent.errors import ExitCode
+
 
 def run_serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "exitagent.serve", *args], capture_output=True, text=True,
@@ -44,7 +46,7 @@ def test_vllm_failing_to_start_shows_its_log_tail(tmp_path: Path) -> None:
     # A context longer than the model's 8192 positions: vLLM refuses it during start-up.
     result = run_serve("--max-model-len", "999999", "--port", "0", "--log-file", str(tmp_path / "vllm.log"),
                        timeout=600)
-    assert result.returncode == 2
+    assert result.returncode == ExitCode.UNAVAILABLE  # the server failed; its log tail says why (docs/exit-codes.md)
     assert "vLLM exited during start-up; last log lines:" in result.stderr
     assert "max_model_len" in result.stderr or "max-model-len" in result.stderr
 
