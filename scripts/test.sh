@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the whole check: ruff, mypy and the test suite, including the
 # integration tests against a real CPU vLLM server. Extra arguments go to pytest.
-# Tests marked `slow` (the five-variant sweep, ~10 minutes) run only with EXITAGENT_SLOW_TESTS=1,
-# so the default run stays well under half an hour.
+# Tests marked `slow` (more than a minute each: the variants command, the cluster rehearsal, torchrun
+# crash tests, ...) run only with EXITAGENT_SLOW_TESTS=1; `manual` ones only with EXITAGENT_MANUAL_TESTS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
