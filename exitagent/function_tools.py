@@ -93,6 +93,8 @@ class FunctionTool:
         return replace(self, state=state)
 
     async def run(self, arguments: Mapping[str, Any]) -> ToolResult:
+        if self.takes_state and STATE in arguments:  # the model must not swap the episode's state for its own
+            return ToolResult(f"error: {self.name} has no argument {STATE!r}", "tool_raised")
         kwargs = {STATE: self.state, **arguments} if self.takes_state else dict(arguments)
         try:
             with anyio.fail_after(self.timeout_s):

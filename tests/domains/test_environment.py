@@ -296,3 +296,18 @@ async def test_python_runs_in_the_sandbox_seam() -> None:
     (rollout,) = rolled.result.rollouts
     assert rollout.episode.messages[3].name == "python" and rollout.episode.messages[3].content.startswith("exit code")
     assert rollout.reward == 1.0
+
+
+async def test_a_model_cannot_pass_the_episode_state_as_an_argument() -> None:
+    from exitagent.function_tools import function_tool
+
+    def add(state: dict, item: str) -> str:
+        """Put an item in the cart."""
+        state[item] = 1
+        return "ok"
+
+    own: dict[str, int] = {}
+    tool = function_tool(add).bound(own)
+    result = await tool.run({"state": {"forged": 1}, "item": "apple"})
+    assert result.error and "has no argument 'state'" in result.content and own == {}
+    assert (await tool.run({"item": "apple"})).content == "ok" and own == {"apple": 1}
