@@ -291,11 +291,15 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                 code = process.poll()
                 if code is not None and not (process is update and cfg.train_updates and code == 0):
                     raise ExitAgentError(f"{name} exited with {process.returncode}; see {run}/logs/{name}.log")
+            left = budget - elapsed
             if elapsed >= next_report:
                 next_report += 15.0
                 _record_training(cfg.run_dir, already + elapsed)
-                print(f"[run] {(already + elapsed) / 60:5.1f} min | {progress(cfg.run_dir, servers)}", flush=True)
-            time.sleep(1)  # a Ctrl-C is seen within a second
+                # a server busy generating can be slow to answer: the progress line must not
+                # overrun the budget (a 10 s wait once ended a 30 s budget at 37 s)
+                line = progress(cfg.run_dir, servers, timeout_s=min(5.0, max(0.2, left)))
+                print(f"[run] {(already + elapsed) / 60:5.1f} min | {line}", flush=True)
+            time.sleep(max(0.0, min(1.0, left)))  # a Ctrl-C is seen within a second
     finally:
         _record_training(cfg.run_dir, already + time.monotonic() - started)
         # Both at once: stopping collect first (it finishes its groups in flight, ~20 s) let the
@@ -314,19 +318,19 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
         print(f"[run] spent: {describe(spent(cfg.run_dir))}", flush=True)
 
 
-def progress(run_dir: Path, servers: list[launch.ServeProcess]) -> str:
+def progress(run_dir: Path, servers: list[launch.ServeProcess], timeout_s: float = 10.0) -> str:
     rewards = [row["reward_mean"] for row in logging_setup.read_metrics(run_dir, "collect", "group")
                if row.get("reward_mean") is not None]  # None: every rollout of the group failed evaluation
     updates = [row for row in _rows(RunDir(run_dir).metrics_file("update")) if row.get("kind") == "update"]
     recent = rewards[-20:]
-    served = " / ".join(_served(server) for server in servers)  # one per server: they reload seconds apart
+    served = " / ".join(_served(server, timeout_s) for server in servers)  # one per server: they reload seconds apart
     return (f"groups {len(rewards):4d} | reward (last 20 groups) {sum(recent) / max(1, len(recent)):.2f} | "
             f"updates {len(updates):3d} | served {served}")
 
 
-def _served(server: launch.ServeProcess) -> str:
+def _served(server: launch.ServeProcess, timeout_s: float) -> str:
     try:
-        policy = server.policy()
+        policy = server.policy(timeout_s)
     except httpx.HTTPError:  # the server went away (Ctrl-C reaches it too); the next check says why
         return "(server down)"
     served = str(policy["version"])

@@ -49,7 +49,8 @@ class PolicyOnly:
     def __init__(self, **policy: object) -> None:
         self.answer = {"version": "step-000003", "rejected": 0, "last_error": "", **policy}
 
-    def policy(self) -> dict[str, object]:
+    def policy(self, timeout_s: float = 10.0) -> dict[str, object]:
+        self.timeout_s = timeout_s
         return self.answer
 
 
@@ -60,6 +61,10 @@ def test_the_progress_line_says_when_the_server_refuses_checkpoints(tmp_path: Pa
     # several servers (run --servers): one version each, they reload seconds apart
     two = run.progress(tmp_path, [PolicyOnly(), PolicyOnly(version="step-000002")])  # type: ignore[list-item]
     assert two.endswith("served step-000003 / step-000002")
+    # near the end of the budget the question waits no longer than what is left (run.train)
+    hurried = PolicyOnly()
+    run.progress(tmp_path, [hurried], timeout_s=0.4)  # type: ignore[list-item]
+    assert hurried.timeout_s == 0.4
 
 
 def synthetic(seed: int, tasks: int, samples: int, steps: int, p_right: float) -> dict[str, object]:

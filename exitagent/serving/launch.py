@@ -36,8 +36,8 @@ class ServeProcess:
     def root_url(self) -> str:
         return self.base_url.removesuffix("/v1")
 
-    def policy(self) -> dict[str, Any]:
-        return dict(httpx.get(f"{self.root_url}/policy", timeout=10).json())
+    def policy(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.root_url}/policy", timeout=timeout_s).json())
 
     def wait_for_version(self, name: str, timeout_s: float = 120.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
