@@ -11,4 +11,4 @@ py=${EXITAGENT_VENV:-.venv}/bin/python
 "$py" -m mypy
 marks=()
 if [ "${EXITAGENT_SLOW_TESTS:-}" != 1 ]; then marks=(-m "not slow"); fi
-exec "$py" -m pytest --durations=15 "${marks[@]}" "$@"  # the 15 slowest: where CI time goes
+exec "$py" -m pytest --durations=40 "${marks[@]}" "$@"  # the 40 slowest: where CI time goes

@@ -26,7 +26,7 @@ SMALL = ["--eval-tasks", "4", "--eval-steps", "1", "--group-size", "4", "--group
 
 def test_two_servers_two_collectors_and_postgresql_reach_the_report(tmp_path: Path, postgres: Cluster) -> None:
     run_dir = tmp_path / "cluster"
-    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), *SMALL, "--train-minutes", "3",
+    command = [sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), *SMALL, "--train-minutes", "2",
                "--servers", "2", "--collectors", "2", "--store", postgres.url(schema="rehearsal")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]

@@ -2,20 +2,18 @@
 
 Every request is written byte for byte to a socket (``curl --path-as-is`` and more: nothing
 normalises the target on the way), and the engine is asked directly, on its loopback port, whether
-anything changed. One server for the whole module: vLLM takes about two minutes to start here.
+anything changed. The session's shared server: vLLM takes one to two minutes to start here.
 """
 
 from __future__ import annotations
 
 import json
-import signal
 import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
-from exitagent.serving import engine
 from tests.gateway_stack import ATTACKS, parse, request_bytes
 
 pytestmark = pytest.mark.vllm
@@ -24,12 +22,9 @@ CHAT = {"model": "policy", "messages": [{"role": "user", "content": "Say hi."}],
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, serve_factory):
-    engine_port = engine.free_port()
-    server = serve_factory(tmp_path_factory.mktemp("gateway"), "--engine-port", str(engine_port))
-    yield server, f"http://127.0.0.1:{engine_port}"
-    if server.process.poll() is None:
-        server.stop(signal.SIGKILL)
+def server(served, served_engine_port: int):
+    """The session's server (it never reloads): an attack that got through would show in its engine."""
+    return served, f"http://127.0.0.1:{served_engine_port}"
 
 
 def send_raw(port: int, data: bytes, timeout_s: float = 30.0) -> tuple[int, bytes]:

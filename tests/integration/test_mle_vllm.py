@@ -1,6 +1,6 @@
 """The MLE domain end to end against the real CPU vLLM server (the packaged 135M model).
 
-``evaluate --domain mle``: two offline competitions, a greedy search of K = 4 steps each, programs
+``evaluate --domain mle``: two offline competitions, a greedy search of K = 2 steps each, programs
 run in bubblewrap. ``collect --domain mle``: two groups of two into a fresh run. Low scores are
 expected from a model this small; what must hold is the path: prompts fit, responses are run and
 graded, the JSON and the store hold what they should.
@@ -20,7 +20,7 @@ from exitagent.curriculum.store import SQLiteStore
 
 pytestmark = pytest.mark.vllm
 
-K, COMPETITIONS = 4, ("iris-species", "diabetes-progression")
+K, COMPETITIONS = 2, ("iris-species", "diabetes-progression")
 
 
 def _env(home: Path) -> dict[str, str]:
