@@ -53,8 +53,11 @@ async def test_a_failed_restart_is_retried_with_backoff(tmp_path: Path) -> None:
     try:
         await stand_in.restart(stand_in.spec, timeout_s=30, attempts=3, backoff_s=0.5)
         assert stand_in.running and counter.read_text() == "3"
+        ipc_dir = stand_in._ipc_dir
+        assert ipc_dir is not None and ipc_dir.is_dir()  # vLLM's sockets go there, not to the shared /tmp
     finally:
         await stand_in.stop()
+    assert not ipc_dir.exists()
     assert time.monotonic() - started >= 0.5 + 1.0  # waited between the attempts
 
 
