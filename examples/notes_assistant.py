@@ -5,6 +5,7 @@ answer the way a user's thumbs-up would (does it state the fact the note holds?)
 with ``agent.feedback``; a ``Recorder`` turns the episodes into groups in RUN's store, which
 ``training.update`` trains on. The served version is printed whenever it changes.
 
+    mkdir -p RUN/weights
     python -m exitagent.serve --weights-dir RUN/weights --port 8000 &       # the policy
     python examples/notes_assistant.py http://127.0.0.1:8000/v1 --run-dir RUN --requests 64
 
