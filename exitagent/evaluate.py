@@ -18,7 +18,12 @@ the temperature the policy was trained at (``exitagent.policy.TRAINING_TEMPERATU
 Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
 - ``accuracy_by_step[k]``, k = 0..K: the mean score of the k-th iterates over tasks and samples
-  (avg@n). ``--temperature 0 --samples 1`` is a greedy run.
+  (avg@n). ``--temperature 0 --samples 1`` is a greedy run. ``score`` names what it measures:
+  ``accuracy`` (math), ``first_request_accuracy`` (tool use: the paper's headline), the domain's
+  ``score_name``.
+- ``secondary``: a domain's other per-iterate scores (``Step.secondary``; tool use:
+  ``all_requests_accuracy``, BFCL's entry accuracy), each with its own ``accuracy_by_step``,
+  ``delta_k``, net corrections and ``intervals``, reported after the headline.
 - ``intervals``: a 95% interval for every accuracy, every Delta_k and the net corrections, by a
   paired bootstrap over tasks (``exitagent.stats``; null with fewer than two tasks).
 - ``greedy``: the same metrics (and intervals) of a second, greedy pass (temperature 0, one sample
@@ -175,6 +180,8 @@ class EvalResult:
     domain_metrics: dict[str, float] = field(default_factory=dict)  # each TaskResult.metrics key, mean over tasks
     intervals: dict[str, Any] | None = None  # exitagent.stats.Intervals.to_json(); None: under two tasks
     greedy: EvalResult | None = None  # the greedy one-sample pass, when there was one
+    score: str = "accuracy"  # what accuracy_by_step measures (the domain's score_name)
+    secondary: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its curve, Delta_K, intervals
 
     def to_json(self, *, keep_texts: bool = False) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("tasks", "greedy")}
@@ -203,8 +210,10 @@ def _transitions(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str
     return {"wrong_to_right": up, "right_to_wrong": down, "net": up - down}
 
 
-def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s: float = 0.0) -> EvalResult:
-    """Accuracy per step, Delta_K and corrections over every trajectory of ``results``."""
+def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s: float = 0.0, *,
+              score: str = "accuracy") -> EvalResult:
+    """Accuracy per step, Delta_K and corrections over every trajectory of ``results``, for the
+    headline ``score`` and for each of the steps' secondary scores."""
     runs = [t for r in results for t in r.trajectories]
     accuracy: list[float | None] = []
     for k in range(steps + 1):
@@ -229,7 +238,23 @@ def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s
         context_full_by_step=tuple(sum(t[k].context_full for t in runs) for k in range(steps + 1)),
         policy_versions=dict(sorted(versions.items())), tasks=tuple(results), elapsed_s=round(elapsed_s, 3),
         domain_metrics={k: sum(v) / len(v) for k, v in sorted(extras.items())}, intervals=_intervals(results),
+        score=score, secondary=_secondary(results, steps, samples),
     )
+
+
+def _secondary(results: Sequence[TaskResult], steps: int, samples: int) -> dict[str, dict[str, Any]]:
+    """Each secondary score summarized as if it were the headline (the same means and intervals)."""
+    names = sorted({name for r in results for t in r.trajectories for s in t for name in s.secondary})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        rescored = [dataclasses.replace(r, trajectories=tuple(
+            tuple(dataclasses.replace(s, score=s.secondary.get(name), secondary={}) for s in t)
+            for t in r.trajectories)) for r in results]
+        summary = summarize(rescored, steps, samples)
+        out[name] = {"accuracy_by_step": summary.accuracy_by_step, "delta_k": summary.delta_k,
+                     "net_corrections": summary.net_corrections, "corrections": summary.corrections,
+                     "intervals": summary.intervals}
+    return out
 
 
 def _intervals(results: Sequence[TaskResult]) -> dict[str, Any] | None:
@@ -273,7 +298,10 @@ async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], 
     except BaseExceptionGroup as errors:  # callers see the ServerError itself, not a task-group wrapper
         ours, _ = errors.split(ExitAgentError)
         raise _first_leaf(ours or errors) from None
-    result = summarize([r for r in results if r is not None], steps, samples, time.monotonic() - start)
+    # A domain may name its headline score (tool use: first-request accuracy); optional, so that an
+    # environment written against the public API (docs/environments.md) needs nothing new.
+    result = summarize([r for r in results if r is not None], steps, samples, time.monotonic() - start,
+                       score=getattr(runner, "score_name", "accuracy"))
     if len(result.policy_versions) > 1:
         log.warning("policy_changed_during_evaluation", versions=result.policy_versions)
     log.info("evaluation_finished", accuracy_by_step=result.accuracy_by_step, delta_k=result.delta_k,
@@ -347,18 +375,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_line(result: EvalResult) -> str:
-    """Accuracy at 0 and K, Delta_K and net corrections, each with its 95% interval (in points)."""
-    bands = result.intervals or {}
-    ends = bands.get("accuracy_by_step") or [None] * (result.steps + 1)
-    net = bands.get("net_corrections")
-    line = (f"avg@{result.samples} accuracy at k=0 {curves.with_interval(result.accuracy_by_step[0], ends[0])}, "
-            f"at k={result.steps} {curves.with_interval(result.accuracy_by_step[-1], ends[-1])}, Delta_{result.steps} "
-            f"{curves.with_interval(result.delta_k, bands.get('delta_k'), sign=True)} points (95% intervals), net "
-            f"corrections {result.net_corrections:+d}" + (f" [{net['low']:+.0f}, {net['high']:+.0f}]" if net else "")
-            + f", {sum(result.failures_by_step)} evaluator failures")
+    """The headline score at 0 and K, Delta_K and net corrections, each with its 95% interval (in
+    points); then each secondary score the same way, then the greedy pass."""
+    headline = {"accuracy_by_step": result.accuracy_by_step, "delta_k": result.delta_k,
+                "net_corrections": result.net_corrections, "intervals": result.intervals}
+    line = (f"avg@{result.samples} {_curve_line(curves.score_label(result.score), headline, result.steps)}"
+            f", {sum(result.failures_by_step)} evaluator failures")
+    for name, secondary in result.secondary.items():
+        line += f"; {_curve_line(curves.score_label(name), secondary, result.steps)}"
     if result.greedy is not None:
         line += f"; greedy: {summary_line(result.greedy)}"
     return line
+
+
+def _curve_line(label: str, curve: dict[str, Any], steps: int) -> str:
+    bands = curve.get("intervals") or {}
+    ends = bands.get("accuracy_by_step") or [None] * (steps + 1)
+    net = bands.get("net_corrections")
+    accuracy = curve["accuracy_by_step"]
+    return (f"{label} at k=0 {curves.with_interval(accuracy[0], ends[0])}, "
+            f"at k={steps} {curves.with_interval(accuracy[-1], ends[-1])}, Delta_{steps} "
+            f"{curves.with_interval(curve['delta_k'], bands.get('delta_k'), sign=True)} points (95% intervals), net "
+            f"corrections {curve['net_corrections']:+d}" + (f" [{net['low']:+.0f}, {net['high']:+.0f}]" if net else ""))
 
 
 if __name__ == "__main__":

@@ -5,17 +5,19 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from evaluators.tool_use import ToolUseEvaluator
 from evaluators.worlds.bfcl.calls import parse_call
 from evaluators.worlds.bfcl.env import BfclEnv, Entry, get_entry
-from evaluators.worlds.bfcl.toolbox import REVEAL, system_prompt
+from evaluators.worlds.bfcl.toolbox import REVEAL, request_text, system_prompt
 from exitagent.curriculum import CurriculumConfig, Start, plan_update
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.tool_use import ToolUseDomain, task_of
 from exitagent.errors import ConfigError
+from exitagent.evaluate import EvalConfig, evaluate, summary_line, write_report
 from exitagent.policy import SamplingParams, ScriptedPolicy
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
 from exitagent.types import BufferEntry, Message, PolicyVersion, StepKind, Variant
@@ -211,8 +213,9 @@ async def test_evaluation_runs_every_request_and_reports_first_request_and_total
     async with ToolUseEvaluator() as evaluator:
         result = await ToolUseDomain().evaluate_task(failing, evaluator, task_of(entry), steps=0, samples=1,
                                                      params=PARAMS, settings=settings(), tick=lambda _: None)
-    assert result.trajectories[0][0].score == 0.0 and result.metrics["first_request_accuracy"] == 1.0
-    assert 0 < result.metrics["total_return"] < 4
+    first = result.trajectories[0][0]  # the first request passed (the headline), a later one did not
+    assert first.score == 1.0 and first.secondary == {"all_requests_accuracy": 0.0}
+    assert result.metrics["first_request_accuracy"] == 1.0 and 0 < result.metrics["total_return"] < 4
 
 
 @pytest.mark.anyio
@@ -237,7 +240,8 @@ async def test_evaluation_budget_caps_turns_over_all_requests(entry: Entry) -> N
                                                      params=PARAMS, settings=settings(max_turns=5),
                                                      tick=lambda _: None)
     record = json.loads(result.trajectories[0][0].text)
-    assert len(record["calls"]) == 2 and result.trajectories[0][0].score == 0.0  # 4 turns, then 1 of request 2
+    assert len(record["calls"]) == 2  # 4 turns, then 1 of request 2
+    assert result.trajectories[0][0].score == 1.0 and result.trajectories[0][0].secondary["all_requests_accuracy"] == 0
     assert result.metrics["first_request_accuracy"] == 1.0
 
 
@@ -255,3 +259,33 @@ async def test_a_message_that_is_no_action_is_told_so_and_costs_a_turn(entry: En
                                                      params=PARAMS, settings=settings(), tick=lambda _: None)
     record = json.loads(result.trajectories[0][0].text)
     assert record["calls"] == [[], [], [], []] and len(record["actions"]) == 40  # 10 turns a request, then the next
+
+
+@pytest.mark.anyio
+async def test_the_report_leads_with_first_request_accuracy_and_keeps_all_requests(tmp_path: Path) -> None:
+    entries = [get_entry("multi_turn_base_0"), get_entry("multi_turn_base_1")]
+    players = {entries[0].id: ground_truth_player(entries[0], wrong_at=(1, 0)),  # request 2 goes wrong
+               entries[1].id: ground_truth_player(entries[1])}
+
+    def play(messages: Sequence[Message]) -> str:
+        [entry] = [e for e in entries if request_text(e.requests[0]) in messages[1].content]
+        return players[entry.id](messages)
+
+    async with ToolUseEvaluator() as evaluator:
+        result = await evaluate(ScriptedPolicy(play, max_context=BIG), evaluator, [task_of(e) for e in entries],
+                                steps=1, samples=2, params=PARAMS, domain=ToolUseDomain(), settings=settings())
+    assert result.score == "first_request_accuracy" and result.accuracy_by_step == (1.0, 1.0)
+    assert result.intervals is not None and result.intervals["accuracy_by_step"][0]["low"] == 1.0
+    all_requests = result.secondary["all_requests_accuracy"]
+    assert all_requests["accuracy_by_step"] == (0.5, 0.5) and all_requests["delta_k"] == 0.0
+    assert all_requests["intervals"]["accuracy_by_step"][0] == {"estimate": 0.5, "low": 0.0, "high": 1.0}
+
+    cfg = EvalConfig(out=tmp_path / "tools.json", domain="tool_use", steps=1, samples=2)
+    write_report(cfg, result)
+    body = json.loads(cfg.out.read_text())
+    assert body["score"] == "first_request_accuracy" and body["accuracy_by_step"] == [1.0, 1.0]
+    assert body["secondary"]["all_requests_accuracy"]["accuracy_by_step"] == [0.5, 0.5]
+    assert cfg.out.with_suffix(".png").stat().st_size > 0
+    line = summary_line(result)
+    assert line.startswith("avg@2 first-request accuracy at k=0 100.0 [100.0, 100.0], at k=1 100.0")
+    assert "; all-requests accuracy at k=0 50.0 [0.0, 100.0], at k=1 50.0 [0.0, 100.0], Delta_1 +0.0" in line
