@@ -30,6 +30,11 @@ def test_every_variant_row_matches_the_spec(domain: str, variant: Variant) -> No
     assert row.kappa == 10.0 and {"kappa"} == NOT_FROM_PAPER  # section 2: "default 10 (not from the paper)"
 
 
+def test_overlong_filtering_is_tool_uses_alone() -> None:
+    """Issue 14: the paper filters action-less tool-use rollouts; exit-spec.md does not restate it."""
+    assert [d for d in DOMAINS if paper_values(d).drop_unparseable] == ["tool_use"]
+
+
 def test_the_spec_not_the_issue_text_sets_p_div() -> None:
     """Issue 14 says p_div 0.2 for tool use and MLE; the spec's section 6 says 0.5 (see paper.py)."""
     assert paper_values("tool_use", Variant.DIVERGE).p_diverge == 0.5
