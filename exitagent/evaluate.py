@@ -13,7 +13,8 @@ scored.
 
 The defaults are the paper's protocol (exit-spec.md section 7): avg@8 (``--samples 8``) sampled at
 the temperature the policy was trained at (``exitagent.policy.TRAINING_TEMPERATURE``), K = 16
-(``--steps``). Base and trained policies must be measured with the same flags to be compared.
+(``--steps``; tool use: 4 revisions per turn, ``curriculum/paper.py``). Base and trained policies
+must be measured with the same flags to be compared.
 
 Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
@@ -68,6 +69,7 @@ import structlog
 from evaluators.base import Evaluator
 from exitagent import curves, routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
+from exitagent.curriculum import paper
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
@@ -82,7 +84,8 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = "exitagent.evaluate/1"
 # The paper's protocol (exit-spec.md section 7, math): avg@8, K = 16, at the training temperature.
-PAPER_SAMPLES, PAPER_STEPS = 8, 16
+# Other domains' K: curriculum/paper.py (tool use 4), the default of --steps.
+PAPER_SAMPLES, PAPER_STEPS = 8, paper.eval_steps("math")
 # Held-out tasks for a 95% interval of Delta_16 of about +-1.5 points at avg@8 (README, "What the
 # evaluation protocol costs": from a measured per-task spread of Delta_K).
 FULL_SIZE_TASKS = 1200
@@ -106,7 +109,9 @@ class EvalConfig:
                                                         "flags": N_TASKS_FLAGS})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw"})
-    steps: int = field(default=PAPER_STEPS, metadata={"help": "K: improve steps after the first attempt"})
+    steps: int | None = field(default=None, metadata={"help": (
+        f"K: improve steps after the first attempt (default: the paper's for the domain, math "
+        f"{paper.eval_steps('math')}, tool use {paper.eval_steps('tool_use')} revisions per turn)")})
     samples: int = field(default=PAPER_SAMPLES, metadata={"help": "n: trajectories per task (avg@n)"})
     temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
         "help": "sampling temperature (default: the one training samples at)"})
@@ -131,8 +136,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         get_domain(self.domain)
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
-        if self.steps < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
+        object.__setattr__(self, "steps", self.k)  # the saved config shows the K that ran
+        if self.k < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
             raise ConfigError("steps must be >= 0; samples, concurrency and max-tokens >= 1")
+
+    @property
+    def k(self) -> int:
+        """``steps``, or the paper's K for the domain when it was not given."""
+        return paper.eval_steps(self.domain) if self.steps is None else self.steps
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
@@ -339,16 +350,16 @@ async def _main(cfg: EvalConfig) -> EvalResult:
     policy = routing.open_servers(cfg.base_url, deadline_s=cfg.server_deadline_s, failover_s=cfg.failover_s,
                                   model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
                                   max_context=cfg.max_context)
-    bar = tqdm(total=len(tasks) * (cfg.samples + cfg.greedy_pass) * (cfg.steps + 1), unit="iterate",
+    bar = tqdm(total=len(tasks) * (cfg.samples + cfg.greedy_pass) * (cfg.k + 1), unit="iterate",
                file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
     try:
         async with policy, domain.open_evaluator(cfg.settings()) as evaluator:
             await policy.check_same_base()
-            result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
+            result = await evaluate(policy, evaluator, tasks, cfg.k, cfg.samples, params=cfg.sampling(),
                                     concurrency=cfg.concurrency, domain=domain, settings=cfg.settings(),
                                     on_progress=bar.update)
             if cfg.greedy_pass:  # same tasks, temperature 0, one sample: the secondary column
-                greedy = await evaluate(policy, evaluator, tasks, cfg.steps, 1,
+                greedy = await evaluate(policy, evaluator, tasks, cfg.k, 1,
                                         params=dataclasses.replace(cfg.sampling(), temperature=0.0),
                                         concurrency=cfg.concurrency * cfg.samples, domain=domain,
                                         settings=cfg.settings(), on_progress=bar.update)
