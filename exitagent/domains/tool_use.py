@@ -289,9 +289,8 @@ class ToolUseDomain:
                 out[k] = await _step(evaluator, task, entry, attempt)
                 tick(1)
 
-            async with anyio.create_task_group() as group:
-                for k in range(steps + 1):
-                    group.start_soon(depth, k)
+            for k in range(steps + 1):  # one after another: at most ``samples`` answers in flight per task
+                await depth(k)
             done = [step for step in out if step is not None]
             trajectories[index], numbers[index] = tuple(s for s, _ in done), [n for _, n in done]
 
