@@ -56,10 +56,17 @@ def net_with_interval(result: dict[str, Any]) -> str:
     return text + (f" [{interval['low']:+.0f}, {interval['high']:+.0f}]" if interval else "")
 
 
-def axes(ax: Any) -> None:
+def score_label(name: str) -> str:
+    """An evaluation's ``score`` (or a secondary score's name) as words: ``first_request_accuracy``
+    -> ``first-request accuracy``."""
+    return name.removesuffix("_accuracy").replace("_", "-") + " accuracy" if name.endswith("_accuracy") \
+        else name.replace("_", " ")
+
+
+def axes(ax: Any, score: str = "accuracy") -> None:
     ax.set_xlabel("self-improvement step k")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    ax.set_ylabel("accuracy (%), 95% interval shaded")
+    ax.set_ylabel(f"{score_label(score)} (%), 95% interval shaded")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -74,12 +81,16 @@ def save(figure: Any, path: Path) -> None:
 
 
 def plot_evaluation(result: dict[str, Any], path: Path, title: str) -> None:
-    """One evaluation (and its greedy pass, dashed, when it has one) as a PNG."""
+    """One evaluation (and its greedy pass, dashed, when it has one) as a PNG: the headline score,
+    then each secondary score (dotted; tool use: all-requests beside first-request accuracy)."""
     figure, ax = plt.subplots(figsize=(6, 4))
+    score = result.get("score", "accuracy")
     draw_curve(ax, result, f"avg@{result['samples']}")
     if result.get("greedy"):
         draw_curve(ax, result["greedy"], "greedy", linestyle="--")
-    ax.set_title(f"{title}\nDelta_{result['steps']} = {delta_with_interval(result)} points, "
+    for name, secondary in (result.get("secondary") or {}).items():
+        draw_curve(ax, secondary, f"{score_label(name)}, avg@{result['samples']}", linestyle=":")
+    ax.set_title(f"{title}\n{score_label(score)}: Delta_{result['steps']} = {delta_with_interval(result)} points, "
                  f"net corrections {net_with_interval(result)}", fontsize=9)
-    axes(ax)
+    axes(ax, score)
     save(figure, path)

@@ -13,12 +13,18 @@ scored.
 
 The defaults are the paper's protocol (exit-spec.md section 7): avg@8 (``--samples 8``) sampled at
 the temperature the policy was trained at (``exitagent.policy.TRAINING_TEMPERATURE``), K = 16
-(``--steps``). Base and trained policies must be measured with the same flags to be compared.
+(``--steps``; tool use: 4 revisions per turn, ``curriculum/paper.py``). Base and trained policies
+must be measured with the same flags to be compared.
 
 Reported in ``--out`` (JSON; a curve goes next to it, same stem, ``.png``):
 
 - ``accuracy_by_step[k]``, k = 0..K: the mean score of the k-th iterates over tasks and samples
-  (avg@n). ``--temperature 0 --samples 1`` is a greedy run.
+  (avg@n). ``--temperature 0 --samples 1`` is a greedy run. ``score`` names what it measures:
+  ``accuracy`` (math), ``first_request_accuracy`` (tool use: the paper's headline), the domain's
+  ``score_name``.
+- ``secondary``: a domain's other per-iterate scores (``Step.secondary``; tool use:
+  ``all_requests_accuracy``, BFCL's entry accuracy), each with its own ``accuracy_by_step``,
+  ``delta_k``, net corrections and ``intervals``, reported after the headline.
 - ``intervals``: a 95% interval for every accuracy, every Delta_k and the net corrections, by a
   paired bootstrap over tasks (``exitagent.stats``; null with fewer than two tasks).
 - ``greedy``: the same metrics (and intervals) of a second, greedy pass (temperature 0, one sample
@@ -63,6 +69,7 @@ import structlog
 from evaluators.base import Evaluator
 from exitagent import curves, routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
+from exitagent.curriculum import paper
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
@@ -77,7 +84,8 @@ log = structlog.get_logger(__name__)
 
 SCHEMA = "exitagent.evaluate/1"
 # The paper's protocol (exit-spec.md section 7, math): avg@8, K = 16, at the training temperature.
-PAPER_SAMPLES, PAPER_STEPS = 8, 16
+# Other domains' K: curriculum/paper.py (tool use 4), the default of --steps.
+PAPER_SAMPLES, PAPER_STEPS = 8, paper.eval_steps("math")
 # Held-out tasks for a 95% interval of Delta_16 of about +-1.5 points at avg@8 (README, "What the
 # evaluation protocol costs": from a measured per-task spread of Delta_K).
 FULL_SIZE_TASKS = 1200
@@ -101,7 +109,9 @@ class EvalConfig:
                                                         "flags": N_TASKS_FLAGS})
     levels: str = field(default="", metadata={"help": "arithmetic levels, comma-separated (empty: all)"})
     seed: int = field(default=0, metadata={"help": "seeds the task draw"})
-    steps: int = field(default=PAPER_STEPS, metadata={"help": "K: improve steps after the first attempt"})
+    steps: int | None = field(default=None, metadata={"help": (
+        f"K: improve steps after the first attempt (default: the paper's for the domain, math "
+        f"{paper.eval_steps('math')}, tool use {paper.eval_steps('tool_use')} revisions per turn)")})
     samples: int = field(default=PAPER_SAMPLES, metadata={"help": "n: trajectories per task (avg@n)"})
     temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
         "help": "sampling temperature (default: the one training samples at)"})
@@ -126,8 +136,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         get_domain(self.domain)
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
-        if self.steps < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
+        object.__setattr__(self, "steps", self.k)  # the saved config shows the K that ran
+        if self.k < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
             raise ConfigError("steps must be >= 0; samples, concurrency and max-tokens >= 1")
+
+    @property
+    def k(self) -> int:
+        """``steps``, or the paper's K for the domain when it was not given."""
+        return paper.eval_steps(self.domain) if self.steps is None else self.steps
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p)
@@ -175,6 +191,8 @@ class EvalResult:
     domain_metrics: dict[str, float] = field(default_factory=dict)  # each TaskResult.metrics key, mean over tasks
     intervals: dict[str, Any] | None = None  # exitagent.stats.Intervals.to_json(); None: under two tasks
     greedy: EvalResult | None = None  # the greedy one-sample pass, when there was one
+    score: str = "accuracy"  # what accuracy_by_step measures (the domain's score_name)
+    secondary: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its curve, Delta_K, intervals
 
     def to_json(self, *, keep_texts: bool = False) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("tasks", "greedy")}
@@ -203,8 +221,10 @@ def _transitions(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str
     return {"wrong_to_right": up, "right_to_wrong": down, "net": up - down}
 
 
-def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s: float = 0.0) -> EvalResult:
-    """Accuracy per step, Delta_K and corrections over every trajectory of ``results``."""
+def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s: float = 0.0, *,
+              score: str = "accuracy") -> EvalResult:
+    """Accuracy per step, Delta_K and corrections over every trajectory of ``results``, for the
+    headline ``score`` and for each of the steps' secondary scores."""
     runs = [t for r in results for t in r.trajectories]
     accuracy: list[float | None] = []
     for k in range(steps + 1):
@@ -229,7 +249,23 @@ def summarize(results: Sequence[TaskResult], steps: int, samples: int, elapsed_s
         context_full_by_step=tuple(sum(t[k].context_full for t in runs) for k in range(steps + 1)),
         policy_versions=dict(sorted(versions.items())), tasks=tuple(results), elapsed_s=round(elapsed_s, 3),
         domain_metrics={k: sum(v) / len(v) for k, v in sorted(extras.items())}, intervals=_intervals(results),
+        score=score, secondary=_secondary(results, steps, samples),
     )
+
+
+def _secondary(results: Sequence[TaskResult], steps: int, samples: int) -> dict[str, dict[str, Any]]:
+    """Each secondary score summarized as if it were the headline (the same means and intervals)."""
+    names = sorted({name for r in results for t in r.trajectories for s in t for name in s.secondary})
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        rescored = [dataclasses.replace(r, trajectories=tuple(
+            tuple(dataclasses.replace(s, score=s.secondary.get(name), secondary={}) for s in t)
+            for t in r.trajectories)) for r in results]
+        summary = summarize(rescored, steps, samples)
+        out[name] = {"accuracy_by_step": summary.accuracy_by_step, "delta_k": summary.delta_k,
+                     "net_corrections": summary.net_corrections, "corrections": summary.corrections,
+                     "intervals": summary.intervals}
+    return out
 
 
 def _intervals(results: Sequence[TaskResult]) -> dict[str, Any] | None:
@@ -273,7 +309,10 @@ async def evaluate(policy: Policy, evaluator: Evaluator, tasks: Sequence[Task], 
     except BaseExceptionGroup as errors:  # callers see the ServerError itself, not a task-group wrapper
         ours, _ = errors.split(ExitAgentError)
         raise _first_leaf(ours or errors) from None
-    result = summarize([r for r in results if r is not None], steps, samples, time.monotonic() - start)
+    # A domain may name its headline score (tool use: first-request accuracy); optional, so that an
+    # environment written against the public API (docs/environments.md) needs nothing new.
+    result = summarize([r for r in results if r is not None], steps, samples, time.monotonic() - start,
+                       score=getattr(runner, "score_name", "accuracy"))
     if len(result.policy_versions) > 1:
         log.warning("policy_changed_during_evaluation", versions=result.policy_versions)
     log.info("evaluation_finished", accuracy_by_step=result.accuracy_by_step, delta_k=result.delta_k,
@@ -311,16 +350,16 @@ async def _main(cfg: EvalConfig) -> EvalResult:
     policy = routing.open_servers(cfg.base_url, deadline_s=cfg.server_deadline_s, failover_s=cfg.failover_s,
                                   model=cfg.model, api_key=cfg.api_key, require_token_ids=False,
                                   max_context=cfg.max_context)
-    bar = tqdm(total=len(tasks) * (cfg.samples + cfg.greedy_pass) * (cfg.steps + 1), unit="iterate",
+    bar = tqdm(total=len(tasks) * (cfg.samples + cfg.greedy_pass) * (cfg.k + 1), unit="iterate",
                file=sys.stderr, disable=not cfg.progress, dynamic_ncols=True, desc="evaluate")
     try:
         async with policy, domain.open_evaluator(cfg.settings()) as evaluator:
             await policy.check_same_base()
-            result = await evaluate(policy, evaluator, tasks, cfg.steps, cfg.samples, params=cfg.sampling(),
+            result = await evaluate(policy, evaluator, tasks, cfg.k, cfg.samples, params=cfg.sampling(),
                                     concurrency=cfg.concurrency, domain=domain, settings=cfg.settings(),
                                     on_progress=bar.update)
             if cfg.greedy_pass:  # same tasks, temperature 0, one sample: the secondary column
-                greedy = await evaluate(policy, evaluator, tasks, cfg.steps, 1,
+                greedy = await evaluate(policy, evaluator, tasks, cfg.k, 1,
                                         params=dataclasses.replace(cfg.sampling(), temperature=0.0),
                                         concurrency=cfg.concurrency * cfg.samples, domain=domain,
                                         settings=cfg.settings(), on_progress=bar.update)
@@ -347,18 +386,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary_line(result: EvalResult) -> str:
-    """Accuracy at 0 and K, Delta_K and net corrections, each with its 95% interval (in points)."""
-    bands = result.intervals or {}
-    ends = bands.get("accuracy_by_step") or [None] * (result.steps + 1)
-    net = bands.get("net_corrections")
-    line = (f"avg@{result.samples} accuracy at k=0 {curves.with_interval(result.accuracy_by_step[0], ends[0])}, "
-            f"at k={result.steps} {curves.with_interval(result.accuracy_by_step[-1], ends[-1])}, Delta_{result.steps} "
-            f"{curves.with_interval(result.delta_k, bands.get('delta_k'), sign=True)} points (95% intervals), net "
-            f"corrections {result.net_corrections:+d}" + (f" [{net['low']:+.0f}, {net['high']:+.0f}]" if net else "")
-            + f", {sum(result.failures_by_step)} evaluator failures")
+    """The headline score at 0 and K, Delta_K and net corrections, each with its 95% interval (in
+    points); then each secondary score the same way, then the greedy pass."""
+    headline = {"accuracy_by_step": result.accuracy_by_step, "delta_k": result.delta_k,
+                "net_corrections": result.net_corrections, "intervals": result.intervals}
+    line = (f"avg@{result.samples} {_curve_line(curves.score_label(result.score), headline, result.steps)}"
+            f", {sum(result.failures_by_step)} evaluator failures")
+    for name, secondary in result.secondary.items():
+        line += f"; {_curve_line(curves.score_label(name), secondary, result.steps)}"
     if result.greedy is not None:
         line += f"; greedy: {summary_line(result.greedy)}"
     return line
+
+
+def _curve_line(label: str, curve: dict[str, Any], steps: int) -> str:
+    bands = curve.get("intervals") or {}
+    ends = bands.get("accuracy_by_step") or [None] * (steps + 1)
+    net = bands.get("net_corrections")
+    accuracy = curve["accuracy_by_step"]
+    return (f"{label} at k=0 {curves.with_interval(accuracy[0], ends[0])}, "
+            f"at k={steps} {curves.with_interval(accuracy[-1], ends[-1])}, Delta_{steps} "
+            f"{curves.with_interval(curve['delta_k'], bands.get('delta_k'), sign=True)} points (95% intervals), net "
+            f"corrections {curve['net_corrections']:+d}" + (f" [{net['low']:+.0f}, {net['high']:+.0f}]" if net else ""))
 
 
 if __name__ == "__main__":

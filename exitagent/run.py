@@ -44,6 +44,7 @@ from exitagent import config
 from exitagent import log as logging_setup
 from exitagent.budget import describe, spent, trained_seconds
 from exitagent.curriculum import store_url
+from exitagent.curriculum.paper import DOMAINS as PAPER_DOMAINS
 from exitagent.curriculum.paper import paper_values
 from exitagent.diversity import NORMS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, child_exit_code, fail
@@ -93,6 +94,13 @@ class RunConfig:
         "help": f"B_min, the buffer is sampled once this full (paper, math: {paper_values('math').min_buffer})"})
     temperature: float = field(default=TRAINING_TEMPERATURE, metadata={
         "help": "sampling temperature of training rollouts"})
+    # None: the paper's value for --domain (curriculum/paper.py), resolved when the config is built.
+    epochs: int | None = field(default=None, metadata={
+        "help": f"passes over each batch (training.update --epochs; default: the paper's for the domain: "
+                f"math {paper_values('math').epochs}, tool use {paper_values('tool_use').epochs})"})
+    drop_unparseable: bool | None = field(default=None, metadata={
+        "help": "leave responses with no valid action out of the loss (training.update --drop-unparseable; "
+                "default: the paper's for the domain: on in tool use, its overlong filtering; off in math)"})
     eval_tasks: int = field(default=100, metadata={"help": "held-out tasks per evaluation"})
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
@@ -112,6 +120,14 @@ class RunConfig:
         "help": "collect processes, each routing its groups over every server (collector index 0, 1, ...)"})
 
     def __post_init__(self) -> None:
+        # A domain of your own (package.module:NAME) has no paper row: one epoch, no filter.
+        row = paper_values(self.domain) if self.domain in PAPER_DOMAINS else None
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", row.epochs if row else 1)
+        if self.drop_unparseable is None:
+            object.__setattr__(self, "drop_unparseable", row.drop_unparseable if row else False)
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
         normalise_precision(self.precision)
         if self.eval_concurrency < 1:
             raise ValueError("--eval-concurrency must be at least 1")
@@ -275,13 +291,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
                          "--seed", str(cfg.seed), "--collector-index", str(i),
                          "--no-progress")
                   for i in range(cfg.collectors)]
-    update = _child(cfg, "update", "training.update", "--run-dir", run, "--groups-per-step", str(cfg.groups_per_step),
-                    "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
-                    "--temperature", str(cfg.temperature), "--precision", cfg.precision,
-                    # no activation checkpointing: a 135M model fits, and without it each group's
-                    # prompt runs once for its G responses (training/loss.py, prefix sharing)
-                    "--no-activation-checkpointing", "--quiet", "--log-json",
-                    *(("--steps", str(cfg.train_updates)) if cfg.train_updates else ()))
+    update = _child(cfg, "update", *update_command(cfg))
     started, next_report = time.monotonic(), 15.0
     try:
         while not stop_requested[0] and (elapsed := time.monotonic() - started) < budget:
@@ -316,6 +326,18 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
             _wait_or_kill(process, grace_s=60)
         _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
         print(f"[run] spent: {describe(spent(cfg.run_dir))}", flush=True)
+
+
+def update_command(cfg: RunConfig) -> list[str]:
+    """The trainer child's module and flags."""
+    return ["training.update", "--run-dir", str(cfg.run_dir), "--groups-per-step", str(cfg.groups_per_step),
+            "--lr", str(cfg.lr), "--beta", "0", "--max-staleness", "2", "--seed", str(cfg.seed),
+            "--temperature", str(cfg.temperature), "--precision", cfg.precision,
+            "--epochs", str(cfg.epochs), "--drop-unparseable" if cfg.drop_unparseable else "--no-drop-unparseable",
+            # no activation checkpointing: a 135M model fits, and without it each group's
+            # prompt runs once for its G responses (training/loss.py, prefix sharing)
+            "--no-activation-checkpointing", "--quiet", "--log-json",
+            *(("--steps", str(cfg.train_updates)) if cfg.train_updates else ())]
 
 
 def progress(run_dir: Path, servers: list[launch.ServeProcess], timeout_s: float = 10.0) -> str:

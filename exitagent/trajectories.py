@@ -34,6 +34,9 @@ class Step:
     truncated: bool = False
     context_full: bool = False  # not generated: ``text`` is the previous iterate, carried over
     failure: str = ""
+    # Other scores of the same iterate, by name, reported beside ``score`` with their own curve and
+    # intervals (tool use: all-requests accuracy beside the first-request headline). None: failed.
+    secondary: Mapping[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

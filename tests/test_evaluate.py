@@ -225,6 +225,9 @@ def test_defaults_are_the_papers_protocol_at_the_training_temperature(tmp_path: 
     add_arguments(parser, EvalConfig)
     cfg = from_args(EvalConfig, parser.parse_args(["--out", str(tmp_path / "o.json")]))
     assert (cfg.samples, cfg.steps, cfg.temperature) == (8, 16, TRAINING_TEMPERATURE)
+    tools = from_args(EvalConfig, parser.parse_args(["--out", "o.json", "--domain", "tool_use"]))
+    assert tools.steps == tools.k == 4  # the paper's tool-use K (revisions per turn): curriculum/paper.py
+    assert from_args(EvalConfig, parser.parse_args(["--out", "o.json", "--domain", "tool_use", "--steps", "2"])).k == 2
     assert cfg.sampling().temperature == RunConfig().temperature == TRAINING_TEMPERATURE == 0.7
     assert CollectConfig.__dataclass_fields__["temperature"].default == TRAINING_TEMPERATURE
     assert UpdateConfig.__dataclass_fields__["temperature"].default == TRAINING_TEMPERATURE

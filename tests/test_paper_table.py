@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from exitagent.curriculum import CurriculumConfig
-from exitagent.curriculum.paper import DOMAINS, NOT_FROM_PAPER, paper_values
+from exitagent.curriculum.paper import DOMAINS, NOT_FROM_PAPER, eval_steps, paper_values
 from exitagent.errors import ConfigError
 from exitagent.types import Variant
 
@@ -16,6 +16,8 @@ SPEC_SECTION_6 = {"math": (512, 128, 0.5, 0.2), "tool_use": (640, 320, 0.5, 0.5)
 # exit-spec.md section 5: "Paper batch sizes: math 128 prompts x 8, tool use 16 x 8 (2 epochs), MLE 4 x 8;
 # learning rate 1e-6 (tool use variants 5e-7)" and "alpha 1.0 for math and tool use, 0.5 for MLE".
 SPEC_SECTION_5 = {"math": (128, 8, 1, 1e-6, 1.0), "tool_use": (16, 8, 2, 5e-7, 1.0), "mle": (4, 8, 1, 1e-6, 0.5)}
+# exit-spec.md section 7: "Paper budgets: math K = 16 (avg@8), tool use K = 4 (avg@8), MLE 16 greedy-search steps".
+SPEC_SECTION_7 = {"math": 16, "tool_use": 4, "mle": 16}
 
 
 @pytest.mark.parametrize("variant", list(Variant))
@@ -27,7 +29,13 @@ def test_every_variant_row_matches_the_spec(domain: str, variant: Variant) -> No
         p = 0.2  # the one per-variant value the spec gives
     assert (row.capacity, row.min_buffer, row.p_buffer, row.p_diverge) == (n, b_min, p, p_div)
     assert (row.groups_per_step, row.group_size, row.epochs, row.lr, row.ref_alpha) == SPEC_SECTION_5[domain]
+    assert row.eval_steps == eval_steps(domain) == SPEC_SECTION_7[domain]
     assert row.kappa == 10.0 and {"kappa"} == NOT_FROM_PAPER  # section 2: "default 10 (not from the paper)"
+
+
+def test_overlong_filtering_is_tool_uses_alone() -> None:
+    """Issue 14: the paper filters action-less tool-use rollouts; exit-spec.md does not restate it."""
+    assert [d for d in DOMAINS if paper_values(d).drop_unparseable] == ["tool_use"]
 
 
 def test_the_spec_not_the_issue_text_sets_p_div() -> None:

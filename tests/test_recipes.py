@@ -36,7 +36,7 @@ PAPER: dict[str, dict[str, dict[str, Any]]] = {
     "tooluse-qwen7b.toml": {
         "serve": {"model": "Qwen/Qwen2.5-7B-Instruct", "tool_call_parser": "hermes"},  # Qwen2.5's tool-call format
         "update": {"model": "Qwen/Qwen2.5-7B-Instruct", "groups_per_step": 16, "lr": 1e-6, "ref_every": 100,
-                   "ref_alpha": 1.0, "epsilon": 0.2},
+                   "ref_alpha": 1.0, "epsilon": 0.2, "epochs": 2, "drop_unparseable": True},
         "collect": {"domain": "tool_use", "group_size": 8, "capacity": 640, "min_buffer": 320, "p_buffer": 0.5,
                     "p_diverge": 0.5, "max_turns": 10},
         "evaluate": {"domain": "tool_use", "steps": 4, "samples": 8, "max_turns": 60},

@@ -22,11 +22,19 @@ conversations after the request, so every per-turn prefix becomes a buffer entry
 
 Evaluate (``evaluate_task``). All requests, one after another as in the entry, up to 60 turns in
 all and 10 per request (then the next request comes); ``miss_func`` entries show their withheld
-functions at the request that reveals them. An iterate is a whole episode: y^0 the plain one, y^k
-an improve step on the LAST action of the first request of y^(k-1) (the request that training
-practises), then the rest of the episode again. A step scores 1 when every request passed (BFCL's
-entry accuracy). ``TaskResult.metrics``: ``first_request_accuracy`` and ``total_return`` (requests
-passed) of y^0, and of y^K (``_final``).
+functions at the request that reveals them. K revisions per turn, as the paper evaluates tool use
+(exit-spec.md section 7): iterate k is a whole episode in which EVERY action was revised k times
+before it ran (``RevisingPolicy``: each improve step sees the request, the earlier turns as
+ordinary history and only the latest iterate of this turn, through ``prompts.step_messages`` as in
+training), then the episode moved on. So y^0 is the plain episode and Delta_K is what K revisions
+per turn change. The first action's chain y_1^0..y_1^K is sampled once and shared by the K + 1
+episodes (paired); each episode after it is its own. Cost per trajectory: about
+(K + 1)(K + 2) / 2 requests per turn of an episode. A step scores 1 when the first request passed
+(first-request accuracy, the paper's headline: ``score_name``); its secondary score
+``all_requests_accuracy`` is 1 when every request passed (BFCL's entry accuracy).
+``TaskResult.metrics``: ``first_request_accuracy`` and ``total_return`` (requests passed) of y^0,
+and of y^K (``_final``); ``revisions_changed``, the share of improve steps that changed the action,
+and ``revisions_without_room``, the share skipped because the prompt left no room to answer.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 import structlog
@@ -56,10 +65,11 @@ from exitagent.curriculum import Start, entry_key, render_iterate
 from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
 from exitagent.errors import ConfigError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_episode
-from exitagent.policy import Policy, SamplingParams
+from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.prompts import step_messages
 from exitagent.rollouts import CUT_OFF, roll_out, score_rollout
+from exitagent.tools import parse_action
 from exitagent.trajectories import Step, TaskResult
 from exitagent.types import Episode, Message, Rollout, Sample, StepKind, StopReason, Task
 
@@ -82,11 +92,58 @@ def _limits(turns: int, params: SamplingParams) -> EpisodeLimits:
     return EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns)
 
 
-async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams) -> list[Sample] | None:
+async def _sample(policy: Policy, messages: Sequence[Message], n: int, params: SamplingParams,
+                  tools: Sequence[dict[str, Any]] | None = None) -> list[Sample] | None:
     room = context_room(policy, messages)
     if room < MIN_ANSWER_TOKENS:
         return None
-    return await policy.sample(messages, n=n, params=replace(params, max_tokens=min(params.max_tokens, room)))
+    return await policy.sample(messages, n=n, params=replace(params, max_tokens=min(params.max_tokens, room)),
+                               tools=tools)
+
+
+@dataclass
+class RevisingPolicy:
+    """``policy``, but every action it returns was revised ``revisions`` times with the improve prompt
+    (K improve steps per turn; module docstring). Counts its improve steps for the metrics."""
+
+    policy: Policy
+    revisions: int
+    revised: int = field(default=0, init=False)  # improve steps sampled
+    changed: int = field(default=0, init=False)  # ... whose action differs from the iterate it revised
+    no_room: int = field(default=0, init=False)  # improve steps skipped: no room to answer
+
+    @property
+    def max_context(self) -> int:
+        return self.policy.max_context
+
+    def estimate_tokens(self, text: str) -> int:
+        return self.policy.estimate_tokens(text)
+
+    async def sample(self, messages: Sequence[Message], *, n: int = 1, params: SamplingParams = DEFAULT_PARAMS,
+                     tools: Sequence[dict[str, Any]] | None = None) -> list[Sample]:
+        firsts = await self.policy.sample(messages, n=n, params=params, tools=tools)
+        return [(await self.chain(messages, first, params, tools))[-1] for first in firsts]
+
+    async def chain(self, messages: Sequence[Message], first: Sample, params: SamplingParams,
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[Sample]:
+        """y_t^0 = ``first`` and its revisions y_t^1..y_t^K, for the turn after ``messages`` (system
+        message, request, earlier turns). Where a prompt leaves no room, the latest iterate stands."""
+        out = [first]
+        for _ in range(self.revisions):
+            latest = out[-1]
+            action = Message("assistant", latest.text, tool_calls=parse_action(latest.text, latest.tool_calls).calls)
+            prompt = (messages[0], *step_messages(StepKind.IMPROVE, messages[1].content, messages[2:],
+                                                  render_iterate(action)))
+            samples = await _sample(self.policy, prompt, 1, params, tools)
+            if samples is None:
+                self.no_room += 1
+                out.append(latest)
+                continue
+            self.revised, self.changed = self.revised + 1, self.changed + (samples[0].text != latest.text)
+            # Its prompt ids are the improve prompt's, not the episode's history: without them the
+            # loop estimates the episode's context from the history, as for a server without ids.
+            out.append(replace(samples[0], prompt_ids=()))
+        return out
 
 
 def _branch(toolbox: BfclToolbox) -> BfclToolbox:
@@ -105,6 +162,9 @@ class Attempt:
 
 class ToolUseDomain:
     name = "tool_use"
+    # The paper's tool-use headline (exit-spec.md section 4): the first request, the one training
+    # practises. All-requests (BFCL's entry) accuracy is each step's secondary score.
+    score_name = "first_request_accuracy"
 
     def __init__(self) -> None:
         self._snapshots: OrderedDict[str, BfclToolbox] = OrderedDict()
@@ -204,22 +264,6 @@ class ToolUseDomain:
             history = (*history, request_message(entry, toolbox.request))
         return Attempt(history, tuple(episodes), stop, toolbox)
 
-    async def _revise(self, policy: Policy, entry: Entry, task: Task, previous: Attempt, budget: int,
-                      params: SamplingParams) -> Attempt | None:
-        """An improve step on the last action of the first request; None when there is none or no room."""
-        history = previous.history
-        end = next((i for i in range(2, len(history)) if history[i].role == "user"), len(history))
-        actions = [i for i in range(2, end) if history[i].role == "assistant"]
-        if not actions:
-            return None
-        prefix, iterate = history[2:actions[-1]], render_iterate(history[actions[-1]])
-        prompt = (history[0], *step_messages(StepKind.IMPROVE, task.prompt, prefix, iterate))
-        samples = await _sample(policy, prompt, 1, params)
-        if samples is None:
-            return None
-        toolbox = await self.toolbox_at(entry, prefix)
-        return await self.run_requests(policy, entry, task, toolbox, history[:actions[-1]], samples[0], budget, params)
-
     async def evaluate_task(self, policy: Policy, evaluator: Evaluator, task: Task, *, steps: int, samples: int,
                             params: SamplingParams, settings: DomainSettings,
                             tick: Callable[[int], object]) -> TaskResult:
@@ -230,36 +274,44 @@ class ToolUseDomain:
             raise ConfigError(f"task {task.id}: the request alone does not fit the context; raise --max-context")
         trajectories: list[tuple[Step, ...]] = [()] * len(firsts)
         numbers: list[list[dict[str, float]]] = [[] for _ in firsts]
+        revisers: list[RevisingPolicy] = []
 
         async def one(index: int) -> None:
-            toolbox = BfclToolbox(env=BfclEnv.fresh(entry))
-            attempt = await self.run_requests(policy, entry, task, toolbox, head, firsts[index], budget, params)
-            out = [await _step(evaluator, task, entry, attempt, numbers[index])]
-            tick(1)
-            for _ in range(steps):
-                revised = await self._revise(policy, entry, task, attempt, budget, params)
-                if revised is None:  # nothing to revise, or no room: the latest iterate stands
-                    out.append(replace(out[-1], version="", context_full=True))
-                    numbers[index].append(numbers[index][-1])
-                else:
-                    attempt = revised
-                    out.append(await _step(evaluator, task, entry, attempt, numbers[index]))
+            shared = RevisingPolicy(policy, steps)  # the first action's chain, one for every depth
+            revisers.append(shared)
+            chain = await shared.chain(head, firsts[index], params)
+            out: list[tuple[Step, dict[str, float]] | None] = [None] * (steps + 1)
+
+            async def depth(k: int) -> None:  # the episode with k revisions per turn
+                revisers.append(reviser := RevisingPolicy(policy, k))
+                toolbox = BfclToolbox(env=BfclEnv.fresh(entry))
+                attempt = await self.run_requests(reviser, entry, task, toolbox, head, chain[k], budget, params)
+                out[k] = await _step(evaluator, task, entry, attempt)
                 tick(1)
-            trajectories[index] = tuple(out)
+
+            for k in range(steps + 1):  # one after another: at most ``samples`` answers in flight per task
+                await depth(k)
+            done = [step for step in out if step is not None]
+            trajectories[index], numbers[index] = tuple(s for s, _ in done), [n for _, n in done]
 
         async with anyio.create_task_group() as group:
             for index in range(len(firsts)):
                 group.start_soon(one, index)
-        return TaskResult(task, tuple(trajectories), _metrics(numbers))
+        return TaskResult(task, tuple(trajectories), _metrics(numbers, revisers))
 
 
-def _metrics(numbers: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
+def _metrics(numbers: Sequence[Sequence[dict[str, float]]], revisers: Sequence[RevisingPolicy]) -> dict[str, float]:
     def mean(at: int, key: str) -> float:
         values = [run[at][key] for run in numbers if run and key in run[at]]
         return sum(values) / len(values) if values else float("nan")
 
-    return {"first_request_accuracy": mean(0, "first_request"), "total_return": mean(0, "passed"),
-            "first_request_accuracy_final": mean(-1, "first_request"), "total_return_final": mean(-1, "passed")}
+    out = {"first_request_accuracy": mean(0, "first_request"), "total_return": mean(0, "passed"),
+           "first_request_accuracy_final": mean(-1, "first_request"), "total_return_final": mean(-1, "passed")}
+    revised, no_room = sum(r.revised for r in revisers), sum(r.no_room for r in revisers)
+    if revised + no_room:  # absent, not NaN, where nothing was revised (K = 0): a NaN would spoil the task mean
+        out["revisions_changed"] = sum(r.changed for r in revisers) / revised if revised else 0.0
+        out["revisions_without_room"] = no_room / (revised + no_room)
+    return out
 
 
 async def _scored(evaluator: Evaluator, task: Task, entry: Entry, episode: Episode, toolbox: BfclToolbox, *,
@@ -269,9 +321,9 @@ async def _scored(evaluator: Evaluator, task: Task, entry: Entry, episode: Episo
     return await score_rollout(evaluator, task, episode, record.to_json())
 
 
-async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt,
-                numbers: list[dict[str, float]]) -> Step:
-    """One evaluation iterate: 1.0 when every request was reached and passed."""
+async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt) -> tuple[Step, dict[str, float]]:
+    """One evaluation iterate: 1.0 when the first request passed; secondary ``all_requests_accuracy``
+    1.0 when every request was reached and passed. Beside it, the numbers ``_metrics`` averages."""
     record = CallRecord(entry.id, tuple(tuple(c) for c in attempt.toolbox.calls))
     actions = [m.content[:500] for m in attempt.history if m.role == "assistant"]
     text = json.dumps({**json.loads(record.to_json()), "actions": actions})  # the record, and what the model wrote
@@ -281,8 +333,8 @@ async def _step(evaluator: Evaluator, task: Task, entry: Entry, attempt: Attempt
     score, failure = await score_or_failure(evaluator.score(task, record.to_json()), "iterate_scoring_failed",
                                             task_id=task.id)
     if score is None:
-        numbers.append({})
-        return Step(text, None, version, truncated, failure=failure)
-    numbers.append({"first_request": score.components["first_request"], "passed": score.components["passed"]})
+        return Step(text, None, version, truncated, failure=failure), {}
     complete = len(record.calls) == len(entry.requests)
-    return Step(text, float(score.total == 1.0 and complete), version, truncated)
+    return (Step(text, score.components["first_request"], version, truncated,
+                 secondary={"all_requests_accuracy": float(score.total == 1.0 and complete)}),
+            {"first_request": score.components["first_request"], "passed": score.components["passed"]})

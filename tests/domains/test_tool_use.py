@@ -5,19 +5,22 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from evaluators.tool_use import ToolUseEvaluator
 from evaluators.worlds.bfcl.calls import parse_call
 from evaluators.worlds.bfcl.env import BfclEnv, Entry, get_entry
-from evaluators.worlds.bfcl.toolbox import REVEAL, system_prompt
+from evaluators.worlds.bfcl.toolbox import REVEAL, request_text, system_prompt
 from exitagent.curriculum import CurriculumConfig, Start, plan_update
 from exitagent.domains import DomainSettings, TaskSpec, get_domain
 from exitagent.domains.tool_use import ToolUseDomain, task_of
 from exitagent.errors import ConfigError
+from exitagent.evaluate import EvalConfig, evaluate, summary_line, write_report
 from exitagent.policy import SamplingParams, ScriptedPolicy
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
+from exitagent.trajectories import TaskResult
 from exitagent.types import BufferEntry, Message, PolicyVersion, StepKind, Variant
 
 PARAMS = SamplingParams(max_tokens=400)
@@ -44,8 +47,9 @@ def ground_truth_player(entry: Entry, wrong_at: tuple[int, int] | None = None):
         requests = [i for i, m in enumerate(messages) if m.role == "user" and not is_iteration(m)]
         if is_iteration(messages[-1]):
             messages = messages[:-1]
-        request = len(requests) - 1
-        done = sum(m.role == "assistant" for m in messages[requests[-1]:])
+        # An improve step on the first action is the template alone: request 0, nothing done yet.
+        request = max(len(requests) - 1, 0)
+        done = sum(m.role == "assistant" for m in messages[requests[-1]:]) if requests else 0
         calls = entry.ground_truth[request]
         if wrong_at == (request, done):
             return '<tool>{"name": "mkdir", "arguments": {"dir_name": "wrong"}}</tool>'
@@ -202,17 +206,17 @@ async def test_evaluation_runs_every_request_and_reports_first_request_and_total
     assert result.metrics["first_request_accuracy"] == 1.0 and result.metrics["total_return"] == 4.0
     record = json.loads(result.trajectories[0][0].text)
     assert [len(c) for c in record["calls"]] == [len(c) for c in entry.ground_truth]
+    turns = sum(len(calls) + 1 for calls in entry.ground_truth)  # each request: its calls, then <TASK_FINISHED>
     revisions = [call for call in policy.calls if is_iteration(call[-1])]
-    assert len(revisions) == 2  # one per trajectory: the last action of the first request, after its calls
-    assert revisions[0][-1].content.endswith("## Current response:\n<TASK_FINISHED>")
-    assert [m.role for m in revisions[0][1:]] == ["user"] + ["assistant", "tool"] * 3 + ["user"]
+    assert len(revisions) == 2 * turns  # K = 1: every turn of the k = 1 episode revised once, per trajectory
 
     failing = ScriptedPolicy(ground_truth_player(entry, wrong_at=(1, 0)), max_context=BIG)
     async with ToolUseEvaluator() as evaluator:
         result = await ToolUseDomain().evaluate_task(failing, evaluator, task_of(entry), steps=0, samples=1,
                                                      params=PARAMS, settings=settings(), tick=lambda _: None)
-    assert result.trajectories[0][0].score == 0.0 and result.metrics["first_request_accuracy"] == 1.0
-    assert 0 < result.metrics["total_return"] < 4
+    first = result.trajectories[0][0]  # the first request passed (the headline), a later one did not
+    assert first.score == 1.0 and first.secondary == {"all_requests_accuracy": 0.0}
+    assert result.metrics["first_request_accuracy"] == 1.0 and 0 < result.metrics["total_return"] < 4
 
 
 @pytest.mark.anyio
@@ -237,7 +241,8 @@ async def test_evaluation_budget_caps_turns_over_all_requests(entry: Entry) -> N
                                                      params=PARAMS, settings=settings(max_turns=5),
                                                      tick=lambda _: None)
     record = json.loads(result.trajectories[0][0].text)
-    assert len(record["calls"]) == 2 and result.trajectories[0][0].score == 0.0  # 4 turns, then 1 of request 2
+    assert len(record["calls"]) == 2  # 4 turns, then 1 of request 2
+    assert result.trajectories[0][0].score == 1.0 and result.trajectories[0][0].secondary["all_requests_accuracy"] == 0
     assert result.metrics["first_request_accuracy"] == 1.0
 
 
@@ -255,3 +260,81 @@ async def test_a_message_that_is_no_action_is_told_so_and_costs_a_turn(entry: En
                                                      params=PARAMS, settings=settings(), tick=lambda _: None)
     record = json.loads(result.trajectories[0][0].text)
     assert record["calls"] == [[], [], [], []] and len(record["actions"]) == 40  # 10 turns a request, then the next
+
+
+@pytest.mark.anyio
+async def test_the_report_leads_with_first_request_accuracy_and_keeps_all_requests(tmp_path: Path) -> None:
+    entries = [get_entry("multi_turn_base_0"), get_entry("multi_turn_base_1")]
+    players = {entries[0].id: ground_truth_player(entries[0], wrong_at=(1, 0)),  # request 2 goes wrong
+               entries[1].id: ground_truth_player(entries[1])}
+
+    def play(messages: Sequence[Message]) -> str:
+        [entry] = [e for e in entries if request_text(e.requests[0]) in messages[1].content]
+        return players[entry.id](messages)
+
+    async with ToolUseEvaluator() as evaluator:
+        result = await evaluate(ScriptedPolicy(play, max_context=BIG), evaluator, [task_of(e) for e in entries],
+                                steps=1, samples=2, params=PARAMS, domain=ToolUseDomain(), settings=settings())
+    assert result.score == "first_request_accuracy" and result.accuracy_by_step == (1.0, 1.0)
+    assert result.intervals is not None and result.intervals["accuracy_by_step"][0]["low"] == 1.0
+    all_requests = result.secondary["all_requests_accuracy"]
+    assert all_requests["accuracy_by_step"] == (0.5, 0.5) and all_requests["delta_k"] == 0.0
+    assert all_requests["intervals"]["accuracy_by_step"][0] == {"estimate": 0.5, "low": 0.0, "high": 1.0}
+
+    cfg = EvalConfig(out=tmp_path / "tools.json", domain="tool_use", steps=1, samples=2)
+    write_report(cfg, result)
+    body = json.loads(cfg.out.read_text())
+    assert body["score"] == "first_request_accuracy" and body["accuracy_by_step"] == [1.0, 1.0]
+    assert body["secondary"]["all_requests_accuracy"]["accuracy_by_step"] == [0.5, 0.5]
+    assert cfg.out.with_suffix(".png").stat().st_size > 0
+    line = summary_line(result)
+    assert line.startswith("avg@2 first-request accuracy at k=0 100.0 [100.0, 100.0], at k=1 100.0")
+    assert "; all-requests accuracy at k=0 50.0 [0.0, 100.0], at k=1 50.0 [0.0, 100.0], Delta_1 +0.0" in line
+
+
+async def evaluated(entry: Entry, policy: ScriptedPolicy, steps: int) -> TaskResult:
+    async with ToolUseEvaluator() as evaluator:
+        return await ToolUseDomain().evaluate_task(policy, evaluator, task_of(entry), steps=steps, samples=1,
+                                                   params=PARAMS, settings=settings(), tick=lambda _: None)
+
+
+def wrong_until_revised(entry: Entry):
+    """Every plain action is a wrong call; every improve step answers with the ground truth."""
+    truth = ground_truth_player(entry)
+    return lambda messages: truth(messages) if is_iteration(messages[-1]) else \
+        '<tool>{"name": "mkdir", "arguments": {"dir_name": "wrong"}}</tool>'
+
+
+@pytest.mark.anyio
+async def test_k_revisions_per_turn_before_the_episode_moves_on(entry: Entry) -> None:
+    policy = ScriptedPolicy(wrong_until_revised(entry), max_context=BIG)
+    result = await evaluated(entry, policy, steps=2)
+    [trajectory] = result.trajectories  # k = 0: the plain episode; k >= 1: every action revised k times
+    assert [s.score for s in trajectory] == [0.0, 1.0, 1.0]
+    assert [s.secondary["all_requests_accuracy"] for s in trajectory] == [0.0, 1.0, 1.0]
+    assert [len(c) for c in json.loads(trajectory[2].text)["calls"]] == [len(c) for c in entry.ground_truth]
+    assert result.metrics["first_request_accuracy"] == 0.0 and result.metrics["first_request_accuracy_final"] == 1.0
+    # The first action's chain (2 steps) is shared; after it, depth k revises each later turn k times.
+    turns = sum(len(calls) + 1 for calls in entry.ground_truth)
+    revisions = [call for call in policy.calls if is_iteration(call[-1])]
+    assert len(revisions) == 2 + (1 + 2) * (turns - 1)
+    first_turn = [call for call in revisions if len(call) == 2]  # the template alone: the request appears once
+    assert len(first_turn) == 2 and first_turn[0][1].content.count(task_of(entry).prompt) == 1
+    assert "mkdir" in first_turn[0][1].content  # then the latest iterate: the first revision's call
+    assert json_call(entry, entry.ground_truth[0][0]) in first_turn[1][1].content
+    for call in revisions:  # earlier turns as ordinary history, the latest iterate only, no feedback
+        assert not any(is_iteration(m) for m in call[1:-1]) and call[-1].content.count("## Current response:") == 1
+    # unchanged: the second step of the shared chain and of each later turn at depth 2
+    assert result.metrics["revisions_changed"] == pytest.approx(1 - turns / len(revisions))
+    assert result.metrics["revisions_without_room"] == 0.0
+
+
+@pytest.mark.anyio
+async def test_a_revision_without_room_keeps_the_action(entry: Entry) -> None:
+    policy = ScriptedPolicy(wrong_until_revised(entry), max_context=BIG)
+    head = (Message("system", system_prompt(entry)), Message("user", task_of(entry).prompt))
+    policy.max_context = sum(policy.estimate_tokens(m.content) for m in head) + 120  # the improve prompt is longer
+    result = await evaluated(entry, policy, steps=2)
+    assert [s.score for s in result.trajectories[0]] == [0.0, 0.0, 0.0]
+    assert not any(is_iteration(call[-1]) for call in policy.calls)
+    assert result.metrics["revisions_without_room"] == 1.0

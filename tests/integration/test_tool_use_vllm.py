@@ -83,6 +83,10 @@ def test_evaluate_runs_every_request_on_the_test_split(tool_served, tmp_path: Pa
     assert body["num_tasks"] == 2 and len(body["accuracy_by_step"]) == 2
     metrics = body["domain_metrics"]
     assert 0.0 <= metrics["first_request_accuracy"] <= 1.0 and metrics["total_return"] >= 0.0
+    assert body["score"] == "first_request_accuracy"  # the paper's headline; all-requests beside it
+    assert body["accuracy_by_step"][0] == metrics["first_request_accuracy"]
+    assert len(body["secondary"]["all_requests_accuracy"]["accuracy_by_step"]) == 2
+    assert 0.0 <= metrics["revisions_changed"] <= 1.0  # K = 1: every action of the k = 1 episode revised once
     for row in body["per_task"]:
         record = json.loads(row["texts"][0][0])
         assert record["entry"] == row["id"] and record["actions"]  # the model acted, and its calls were judged

@@ -1,0 +1,65 @@
+"""exitagent.run's trainer defaults per domain come from the paper's table (curriculum/paper.py):
+tool use trains 2 epochs per batch with the overlong filter, math 1 epoch without it; flags win.
+Checked on the trainer child's command line, parsed by training.update's own parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from exitagent import config, run, variants
+from exitagent.curriculum.paper import paper_values
+from exitagent.types import Variant
+from training.config import UpdateConfig
+
+
+def trainer(flags: list[str], tmp_path: Path) -> UpdateConfig:
+    """The UpdateConfig the main job's trainer child would build from its command line."""
+    command = run.update_command(run.parse_config(["--run-dir", str(tmp_path), *flags]))
+    assert command[0] == "training.update"
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, UpdateConfig)
+    return config.from_args(UpdateConfig, parser.parse_args(command[1:]))
+
+
+def test_tool_use_trains_two_epochs_with_the_overlong_filter(tmp_path: Path) -> None:
+    update = trainer(["--domain", "tool_use"], tmp_path)
+    row = paper_values("tool_use")
+    assert (update.epochs, update.drop_unparseable) == (row.epochs, row.drop_unparseable) == (2, True)
+
+
+def test_math_defaults_are_unchanged(tmp_path: Path) -> None:
+    assert (trainer([], tmp_path).epochs, trainer([], tmp_path).drop_unparseable) == (1, False)
+    assert (trainer(["--domain", "math"], tmp_path).epochs, paper_values("math").epochs) == (1, 1)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--domain", "tool_use", "--epochs", "1", "--no-drop-unparseable"], (1, False)),
+    (["--domain", "tool_use", "--epochs", "3"], (3, True)),
+    (["--epochs", "2", "--drop-unparseable"], (2, True)),
+])
+def test_explicit_flags_win(flags: list[str], expected: tuple[int, bool], tmp_path: Path) -> None:
+    update = trainer(flags, tmp_path)
+    assert (update.epochs, update.drop_unparseable) == expected
+
+
+def test_a_variants_run_gets_them_and_the_saved_config_shows_what_ran(tmp_path: Path) -> None:
+    args = variants.run_args(tmp_path, Variant.GRPO, 1, ["--domain", "tool_use"])
+    cfg = run.parse_config(args)
+    assert (cfg.epochs, cfg.drop_unparseable) == (2, True)
+    saved = json.loads(config.to_json(cfg))
+    assert (saved["epochs"], saved["drop_unparseable"]) == (2, True)  # resolved, not null
+
+
+def test_a_domain_of_your_own_gets_one_epoch_and_no_filter(tmp_path: Path) -> None:
+    cfg = run.parse_config(["--run-dir", str(tmp_path), "--domain", "mypackage.envs:NOTES"])
+    assert (cfg.epochs, cfg.drop_unparseable) == (1, False)
+
+
+def test_zero_epochs_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_config(["--run-dir", str(tmp_path), "--epochs", "0"])
+    assert exit_info.value.code == 2
