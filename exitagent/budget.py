@@ -6,7 +6,8 @@
 The variants are compared at equal trainer updates (exit-spec.md section 6: only the prompts differ,
 so the paper's comparison is compute-equivalent by construction); this is how a report shows that
 they were, and what each one cost besides (full ExIt's longer prompts and embedding model take
-more minutes per update). ``truncation_by_step_kind`` is the share of responses cut at their token
+more minutes per update; the ``chains`` control's chains, generated but never trained on, are in
+its groups' ``completion_tokens``). ``truncation_by_step_kind`` is the share of responses cut at their token
 limit, per step kind (base, improve, diverge, ...): an iterate format that does not fit its
 ``max_tokens`` shows up here.
 """

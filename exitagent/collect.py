@@ -48,7 +48,7 @@ from tqdm import tqdm
 from evaluators.base import Evaluator
 from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, save
-from exitagent.curriculum import Curriculum, CurriculumConfig, Start
+from exitagent.curriculum import Curriculum, CurriculumConfig, Start, chains
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import NORMS, Embedder, MiniLMEmbedder
@@ -74,7 +74,10 @@ class CollectConfig(TrackFlags):
     model: str = field(default="policy", metadata={"help": "model name to ask the server for"})
     domain: str = field(default="math", metadata={
         "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
-    variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
+    variant: Variant = field(default=Variant.EXIT, metadata={
+        "help": "which of the paper's five variants, or 'chains' (the naive control, exitagent/curriculum/chains.py)"})
+    chain_max_depth: int = field(default=chains.DEFAULT_MAX_DEPTH, metadata={
+        "help": "variant chains: K is drawn uniformly from 0..this (default: the main job's evaluation depth)"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
     task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
                                                              "flags": SOURCE_FLAGS})
@@ -127,6 +130,8 @@ class CollectConfig(TrackFlags):
             raise ConfigError("group-size, concurrency and max-tokens must be >= 1; groups, max-staleness and "
                               "the per-step max-tokens >= 0")
         self.curriculum()  # its own checks, now rather than mid-run
+        if self.variant is Variant.CHAINS:
+            chains.check(self.domain, self.chain_max_depth)
         self.check_tracking()
 
     def curriculum(self) -> CurriculumConfig:
@@ -203,6 +208,8 @@ async def _one_group(run: _Run, group_id: str) -> None:
     began = time.monotonic()
     with run.store.view() as buffer:
         start = run.curriculum.choose_start(buffer)
+    if run.cfg.variant is Variant.CHAINS:  # the naive control: K single-sample steps before the group
+        start = await chains.grow(run.policy, start, run.curriculum.rng, run.cfg.chain_max_depth, run.cfg.sampling)
     servers: list[str] = []  # more than one: a server stopped answering and the group ran again elsewhere
 
     async def on(server: Pinned) -> RolledGroup:
@@ -247,7 +254,7 @@ def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, 
         rollouts_crashed=_crashed(result), rollouts_crashed_total=run.crashed,
         buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens + chains.chain_tokens(start),
         rollouts=len(result.rollouts), truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3),
         seconds=round(seconds, 3),
         # several servers: which one answered, how far apart the servers' versions are, and how far

@@ -174,13 +174,14 @@ class StepKind(StrEnum):
 
 
 class Variant(StrEnum):
-    """The five variants the paper compares (exit-spec.md section 6)."""
+    """The five variants the paper compares (exit-spec.md section 6), then our control."""
 
     GRPO = "grpo"
     CURRICULUM = "curriculum"
     IMPROVE = "improve"
     DIVERGE = "diverge"
     EXIT = "exit"
+    CHAINS = "chains"  # control, not the paper's: trains on random-depth K-step chains (curriculum/chains.py)
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,10 @@ from exitagent.run_dir import RunDir
 from exitagent.types import Variant
 
 ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]
+# Not the paper's five: run only when asked (--variants grpo,exit,chains), shown after them.
+CONTROLS = [Variant.CHAINS]
 LABELS = {Variant.GRPO: "GRPO", Variant.CURRICULUM: "+ curriculum", Variant.IMPROVE: "+ improve",
-          Variant.DIVERGE: "+ diverge", Variant.EXIT: "full ExIt"}
+          Variant.DIVERGE: "+ diverge", Variant.EXIT: "full ExIt", Variant.CHAINS: "naive K-step chains (control)"}
 
 
 def run_args(run_dir: Path, variant: Variant, seed: int, passthrough: list[str]) -> list[str]:
@@ -166,7 +168,7 @@ def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
                 f"{100 * delta:+.1f} ± {100 * delta_sd:.1f} | {intervals} | {cost} |")
 
     lines.append(line("base model", table["base"]))
-    for variant in ORDER:
+    for variant in (*ORDER, *CONTROLS):
         if variant.value in table["variants"]:
             lines.append(line(LABELS[variant], table["variants"][variant.value]))
     text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
@@ -181,7 +183,7 @@ def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
         return {"accuracy_by_step": row["curve"], "intervals": row.get("intervals")}
 
     curves.draw_curve(axis, curve(table["base"]), "base model", color="black", linestyle="--")
-    for variant in ORDER:
+    for variant in (*ORDER, *CONTROLS):
         if variant.value in table["variants"]:
             curves.draw_curve(axis, curve(table["variants"][variant.value]), LABELS[variant])
     curves.axes(axis)
@@ -202,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Other flags are passed to every `python -m exitagent.run`.")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/variants"))
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    parser.add_argument("--variants", default=",".join(v.value for v in ORDER), help="comma-separated variants")
+    parser.add_argument("--variants", default=",".join(v.value for v in ORDER),
+                        help="comma-separated variants; add 'chains' for the naive control (random-depth K-step "
+                             "chains, exitagent/curriculum/chains.py)")
     parser.add_argument("--updates", type=int, default=40, help="trainer updates per run, every variant alike")
     parser.add_argument("--max-minutes", type=float, default=60.0, help="wall-clock cap of a run's training")
     parser.add_argument("--run-size-evaluation", action="store_true",

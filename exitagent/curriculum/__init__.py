@@ -65,7 +65,7 @@ class CurriculumConfig:
 
     @property
     def uses_buffer(self) -> bool:
-        return self.variant is not Variant.GRPO
+        return self.variant not in (Variant.GRPO, Variant.CHAINS)  # chains: no buffer (chains.py)
 
     @property
     def diversity_bonus(self) -> bool:
