@@ -54,7 +54,7 @@ from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_rows import messages_from_json, messages_to_json
 from exitagent.curriculum.store_url import open_run_store, open_store, run_store_target
 from exitagent.errors import ConfigError, StoreError
-from exitagent.rollouts import CUT_OFF, group_version
+from exitagent.rollouts import CUT_OFF
 from exitagent.types import (
     Episode,
     PolicyVersion,
@@ -66,6 +66,7 @@ from exitagent.types import (
     Task,
     TrainingSequence,
     Turn,
+    group_version,
 )
 
 log = structlog.get_logger(__name__)
