@@ -43,11 +43,11 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent.agent import iterate_messages, sample_step
 from exitagent.curriculum import Start
 from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.errors import ConfigError, EvaluatorError, ExitAgentError, score_or_failure
 from exitagent.function_tools import FunctionTool, function_tool
+from exitagent.iterates import iterate_messages, sample_step
 from exitagent.loop import EpisodeLimits, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room

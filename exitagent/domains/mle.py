@@ -36,7 +36,6 @@ from evaluators.mle import MLEEvaluator, competition_of, extract_program
 from evaluators.worlds import mle as competitions
 from evaluators.worlds.mle import Competition, load_competition
 from evaluators.worlds.mle.search import Node, SearchResult, greedy_search
-from exitagent.agent import MIN_ANSWER_TOKENS
 from exitagent.curriculum import Start
 from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.domains.mle_prompts import (
@@ -48,6 +47,7 @@ from exitagent.domains.mle_prompts import (
     step_prompt,
 )
 from exitagent.errors import ConfigError
+from exitagent.iterates import MIN_ANSWER_TOKENS
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
