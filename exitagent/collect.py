@@ -60,7 +60,7 @@ from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams
 from exitagent.rollouts import with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.types import Group, StepKind, Task, Variant
+from exitagent.types import APP_TASK_PREFIX, Group, StepKind, Task, Variant
 
 log = structlog.get_logger(__name__)
 
@@ -270,8 +270,12 @@ def _check_run(cfg: CollectConfig, store: CurriculumStore, tasks: list[Task]) ->
     if variants:
         raise ConfigError(f"{cfg.run_dir} holds groups of variant {sorted(v.value for v in variants)}, "
                           f"not {cfg.variant.value}: use a new run dir per variant")
-    ids = {t.id for t in tasks}
-    missing = sorted({e.task_id for e in store.entries()} - ids)
+    unknown = {e.task_id for e in store.entries()} - {t.id for t in tasks}
+    apps = sorted(t for t in unknown if t.startswith(APP_TASK_PREFIX))
+    if apps:  # an app fed this run through the recorder: its entries are for the app to improve, not collect
+        log.info("app_entries_skipped", app_tasks=len(apps),
+                 why="only the app can score answers to its requests: a draw of one starts a base task")
+    missing = sorted(unknown - set(apps))
     if missing:
         raise ConfigError(f"the buffer in {cfg.run_dir} has entries for {len(missing)} tasks not in this task set "
                           f"(e.g. {missing[0]}): rerun with the run's own task flags and seed")

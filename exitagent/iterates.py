@@ -28,7 +28,7 @@ from exitagent.loop import EpisodeLimits, run_group
 from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams, room
 from exitagent.prompts import step_messages
 from exitagent.tools import PythonTool, Tool, Toolbox
-from exitagent.types import CUT_OFF, Episode, Message, Sample, Score, StepKind, Task
+from exitagent.types import APP_TASK_PREFIX, CUT_OFF, Episode, Message, Sample, Score, StepKind, Task
 from sandboxes.base import Sandbox
 
 log = structlog.get_logger(__name__)
@@ -248,7 +248,7 @@ class AgentTools:
 
 def request_id(request: str) -> str:
     """A request's task id: the same text is the same task in the store (its buffer entries share it)."""
-    return "app-" + uuid.uuid5(uuid.NAMESPACE_URL, request).hex[:16]
+    return APP_TASK_PREFIX + uuid.uuid5(uuid.NAMESPACE_URL, request).hex[:16]
 
 
 async def _scored(iterate: Iterate, scorer: TextScorer) -> Iterate:

@@ -28,8 +28,9 @@ groups; ``improve``'s step k is a group that starts from the step's prompt (the 
 latest iterate), an IMPROVE or DIVERGE group of depth k as in ExIt, whose tokens hold that prompt.
 Its previous iterate is not a buffer entry (the app gave it, not the buffer), so the new answers
 enter the buffer as first attempts. ``training.update --run-dir RUN`` trains on them like any
-collected group. A collect on the same run would need the
-app's requests in its task set (it checks that every buffer entry's task is known).
+collected group. A collect on the same run trains on its own tasks beside them: only the app can
+score answers to its requests, so collect leaves their buffer entries to the app (a draw of one
+starts a base task; ``app_entries_skipped`` says so once).
 
 A store that cannot be reached does not stop the app: the record is appended to a spool (JSONL,
 ``RUN/spool/recorder.jsonl`` or ``spool=``) and written, in order, on the next record or

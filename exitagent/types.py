@@ -65,6 +65,8 @@ class Message:
     tool_call_id: str | None = None
     name: str | None = None
 
+APP_TASK_PREFIX = "app-"  # the id of a task an app's request became (iterates.request_id): recorded, not collected
+
 
 @dataclass(frozen=True)
 class Task:

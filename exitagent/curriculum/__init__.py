@@ -30,6 +30,7 @@ from exitagent.curriculum.store import Buffer, CurriculumStore
 from exitagent.errors import ConfigError
 from exitagent.prompts import step_messages
 from exitagent.types import (
+    APP_TASK_PREFIX,
     BufferEntry,
     Group,
     Message,
@@ -163,6 +164,11 @@ def choose_start(
         entry = sample_entry(buffer, config.kappa, rng)
         if entry is not None:
             index = tasks_by_id if tasks_by_id is not None else {t.id: t for t in tasks}
+            if entry.task_id not in index and entry.task_id.startswith(APP_TASK_PREFIX):
+                # An app's request (exitagent.recorder) in the run's buffer: only the app can score
+                # answers to it (collect's evaluator has no gold answer for it), so a collector that
+                # draws one starts a base task instead. The app's own groups still train.
+                return Start(rng.choice(tasks), StepKind.BASE, variant=config.variant)
             if entry.task_id not in index:
                 raise ConfigError(f"buffer entry {entry.id} is for task {entry.task_id!r}, not in this task set")
             return Start(index[entry.task_id], step_kind_for(config, entry, rng), entry, config.variant)
