@@ -114,7 +114,7 @@ async def _generate(policy: Any, evaluator: Any, store: Any, tasks: list[Any], a
 
     from exitagent.policy import SamplingParams
     from exitagent.rollouts import roll_out
-    from exitagent.types import Group, Message, StepKind, Variant
+    from exitagent.types import Group, Message, StepKind, Variant, group_version
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     tokens, rewards = 0, list[float]()
@@ -122,12 +122,13 @@ async def _generate(policy: Any, evaluator: Any, store: Any, tasks: list[Any], a
     async def one(k: int) -> None:
         nonlocal tokens
         task = tasks[k]
-        result = await roll_out(task, [Message("user", task.prompt)], policy, evaluator, group_size=args.samples,
-                                params=params)
-        group = Group(f"it{iteration}-{k}", task.id, StepKind.BASE, Variant.GRPO, result.version, 0, result.rollouts)
+        rollouts = await roll_out(task, [Message("user", task.prompt)], policy, evaluator, group_size=args.samples,
+                                  params=params)
+        group = Group(f"it{iteration}-{k}", task.id, StepKind.BASE, Variant.GRPO,
+                      group_version(r.episode for r in rollouts), 0, rollouts)
         store.record_group(group, lambda buffer: None)
-        tokens += result.completion_tokens
-        rewards.extend(r.reward for r in result.rollouts if r.reward is not None)
+        tokens += group.completion_tokens
+        rewards.extend(r.reward for r in group.rollouts if r.reward is not None)
 
     async with anyio.create_task_group() as group:
         for k in range(len(tasks)):

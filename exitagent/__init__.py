@@ -12,14 +12,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from exitagent.agent import Improvement, Iterate, Reply, SelfImprovingAgent
+    from exitagent.agent import Reply, SelfImprovingAgent
     from exitagent.domains.environment import Environment
+    from exitagent.iterates import Improvement, Iterate
     from exitagent.recorder import Recorder
     from exitagent.types import Score, Task
 
 __all__ = ["Environment", "Improvement", "Iterate", "Recorder", "Reply", "Score", "SelfImprovingAgent", "Task"]
 
-_LAZY = {"Improvement": "exitagent.agent", "Iterate": "exitagent.agent", "SelfImprovingAgent": "exitagent.agent",
+_LAZY = {"Improvement": "exitagent.iterates", "Iterate": "exitagent.iterates", "SelfImprovingAgent": "exitagent.agent",
          "Reply": "exitagent.agent", "Recorder": "exitagent.recorder",
          "Environment": "exitagent.domains.environment", "Score": "exitagent.types", "Task": "exitagent.types"}
 

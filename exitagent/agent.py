@@ -37,210 +37,47 @@ without a call or ``max_turns`` is hit; an improve step is a fresh episode shown
 Learning from the app. ``respond(request)`` answers and returns a ``Reply`` with an
 ``episode_id``; with a ``recorder`` (``exitagent.recorder.Recorder``: a run directory or store URL)
 the episode, token ids and behaviour logprobs included, is kept until the app reports how good the
-answer was: ``await agent.feedback(reply.episode_id, reward)``. When a recorded episode becomes a
-trainable group is the recorder's rule (its docstring). ``policy_version()`` reads the version the
+answer was: ``await agent.feedback(reply.episode_id, reward)``. ``improve`` is recorded too: each
+step is a group that starts from the step's prompt (step k an IMPROVE or DIVERGE group of depth
+k, as in ExIt); ``Iterate.episode_id`` is what ``feedback`` takes, and with an ``evaluator`` its
+score is the reward already. When a recorded episode becomes a trainable group is the recorder's
+rule (its docstring). ``policy_version()`` reads the version the
 server serves, and ``async for version in agent.versions():`` yields it each time it changes.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import anyio
 import structlog
 
 from exitagent.client import UNKNOWN, OpenAIPolicy
-from exitagent.errors import ConfigError, ExitAgentError, ServerError, score_or_failure
-from exitagent.function_tools import FunctionTool, function_tool
-from exitagent.loop import EpisodeLimits, run_group
-from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams, room
-from exitagent.prompts import step_messages
-from exitagent.rollouts import CUT_OFF
-from exitagent.tools import PythonTool, Tool, Toolbox
-from exitagent.types import Episode, Message, PolicyVersion, Sample, Score, StepKind, StopReason, Task
-from sandboxes.base import Sandbox
+from exitagent.errors import ConfigError, ExitAgentError, ServerError
+from exitagent.function_tools import function_tool
+from exitagent.iterates import (
+    AGENT_PARAMS,
+    MIN_ANSWER_TOKENS,
+    AgentTools,
+    EpisodeRecorder,
+    Improvement,
+    Iterate,
+    Mode,
+    TextEvaluator,
+    improve,
+)
+from exitagent.policy import Policy, SamplingParams, room
+from exitagent.types import Message, PolicyVersion, Score, StopReason
 from sandboxes.factory import open_sandbox
 
+__all__ = ["FeedbackError", "Improvement", "Iterate", "Reply", "SelfImprovingAgent"]  # the loop: ``iterates``
+
 log = structlog.get_logger(__name__)
-
-MIN_ANSWER_TOKENS = 16  # a step that leaves less room than this for the answer is not worth sending
-AGENT_PARAMS = SamplingParams(max_tokens=512, temperature=TRAINING_TEMPERATURE)  # the policy as it was trained
-
-Mode = Literal["improve", "diverge"]
-MODES: dict[str, StepKind] = {"improve": StepKind.IMPROVE, "diverge": StepKind.DIVERGE}
-ScoreValue = float | int | bool | Score
-TextEvaluator = Callable[[str], ScoreValue | Awaitable[ScoreValue]]
-
-
-async def sample_step(policy: Policy, messages: Sequence[Message], params: SamplingParams,
-                      n: int = 1) -> list[Sample] | None:
-    """``n`` answers to ``messages``, ``max_tokens`` capped to the context left; None when it does not fit.
-
-    The estimate over-counts (``Policy.estimate_tokens``), so a prompt sent here never overflows
-    the server's context: an overflow would be a 400 from the server, which is not a model mistake.
-    """
-    left = room(policy, messages)
-    budget = min(params.max_tokens, left)
-    if budget < MIN_ANSWER_TOKENS:
-        return None
-    return await policy.sample(messages, n=n, params=replace(params, max_tokens=budget))
-
-
-def iterate_messages(kind: StepKind, request: str, current: str | None) -> tuple[Message, ...]:
-    """Step 0 answers the plain request; later steps see the request and the latest iterate only."""
-    if current is None:
-        return step_messages(StepKind.BASE, request)
-    return step_messages(kind, request, (), current)
-
-
-class TextScorer:
-    """Adapts a plain function of the response text (sync or async, number or ``Score``) to one await."""
-
-    def __init__(self, function: TextEvaluator) -> None:
-        self.function = function
-
-    async def __call__(self, text: str) -> float:
-        if inspect.iscoroutinefunction(self.function):
-            value = await self.function(text)
-        else:
-            value = await anyio.to_thread.run_sync(self.function, text)
-            if inspect.isawaitable(value):  # e.g. ``lambda text: evaluator.score(task, text)``
-                value = await value
-        total = value.total if isinstance(value, Score) else value
-        if isinstance(total, bool | int | float) and math.isfinite(total):
-            return float(total)
-        raise TypeError(f"an evaluator must return a finite number or a Score, not {value!r}")
-
-
-@dataclass(frozen=True)
-class Iterate:
-    """One response: ``step`` 0 is the first attempt, step k the k-th revision."""
-
-    step: int
-    text: str
-    score: float | None = None  # None: no evaluator, or it could not judge (``failure`` says why)
-    failure: str = ""
-    finish_reason: str = "stop"  # "length": cut off at max_tokens
-    messages: tuple[Message, ...] = ()  # with tools: the episode after its prompt (calls, results, answer)
-
-
-@dataclass(frozen=True)
-class Improvement:
-    """Every iterate of one ``improve`` call, in order."""
-
-    request: str
-    mode: str
-    iterates: tuple[Iterate, ...]
-    scored: bool  # an evaluator was given
-    stopped_early: bool = False  # the next prompt would not have fit the context
-
-    @property
-    def final(self) -> Iterate:
-        return self.iterates[-1]
-
-    @property
-    def best(self) -> Iterate | None:
-        """The highest score, the earliest on ties; None when nothing was scored."""
-        scored = [it for it in self.iterates if it.score is not None]
-        return max(scored, key=lambda it: (it.score, -it.step)) if scored else None
-
-
-async def improve(policy: Policy, request: str, *, steps: int = 4, mode: Mode = "improve",
-                  params: SamplingParams = AGENT_PARAMS, evaluator: TextEvaluator | None = None,
-                  tools: AgentTools | None = None) -> Improvement:
-    """y^0 for ``request``, then ``steps`` improve (or diverge) steps, each iterate scored when asked.
-    With ``tools`` each iterate is a multi-turn episode (``AgentTools.episodes``)."""
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
-    if steps < 0:
-        raise ConfigError(f"steps must be >= 0, not {steps}")
-    scorer = None if evaluator is None else TextScorer(evaluator)
-    iterates: list[Iterate] = []
-    for step in range(steps + 1):
-        current = iterates[-1].text if iterates else None
-        messages = iterate_messages(MODES[mode], request, current)
-        iterate = await (_tool_iterate(policy, tools, request, messages, params, step) if tools
-                         else _text_iterate(policy, messages, params, step))
-        if iterate is None:
-            log.info("improve_stopped_early", step=step, reason="context_full")
-            break
-        iterates.append(await _scored(iterate, scorer) if scorer and not iterate.failure else iterate)
-    if not iterates:
-        raise ConfigError(f"the request alone leaves under {MIN_ANSWER_TOKENS} tokens of the model's context")
-    result = Improvement(request, mode, tuple(iterates), scorer is not None, len(iterates) < steps + 1)
-    log.info("improve_finished", mode=mode, steps=len(iterates) - 1, stopped_early=result.stopped_early,
-             scores=[it.score for it in iterates] if scorer else None)
-    return result
-
-
-async def _text_iterate(policy: Policy, messages: Sequence[Message], params: SamplingParams,
-                        step: int) -> Iterate | None:
-    samples = await sample_step(policy, messages, params)
-    return None if samples is None else Iterate(step, samples[0].text, finish_reason=samples[0].finish_reason)
-
-
-async def _tool_iterate(policy: Policy, tools: AgentTools, request: str, messages: Sequence[Message],
-                        params: SamplingParams, step: int) -> Iterate | None:
-    prompt = (*tools.system(), *messages)
-    if room(policy, prompt) < MIN_ANSWER_TOKENS:
-        return None
-    (episode,) = await tools.episodes(policy, request, prompt, params, n=1)
-    if episode.failure:  # a bug that model text reached (loop.run_episode_or_crash): said, not scored
-        return Iterate(step, episode.final_text, failure=episode.failure, finish_reason="crashed")
-    return Iterate(step, episode.final_text, finish_reason="length" if episode.stop_reason in CUT_OFF else "stop",
-                   messages=episode.messages[len(prompt):])
-
-
-@dataclass
-class AgentTools:
-    """The agent's tools: typed functions (``function_tools``) and, when asked, a sandboxed Python tool.
-
-    One toolbox per episode (tools may keep state in a closure; the agent gives none of its own).
-    """
-
-    functions: tuple[FunctionTool, ...]
-    sandbox: Sandbox | None = None
-    system_prompt: str = ""
-    max_turns: int = 6
-    native: bool = False
-
-    def toolbox(self) -> Toolbox:
-        tools: list[Tool] = list(self.functions)
-        if self.sandbox is not None:
-            tools.append(PythonTool(self.sandbox))
-        return Toolbox.of(*tools, native=self.native)
-
-    def system(self) -> tuple[Message, ...]:
-        parts = [self.system_prompt] if self.system_prompt else []
-        if not self.native:
-            parts.append(self.toolbox().describe())
-        return (Message("system", "\n\n".join(parts)),) if parts else ()
-
-    async def episodes(self, policy: Policy, request: str, prompt: Sequence[Message], params: SamplingParams,
-                       *, n: int) -> list[Episode]:
-        """``n`` episodes from ``prompt``: one request with ``n`` samples, each episode going on alone."""
-        task = Task(request_id(request), "app", request)
-        limits = EpisodeLimits(max_turns=self.max_turns, max_total_tokens=params.max_tokens * self.max_turns)
-        return await run_group(task, policy, [self.toolbox() for _ in range(n)], prompt, n, limits=limits,
-                               params=params)
-
-
-def request_id(request: str) -> str:
-    """A request's task id: the same text is the same task in the store (its buffer entries share it)."""
-    return "app-" + uuid.uuid5(uuid.NAMESPACE_URL, request).hex[:16]
-
-
-async def _scored(iterate: Iterate, scorer: TextScorer) -> Iterate:
-    score, failure = await score_or_failure(scorer(iterate.text), "iterate_scoring_failed", limit=500,
-                                            step=iterate.step)
-    return replace(iterate, failure=failure) if failure else replace(iterate, score=score)
 
 
 class FeedbackError(ExitAgentError):
@@ -259,21 +96,6 @@ class Reply:
     stop_reason: StopReason
     messages: tuple[Message, ...] = ()  # the episode after the request: tool calls, results, the answer
     group_ids: tuple[str, ...] = ()
-
-
-class EpisodeRecorder(Protocol):
-    """Where the app's episodes go to become training data (``exitagent.recorder.Recorder``)."""
-
-    def group_size(self) -> int:
-        """How many answers to sample for the next request (1, or G for a trainable group)."""
-        ...
-
-    async def open(self, request: str, head: int, episodes: Sequence[Episode]) -> list[str]:
-        """Keep ``episodes`` (the first is served; ``head`` messages precede the answer) until their
-        rewards arrive; their ids, in order."""
-        ...
-
-    async def feedback(self, episode_id: str, reward: float | Score) -> None: ...
 
 
 class SelfImprovingAgent:
@@ -324,7 +146,7 @@ class SelfImprovingAgent:
                       evaluator: TextEvaluator | None = None) -> Improvement:
         """y^0, then ``steps`` revisions of the latest iterate; see ``Improvement`` and the module doc."""
         return await improve(self._current_policy(), request, steps=steps, mode=mode, params=self.params,
-                             evaluator=evaluator, tools=await self._current_tools())
+                             evaluator=evaluator, tools=await self._current_tools(), recorder=self.recorder)
 
     async def respond(self, request: str) -> Reply:
         """One answer (with tools: one episode). With a recorder it is kept for ``feedback``; when the
@@ -394,7 +216,7 @@ class SelfImprovingAgent:
                 return await self.improve(request, steps=steps, mode=mode, evaluator=evaluator)
             async with self._connect() as policy:
                 return await improve(policy, request, steps=steps, mode=mode, params=self.params,
-                                     evaluator=evaluator, tools=await self._current_tools())
+                                     evaluator=evaluator, tools=await self._current_tools(), recorder=self.recorder)
         finally:
             await self._close_tools()  # the sandbox belongs to this call's event loop
 

@@ -52,15 +52,15 @@ from exitagent.curriculum import Curriculum, CurriculumConfig, Start, chains
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import NORMS, Embedder, MiniLMEmbedder
-from exitagent.domains import DOMAINS, Domain, DomainSettings, RolledGroup, TaskSpec, curriculum_preset, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, curriculum_preset, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import MetricsFile, TrackFlags, collector_metrics, configure
 from exitagent.policy import TRAINING_TEMPERATURE, Policy, SamplingParams
-from exitagent.rollouts import GroupResult, with_diversity
+from exitagent.rollouts import with_diversity
 from exitagent.routing import Pinned, RoutedPolicy
 from exitagent.staleness import StalenessGate
-from exitagent.types import StepKind, StopReason, Task, Variant
+from exitagent.types import APP_TASK_PREFIX, Group, StepKind, Task, Variant
 
 log = structlog.get_logger(__name__)
 
@@ -212,57 +212,51 @@ async def _one_group(run: _Run, group_id: str) -> None:
         start = await chains.grow(run.policy, start, run.curriculum.rng, run.cfg.chain_max_depth, run.cfg.sampling)
     servers: list[str] = []  # more than one: a server stopped answering and the group ran again elsewhere
 
-    async def on(server: Pinned) -> RolledGroup:
+    async def on(server: Pinned) -> Group:
         servers.append(server.base_url)
         return await run.domain.roll_out(start, server, run.evaluator, group_size=run.cfg.group_size,
                                          params=run.cfg.sampling(start.step_kind), settings=run.cfg.settings())
 
-    rolled = await run.policy.run_pinned(on)
-    run.shortened += rolled.start != start
-    start, result = rolled.start, rolled.result
+    group = replace(await run.policy.run_pinned(on), id=group_id)
+    if group.step_kind is not start.step_kind:  # the buffer start did not fit: its task was rolled out instead
+        run.shortened += 1
+        start = start.base()
     if run.embedder is not None:
-        bonus = await with_diversity(run.embedder, result.rollouts, run.embed_lock, run.cfg.diversity_norm)
-        result = replace(result, rollouts=tuple(bonus))
-    run.gate.observe(result.newest.step)
-    group = run.curriculum.group(start, group_id, result.version, result.rollouts)
-    update = run.curriculum.record(run.store, start, group, rolled.histories)
-    rewards = [r.reward for r in group.rollouts if r.reward is not None]
+        bonus = await with_diversity(run.embedder, group.rollouts, run.embed_lock, run.cfg.diversity_norm)
+        group = replace(group, rollouts=tuple(bonus))
+    run.gate.observe(group.newest.step)
+    update = run.curriculum.record(run.store, start, group)
     run.recorded += 1
     run.rollouts += len(group.rollouts)
-    run.failed += result.failures
-    run.crashed += _crashed(result)
+    run.failed += group.failures
+    run.crashed += group.crashed
     run.from_buffer += start.entry is not None
-    run.rewards += rewards
-    _write_metrics(run, start, group_id, result, update.score, time.monotonic() - began, servers)
+    run.rewards += [r.reward for r in group.rollouts if r.reward is not None]
+    _write_metrics(run, start, group, update.score, time.monotonic() - began, servers)
 
 
-def _crashed(result: GroupResult) -> int:
-    return sum(r.episode.stop_reason is StopReason.CRASHED for r in result.rollouts)
-
-
-def _write_metrics(run: _Run, start: Start, group_id: str, result: GroupResult, score: float, seconds: float,
-                   servers: list[str]) -> None:
+def _write_metrics(run: _Run, start: Start, group: Group, score: float, seconds: float, servers: list[str]) -> None:
     with run.store.view() as buffer:
         scores = [s for _, s in buffer.scores()]
-    rewards = [r.reward for r in result.rollouts if r.reward is not None]
+    rewards = [r.reward for r in group.rollouts if r.reward is not None]
     reward_mean = statistics.fmean(rewards) if rewards else None
     run.metrics.write(
-        "group", group_id=group_id, task_id=start.task.id, step_kind=start.step_kind.value, depth=start.depth,
-        version=str(result.version), version_step=result.version.step,
-        staleness=run.gate.current - result.version.step, reward_mean=reward_mean, rewards_scored=len(rewards),
-        group_score=score, evaluator_failures=result.failures, evaluator_failures_total=run.failed,
-        rollouts_crashed=_crashed(result), rollouts_crashed_total=run.crashed,
+        "group", group_id=group.id, task_id=start.task.id, step_kind=start.step_kind.value, depth=start.depth,
+        version=str(group.version), version_step=group.version.step,
+        staleness=run.gate.current - group.version.step, reward_mean=reward_mean, rewards_scored=len(rewards),
+        group_score=score, evaluator_failures=group.failures, evaluator_failures_total=run.failed,
+        rollouts_crashed=group.crashed, rollouts_crashed_total=run.crashed,
         buffer_size=len(scores), buffer_score_mean=statistics.fmean(scores) if scores else 0.0,
         buffer_score_max=max(scores, default=0.0), replay_share=run.from_buffer / run.recorded,
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens + chains.chain_tokens(start),
-        rollouts=len(result.rollouts), truncated=result.truncated, paused_s=round(run.gate.paused_total(), 3),
+        prompt_tokens=group.prompt_tokens, completion_tokens=group.completion_tokens + chains.chain_tokens(start),
+        rollouts=len(group.rollouts), truncated=group.truncated, paused_s=round(run.gate.paused_total(), 3),
         seconds=round(seconds, 3),
         # several servers: which one answered, how far apart the servers' versions are, and how far
         # apart the oldest and newest sample of this group are (a reload landed mid-group)
         server=servers[-1], server_attempts=len(servers), version_skew=run.policy.router.skew(),
-        group_version_spread=result.newest.step - result.version.step,
+        group_version_spread=group.newest.step - group.version.step,
     )
-    run.bar.set_postfix(reward=f"{reward_mean or 0:.2f}", buffer=len(scores), version=result.version.step,
+    run.bar.set_postfix(reward=f"{reward_mean or 0:.2f}", buffer=len(scores), version=group.version.step,
                         failed=run.failed, refresh=False)
     run.bar.update(1)
 
@@ -283,8 +277,12 @@ def _check_run(cfg: CollectConfig, store: CurriculumStore, tasks: list[Task]) ->
     if variants:
         raise ConfigError(f"{cfg.run_dir} holds groups of variant {sorted(v.value for v in variants)}, "
                           f"not {cfg.variant.value}: use a new run dir per variant")
-    ids = {t.id for t in tasks}
-    missing = sorted({e.task_id for e in store.entries()} - ids)
+    unknown = {e.task_id for e in store.entries()} - {t.id for t in tasks}
+    apps = sorted(t for t in unknown if t.startswith(APP_TASK_PREFIX))
+    if apps:  # an app fed this run through the recorder: its entries are for the app to improve, not collect
+        log.info("app_entries_skipped", app_tasks=len(apps),
+                 why="only the app can score answers to its requests: a draw of one starts a base task")
+    missing = sorted(unknown - set(apps))
     if missing:
         raise ConfigError(f"the buffer in {cfg.run_dir} has entries for {len(missing)} tasks not in this task set "
                           f"(e.g. {missing[0]}): rerun with the run's own task flags and seed")

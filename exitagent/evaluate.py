@@ -7,7 +7,7 @@
 For each task and each of the n ``--samples`` trajectories: y^0 answers the plain request (one
 request with ``n=samples`` per task), then ``--steps`` K improve steps, each a separate request that
 sees ONLY the request and the latest iterate, through the prompt training uses
-(``agent.iterate_messages``, i.e. ``prompts.step_messages``: the improve instruction with the
+(``iterates.iterate_messages``, i.e. ``prompts.step_messages``: the improve instruction with the
 request and the current response, the request appearing once). No correctness feedback. Every iterate is
 scored.
 

@@ -23,9 +23,14 @@ that differ):
   enters the ExIt buffer as a start (every per-turn prefix, as collect's groups do); the trainer
   consumes it without learning from it (one reward carries no group-relative signal).
 
-Groups are BASE groups of the request as a task (id ``agent.request_id``): ``training.update
---run-dir RUN`` trains on them like any collected group. A collect on the same run would need the
-app's requests in its task set (it checks that every buffer entry's task is known).
+Groups are groups of the request as a task (id ``iterates.request_id``): ``respond``'s are BASE
+groups; ``improve``'s step k is a group that starts from the step's prompt (the request and the
+latest iterate), an IMPROVE or DIVERGE group of depth k as in ExIt, whose tokens hold that prompt.
+Its previous iterate is not a buffer entry (the app gave it, not the buffer), so the new answers
+enter the buffer as first attempts. ``training.update --run-dir RUN`` trains on them like any
+collected group. A collect on the same run trains on its own tasks beside them: only the app can
+score answers to its requests, so collect leaves their buffer entries to the app (a draw of one
+starts a base task; ``app_entries_skipped`` says so once).
 
 A store that cannot be reached does not stop the app: the record is appended to a spool (JSONL,
 ``RUN/spool/recorder.jsonl`` or ``spool=``) and written, in order, on the next record or
@@ -41,20 +46,21 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
 
-from exitagent.agent import FeedbackError, TextScorer, request_id
+from exitagent.agent import FeedbackError
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_rows import messages_from_json, messages_to_json
 from exitagent.curriculum.store_url import open_run_store, open_store, run_store_target
 from exitagent.errors import ConfigError, StoreError
-from exitagent.rollouts import CUT_OFF, group_version
+from exitagent.iterates import TextScorer, request_id
+from exitagent.rollouts import CUT_OFF
 from exitagent.types import (
     Episode,
     PolicyVersion,
@@ -79,7 +85,9 @@ class _Pending:
     """One request's sampled episodes, waiting for their rewards."""
 
     request: str
-    head: int  # messages before the answer (system, request)
+    head: int  # messages before the answer (system, request; an improve step: its prompt)
+    kind: StepKind
+    depth: int
     episodes: tuple[Episode, ...]
     ids: tuple[str, ...]
     scores: list[Score | None]
@@ -128,9 +136,10 @@ class Recorder:
     def group_size(self) -> int:
         return self.size if self.rng.random() < self.group_fraction else 1
 
-    async def open(self, request: str, head: int, episodes: Sequence[Episode]) -> list[str]:
+    async def open(self, request: str, head: int, episodes: Sequence[Episode], *, kind: StepKind = StepKind.BASE,
+                   depth: int = 0) -> list[str]:
         ids = tuple(uuid.uuid4().hex for _ in episodes)
-        pending = _Pending(request, head, tuple(episodes), ids, [None] * len(ids), [""] * len(ids))
+        pending = _Pending(request, head, kind, depth, tuple(episodes), ids, [None] * len(ids), [""] * len(ids))
         for i, episode in enumerate(episodes):
             if episode.stop_reason is StopReason.CRASHED or not episode.sequences:
                 pending.failures[i] = episode.failure or "no token ids to train on"
@@ -217,10 +226,10 @@ class Recorder:
     def _write(self, record: dict[str, Any]) -> None:
         if self._store is None:
             self._store = open_run_store(self.run_dir, self.target) if self.run_dir else open_store(self.target)
-        task, start, histories, rollouts = _rebuild(record)
-        curriculum = Curriculum(self.config, [task], self.rng)
-        group = curriculum.group(start, record["group_id"], group_version([r.episode for r in rollouts]), rollouts)
-        curriculum.record(self._store, start, group, histories)
+        start, depth, histories, rollouts = _rebuild(record)
+        start = replace(start, variant=self.config.variant)
+        group = replace(start.group(rollouts, histories), id=record["group_id"], depth=depth)
+        Curriculum(self.config, [start.task], self.rng).record(self._store, start, group)
 
     def _spool_lines(self) -> list[str]:
         try:
@@ -274,10 +283,12 @@ def _record(pending: _Pending) -> dict[str, Any]:
             "sequences": [[s.tokens, s.mask, s.logprobs, s.version.step, s.version.name] for s in episode.sequences],
         })
     return {"group_id": f"app-{uuid.uuid4().hex}", "task_id": request_id(pending.request),
-            "request": pending.request, "rollouts": rollouts}
+            "request": pending.request, "step_kind": pending.kind.value, "depth": pending.depth, "rollouts": rollouts}
 
 
-def _rebuild(record: dict[str, Any]) -> tuple[Task, Start, list[tuple[Any, ...]], list[Rollout]]:
+def _rebuild(record: dict[str, Any]) -> tuple[Start, int, list[tuple[Any, ...]], list[Rollout]]:
+    """(start, depth, histories, rollouts) of a record; a spool line written before improve steps
+    were recorded has no step kind: a BASE group."""
     task = Task(record["task_id"], "app", record["request"])
     rollouts, histories = [], []
     for r in record["rollouts"]:
@@ -290,4 +301,5 @@ def _rebuild(record: dict[str, Any]) -> tuple[Task, Start, list[tuple[Any, ...]]
         score = Score(r["reward"], r["components"]) if r["reward"] is not None else None
         rollouts.append(Rollout(episode, score, r["reward"], failure=r["failure"]))
         histories.append(history)
-    return task, Start(task, StepKind.BASE), histories, rollouts
+    kind = StepKind(record.get("step_kind", StepKind.BASE.value))
+    return Start(task, kind), int(record.get("depth", 0)), histories, rollouts

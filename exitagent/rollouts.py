@@ -4,9 +4,9 @@
 3 and 4, plus the diversity bonus of section 4)::
 
     episodes = run_group(...)          # one request with n=G; math: one turn, no tools
-    version  = group_version(episodes) # the OLDEST policy version among the G samples
     rollouts = score_rollouts(...)     # the evaluator's verdicts
     rollouts = with_diversity(...)     # collect, full ExIt only: advantage multipliers per response
+    group    = start.group(rollouts)   # the domain's Group, tagged with the OLDEST policy version of its samples
 
 A wrong or truncated answer is the model's mistake and gets the evaluator's reward (usually 0).
 An evaluator that raises ``EvaluatorError`` (it crashed or ran out of time) marks its rollout
@@ -17,12 +17,15 @@ evaluator raised something unexpected is failed the same way.
 
 The store keeps no stop reason per rollout, so a ``truncated`` component (1.0 when the response
 hit its token limit or the context) is added to each score: the trainer's ``TrainItem.truncated``.
+
+``roll_out`` returns the scored rollouts; the domain makes them its ``Group`` (``Start.group``),
+the one group type from here to the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import anyio
 import structlog
@@ -33,39 +36,9 @@ from exitagent.errors import ExitAgentError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_group
 from exitagent.policy import Policy, SamplingParams
 from exitagent.tools import Toolbox
-from exitagent.types import Episode, Message, PolicyVersion, Rollout, Score, StopReason, Task
+from exitagent.types import CUT_OFF, Episode, Message, Rollout, Score, StopReason, Task
 
 log = structlog.get_logger(__name__)
-
-CUT_OFF = (StopReason.TRUNCATED, StopReason.MAX_TOKENS, StopReason.CONTEXT_FULL)
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    """G scored rollouts of one prompt, and what the collector's metrics need about them."""
-
-    version: PolicyVersion  # the oldest version that produced any token of the group
-    newest: PolicyVersion  # the newest: a lower bound on what the server serves now
-    rollouts: tuple[Rollout, ...]
-    failures: int  # failed rollouts (evaluator failed, or the episode crashed)
-    prompt_tokens: int
-    completion_tokens: int
-    truncated: int
-
-
-def _versions(episodes: Sequence[Episode]) -> list[PolicyVersion]:
-    versions = [s.version for e in episodes for s in e.sequences]
-    return versions or [t.sample.version for e in episodes for t in e.turns]
-
-
-def group_version(episodes: Sequence[Episode]) -> PolicyVersion:
-    """The version a group is tagged with: the oldest among its samples (they share one request,
-    so they normally agree; if a reload landed in between, the group is as stale as its oldest)."""
-    versions = _versions(episodes)
-    if not versions:
-        raise ValueError("a group with no samples has no policy version")
-    return min(versions)
-
 
 async def score_rollouts(evaluator: Evaluator, task: Task, episodes: Sequence[Episode]) -> list[Rollout]:
     """Each episode's final text scored; ``EvaluatorError`` makes a failed rollout, not a 0."""
@@ -122,7 +95,7 @@ async def roll_out(
     task: Task, messages: Sequence[Message], policy: Policy, evaluator: Evaluator, *, group_size: int,
     params: SamplingParams, toolboxes: Sequence[Toolbox] | None = None, limits: EpisodeLimits | None = None,
     prompt: Sequence[Message] | None = None, score: ScoreOne | None = None,
-) -> GroupResult:
+) -> tuple[Rollout, ...]:
     """G responses to one request, scored: THE group path of every domain. (Collect adds the
     diversity bonus, ``with_diversity``, for every domain alike.)
 
@@ -147,16 +120,4 @@ async def roll_out(
     async with anyio.create_task_group() as group:
         for index in range(len(episodes)):
             group.start_soon(score_one, index)
-    return group_result(episodes, [r for r in rollouts if r is not None])
-
-
-def group_result(episodes: Sequence[Episode], rollouts: Sequence[Rollout]) -> GroupResult:
-    """What the collector's metrics need about a group's episodes and their verdicts."""
-    samples = [t.sample for e in episodes for t in e.turns]
-    return GroupResult(
-        version=group_version(episodes), newest=max(_versions(episodes)), rollouts=tuple(rollouts),
-        failures=sum(r.reward is None for r in rollouts),
-        prompt_tokens=max((len(s.prompt_ids) for s in samples), default=0),
-        completion_tokens=sum(len(s.completion_ids) for s in samples),
-        truncated=sum(e.stop_reason in CUT_OFF for e in episodes),
-    )
+    return tuple(r for r in rollouts if r is not None)

@@ -16,8 +16,8 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent.agent import iterate_messages, sample_step
 from exitagent.errors import ConfigError, ServerError, score_or_failure
+from exitagent.iterates import iterate_messages, sample_step
 from exitagent.policy import Policy, SamplingParams
 from exitagent.types import Sample, StepKind, Task
 

@@ -9,7 +9,7 @@ else. Shapes are in names where it helps: ``prompt_ids`` are the tokens the serv
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -65,6 +65,8 @@ class Message:
     tool_call_id: str | None = None
     name: str | None = None
 
+APP_TASK_PREFIX = "app-"  # the id of a task an app's request became (iterates.request_id): recorded, not collected
+
 
 @dataclass(frozen=True)
 class Task:
@@ -105,6 +107,10 @@ class StopReason(StrEnum):
     CONTEXT_FULL = "context_full"  # the next turn would not fit in the model's context
     WALL_CLOCK = "wall_clock"
     CRASHED = "crashed"  # an unexpected exception (a bug) ended it: its rollout is failed, never trained on
+
+
+# Stops that cut a response off (its score gets a ``truncated`` component: the trainer's TrainItem.truncated)
+CUT_OFF = (StopReason.TRUNCATED, StopReason.MAX_TOKENS, StopReason.CONTEXT_FULL)
 
 
 @dataclass(frozen=True)
@@ -198,17 +204,73 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Group:
-    """G rollouts sampled from one prompt: the unit of GRPO and of the curriculum's score."""
+    """G rollouts sampled from one prompt: the unit of GRPO and of the curriculum's score.
+
+    The one group type, from the domain that rolls it out (``Domain.roll_out``) through collect's
+    metrics to the store. A domain returns it unnamed (``id`` ""; ``Start.group``); the collector
+    names it before recording (``Curriculum.name``), as the store numbers a ``BufferEntry``.
+    ``histories[i]`` is rollout i's conversation after the request, earlier turns as ordinary
+    history (multi-turn domains: every per-turn prefix becomes a buffer entry); None for
+    single-turn domains. The store keeps neither the histories nor the figures below, which are
+    read off the rollouts' episodes for collect's metrics.
+    """
 
     id: str
     task_id: str
     step_kind: StepKind
     variant: Variant
-    version: PolicyVersion
+    version: PolicyVersion  # the OLDEST version that produced any token of the group
     depth: int  # iteration depth of the responses (0 for first attempts)
     rollouts: tuple[Rollout, ...]
     entry_id: int | None = None  # the buffer entry this group started from, if any
     start_turn: int = 0
+    histories: tuple[tuple[Message, ...], ...] | None = None
+
+    @property
+    def newest(self) -> PolicyVersion:
+        """The newest version among the samples: a lower bound on what the server serves now."""
+        return max(episode_versions(r.episode for r in self.rollouts), default=self.version)
+
+    @property
+    def failures(self) -> int:
+        """Failed rollouts (evaluator failed, or the episode crashed): kept out of training."""
+        return sum(r.reward is None for r in self.rollouts)
+
+    @property
+    def crashed(self) -> int:
+        return sum(r.episode.stop_reason is StopReason.CRASHED for r in self.rollouts)
+
+    @property
+    def truncated(self) -> int:
+        return sum(r.episode.stop_reason in CUT_OFF for r in self.rollouts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The longest prompt any turn sent."""
+        return max((len(s.prompt_ids) for s in self._samples()), default=0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.completion_ids) for s in self._samples())
+
+    def _samples(self) -> list[Sample]:
+        return [t.sample for r in self.rollouts for t in r.episode.turns]
+
+
+def episode_versions(episodes: Iterable[Episode]) -> list[PolicyVersion]:
+    """Every policy version that produced a token of ``episodes`` (their sequences', else their samples')."""
+    episodes = list(episodes)
+    versions = [s.version for e in episodes for s in e.sequences]
+    return versions or [t.sample.version for e in episodes for t in e.turns]
+
+
+def group_version(episodes: Iterable[Episode]) -> PolicyVersion:
+    """The version a group is tagged with: the oldest among its samples (they share one request,
+    so they normally agree; if a reload landed in between, the group is as stale as its oldest)."""
+    versions = episode_versions(episodes)
+    if not versions:
+        raise ValueError("a group with no samples has no policy version")
+    return min(versions)
 
 
 # --- the ExIt buffer and what the trainer reads back (curriculum.py, store.py) -----------------

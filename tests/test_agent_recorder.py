@@ -222,3 +222,44 @@ async def test_a_failed_answer_takes_no_reward_and_its_group_completes_without_i
         (group,) = store.fetch_groups()
     assert [r.reward for r in group.rollouts] == [1.0, None]  # left out, never a 0
     assert "RuntimeError" in group.rollouts[1].failure and recorder.pending == 0
+
+
+async def test_improve_steps_are_recorded_as_groups_that_start_from_the_step_prompt(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, group_fraction=1.0, group_size=2, seed=1,
+                        reward=lambda request, text: float("a month" in text))
+    first, better = tool_then_answer(["900", "900 a month"]), tool_then_answer(["Your rent is 900 a month.", "900"])
+
+    def script(messages: Sequence[Message]) -> str:  # step 1's prompt shows the latest iterate, which says 900
+        return (better if any("900" in m.content for m in messages if m.role == "user") else first)(messages)
+
+    agent = agent_with(ScriptedPolicy(script), recorder=recorder)
+    result = await agent.improve("How much is my rent?", steps=1, evaluator=lambda text: float("a month" in text))
+    assert all(it.episode_id and len(it.group_ids) == 1 for it in result.iterates)
+    assert recorder.pending == 0  # the evaluator's score is the served answer's reward: no feedback to wait for
+    with SQLiteStore.in_run(tmp_path) as store:
+        groups = {g.step_kind: g for g in store.fetch_groups()}
+        entries = store.entries()
+    base, improved = groups[StepKind.BASE], groups[StepKind.IMPROVE]
+    assert (base.depth, improved.depth) == (0, 1) and base.task_id == improved.task_id
+    assert sorted(r.reward for r in improved.rollouts) == [0.0, 1.0]  # type: ignore[type-var]
+    assert improved.rollouts[0].reward == result.iterates[1].score  # the served answer: the evaluator's verdict
+    (sequence,) = improved.rollouts[0].sequences
+    prompt = "".join(chr(t) for t, m in zip(sequence.tokens, sequence.mask, strict=True) if not m)
+    assert result.iterates[0].text in prompt and "How much is my rent?" in prompt  # request and last iterate
+    with pytest.raises(FeedbackError, match="already recorded"):
+        await agent.feedback(result.iterates[1].episode_id, 1.0)
+    items, counts = items_from(list(groups.values()), UpdateConfig(run_dir=tmp_path))
+    assert len(items) == 4 and counts["groups_no_signal"] == 0
+    assert any(e.iterate.endswith("900 a month.") and e.step_kind is StepKind.IMPROVE for e in entries)
+
+
+async def test_improve_without_an_evaluator_waits_for_the_apps_feedback(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, group_fraction=0)
+    agent = SelfImprovingAgent(policy=ScriptedPolicy(lambda m: "42"), recorder=recorder)
+    result = await agent.improve("What is 6 * 7?", steps=1, mode="diverge")
+    assert recorder.pending == 2
+    for iterate in result.iterates:
+        await agent.feedback(iterate.episode_id, 1.0)
+    with SQLiteStore.in_run(tmp_path) as store:
+        kinds = sorted((g.step_kind.value, g.depth) for g in store.fetch_groups())
+    assert kinds == [("base", 0), ("diverge", 1)]

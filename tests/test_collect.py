@@ -18,8 +18,10 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from evaluators.base import ExactMatchEvaluator
+from exitagent.agent import SelfImprovingAgent
 from exitagent.collect import CollectConfig, collect, main
 from exitagent.curriculum.store import SQLiteStore
 from exitagent.diversity import HashEmbedder
@@ -27,6 +29,7 @@ from exitagent.errors import ConfigError, ExitCode, ServerError
 from exitagent.log import read_metrics
 from exitagent.policy import ScriptedPolicy, render
 from exitagent.prompts import DIVERGE_INSTRUCTION, IMPROVE_INSTRUCTION
+from exitagent.recorder import Recorder
 from exitagent.serving import engine
 from exitagent.types import Message, PolicyVersion, Sample, StepKind, Task, Variant
 
@@ -254,6 +257,27 @@ async def test_rerun_refuses_another_variant_or_task_set(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match="tasks not in this task set"):
             await collect(config(tmp_path, groups=4, variant=Variant.IMPROVE), ScriptedPolicy(answers()),
                           ExactMatchEvaluator(), store, [Task("other", "math", "?", answer="1")])
+
+
+async def test_a_run_an_app_fed_is_collected_and_the_apps_entries_are_left_to_it(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, group_fraction=0)  # the embedded agent fed this run first
+    agent = SelfImprovingAgent(policy=ScriptedPolicy(lambda m: "42"), recorder=recorder)
+    for request in ("What is 6 * 7?", "Name a prime."):
+        reply = await agent.respond(request)
+        await agent.feedback(reply.episode_id, 1.0)
+    recorder.close()
+    with SQLiteStore.in_run(tmp_path) as store:
+        app_entries = {e.id for e in store.entries()}
+        with capture_logs() as logs:  # groups=8: the run holds 8 groups at the end, the app's 2 included
+            summary = await collect(config(tmp_path, min_buffer=1, concurrency=1), ScriptedPolicy(answers()),
+                                    ExactMatchEvaluator(), store, TASKS, embedder=HashEmbedder())
+        collected = [g for g in store.fetch_groups() if not g.id.startswith("app-")]
+    assert len(app_entries) == 2 and (summary.groups, summary.total_groups) == (6, 8)
+    (skipped,) = [line for line in logs if line["event"] == "app_entries_skipped"]
+    assert skipped["app_tasks"] == 2
+    assert {g.task_id for g in collected} <= {t.id for t in TASKS}
+    assert not {g.entry_id for g in collected} & app_entries  # a draw of an app's entry started a base task
+    assert summary.from_buffer >= 1  # the collector's own entries are still improved
 
 
 async def test_stop_finishes_the_groups_in_flight(tmp_path: Path) -> None:

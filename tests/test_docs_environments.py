@@ -55,7 +55,7 @@ async def test_the_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.M
                                         params=SamplingParams(max_tokens=200), settings=settings)
     finally:
         sys.modules.pop("my_shop", None)
-    for rollout in rolled.result.rollouts:
+    for rollout in rolled.rollouts:
         assert rollout.reward == 1.0 and rollout.score is not None
         assert rollout.score.components["cart"] == 1.0 and rollout.score.components["total"] == 1.0
         assert rollout.episode.messages[3].content == "error: price raised KeyError: 'pear'"

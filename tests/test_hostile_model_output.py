@@ -88,7 +88,7 @@ async def roll(actions: Sequence[str]) -> tuple[list[Message], Any]:
         rolled = await ToolUseDomain().roll_out(Start(task_of(entry), StepKind.BASE), policy, evaluator, group_size=1,
                                                 params=PARAMS,
                                                 settings=DomainSettings(max_context=BIG, max_turns=len(actions) + 1))
-    rollout = rolled.result.rollouts[0]
+    rollout = rolled.rollouts[0]
     return [m for m in rollout.episode.messages if m.role == "tool"], rollout
 
 

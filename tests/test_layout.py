@@ -27,7 +27,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("task worlds", ("evaluators.worlds",)),
     ("evaluators", ("evaluators",)),
     ("agent", ("exitagent.client", "exitagent.routing", "exitagent.loop", "exitagent.rollouts",
-               "exitagent.trajectories", "exitagent.agent", "exitagent.diversity")),
+               "exitagent.trajectories", "exitagent.iterates", "exitagent.agent", "exitagent.diversity")),
     ("curriculum", ("exitagent.curriculum",)),
     ("recorder", ("exitagent.recorder",)),  # the embedded agent's episodes into the store
     ("domains", ("exitagent.domains",)),

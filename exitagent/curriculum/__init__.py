@@ -6,8 +6,8 @@ Pure rules (exit-spec.md sections 2 and 6) over a ``store.Buffer``; randomness c
     with store.view() as buffer:
         start = curriculum.choose_start(buffer)
     messages = start.messages()            # BASE/REPLAY: the plain request; else an iteration prompt
-    ...roll out G responses, score them...
-    curriculum.record(store, start, curriculum.group(start, group_id, version, rollouts))
+    group = await domain.roll_out(start, ...)  # G responses, scored: start.group(rollouts, histories)
+    curriculum.record(store, start, replace(group, id=group_id))
 
 What the buffer looks like: ``view.py``; show a run's: ``python -m exitagent.curriculum show RUN_DIR``.
 """
@@ -30,6 +30,7 @@ from exitagent.curriculum.store import Buffer, CurriculumStore
 from exitagent.errors import ConfigError
 from exitagent.prompts import step_messages
 from exitagent.types import (
+    APP_TASK_PREFIX,
     BufferEntry,
     Group,
     Message,
@@ -38,6 +39,7 @@ from exitagent.types import (
     StepKind,
     Task,
     Variant,
+    group_version,
 )
 
 log = structlog.get_logger(__name__)
@@ -89,6 +91,7 @@ class Start:
     task: Task
     step_kind: StepKind
     entry: BufferEntry | None = None
+    variant: Variant = Variant.EXIT  # the run's variant (``choose_start``), which its group is recorded under
 
     @property
     def depth(self) -> int:
@@ -108,6 +111,19 @@ class Start:
     def messages(self) -> tuple[Message, ...]:
         """The conversation the policy sees (math and tool use; no system message)."""
         return step_messages(self.step_kind, self.task.prompt, self.prefix, self.entry.iterate if self.entry else "")
+
+    def base(self) -> Start:
+        """The task itself: what a domain rolls out when a buffer start does not fit the context."""
+        return dataclasses.replace(self, step_kind=StepKind.BASE, entry=None)
+
+    def group(self, rollouts: Sequence[Rollout], histories: Sequence[Sequence[Message]] | None = None) -> Group:
+        """``rollouts`` sampled from this start as a ``Group``, unnamed (the collector names it)."""
+        return Group(
+            id="", task_id=self.task.id, step_kind=self.step_kind, variant=self.variant,
+            version=group_version([r.episode for r in rollouts]), depth=self.depth, rollouts=tuple(rollouts),
+            entry_id=self.entry.id if self.entry else None, start_turn=self.start_turn,
+            histories=None if histories is None else tuple(tuple(h) for h in histories),
+        )
 
 
 def softmax(scores: Sequence[float], kappa: float) -> list[float]:
@@ -148,10 +164,15 @@ def choose_start(
         entry = sample_entry(buffer, config.kappa, rng)
         if entry is not None:
             index = tasks_by_id if tasks_by_id is not None else {t.id: t for t in tasks}
+            if entry.task_id not in index and entry.task_id.startswith(APP_TASK_PREFIX):
+                # An app's request (exitagent.recorder) in the run's buffer: only the app can score
+                # answers to it (collect's evaluator has no gold answer for it), so a collector that
+                # draws one starts a base task instead. The app's own groups still train.
+                return Start(rng.choice(tasks), StepKind.BASE, variant=config.variant)
             if entry.task_id not in index:
                 raise ConfigError(f"buffer entry {entry.id} is for task {entry.task_id!r}, not in this task set")
-            return Start(index[entry.task_id], step_kind_for(config, entry, rng), entry)
-    return Start(rng.choice(tasks), StepKind.BASE)
+            return Start(index[entry.task_id], step_kind_for(config, entry, rng), entry, config.variant)
+    return Start(rng.choice(tasks), StepKind.BASE, variant=config.variant)
 
 
 # --- updating the buffer -------------------------------------------------------------------------
@@ -202,8 +223,10 @@ def plan_update(
 
     ``histories[i]`` is rollout i's conversation after the request with earlier turns' final
     messages as ordinary history (no iteration prompt); by default the start's prefix plus the
-    final text (single-turn). Rollouts whose evaluator failed are left out of S and of the buffer.
+    final text (single-turn); None takes ``group.histories``. Rollouts whose evaluator failed are
+    left out of S and of the buffer.
     """
+    histories = histories if histories is not None else group.histories
     scored = [(i, r) for i, r in enumerate(group.rollouts) if r.reward is not None]
     score = group_score([r.reward for _, r in scored if r.reward is not None])
     if not config.uses_buffer:
@@ -271,7 +294,7 @@ class Curriculum:
         return choose_start(self.config, self.tasks, buffer, self.rng, self._by_id)
 
     def group(self, start: Start, group_id: str, version: PolicyVersion, rollouts: Sequence[Rollout]) -> Group:
-        """The ``Group`` record for rollouts sampled from ``start``."""
+        """The ``Group`` record for rollouts sampled from ``start``, named, tagged with ``version``."""
         return Group(
             id=group_id, task_id=start.task.id, step_kind=start.step_kind, variant=self.config.variant,
             version=version, depth=start.depth, rollouts=tuple(rollouts),
@@ -283,6 +306,8 @@ class Curriculum:
         histories: Sequence[Sequence[Message]] | None = None,
     ) -> UpdateResult:
         """Record ``group`` and its buffer update in one store transaction."""
+        if not group.id:
+            raise ValueError("a group is recorded under its id: name it first (replace(group, id=...))")
         update = plan_update(self.config, start, group, histories)
         result = store.record_group(group, lambda buffer: apply_update(buffer, update, self.config))
         log.info(

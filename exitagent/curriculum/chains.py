@@ -105,6 +105,6 @@ async def grow(policy: Policy, start: Start, rng: random.Random, max_depth: int,
         iterates.pop()
     log.debug("chain_grown", task_id=start.task.id, drawn=depth, depth=len(iterates), tokens=tokens)
     if not iterates:
-        return ChainStart(start.task, StepKind.BASE, chain_tokens=tokens) if tokens else start
-    return ChainStart(start.task, StepKind.IMPROVE, iterate=iterates[-1], chain_depth=len(iterates),
-                      chain_tokens=tokens)
+        return ChainStart(start.task, StepKind.BASE, variant=start.variant, chain_tokens=tokens) if tokens else start
+    return ChainStart(start.task, StepKind.IMPROVE, variant=start.variant, iterate=iterates[-1],
+                      chain_depth=len(iterates), chain_tokens=tokens)

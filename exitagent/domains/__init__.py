@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 from typing import Any
 
-from exitagent.domains.base import Domain, DomainSettings, RolledGroup, TaskSpec
+from exitagent.domains.base import Domain, DomainSettings, TaskSpec
 from exitagent.domains.environment import Environment
 from exitagent.domains.math import MathDomain
 from exitagent.domains.mle import MLEDomain
@@ -76,5 +76,5 @@ def _as_domain(name: str, found: Any) -> Domain:
     return found
 
 
-__all__ = ["DOMAINS", "Domain", "DomainSettings", "Environment", "RolledGroup", "TaskSpec", "curriculum_preset",
+__all__ = ["DOMAINS", "Domain", "DomainSettings", "Environment", "TaskSpec", "curriculum_preset",
            "get_domain"]

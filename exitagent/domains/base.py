@@ -18,9 +18,8 @@ from typing import Protocol
 from evaluators.base import Evaluator
 from exitagent.curriculum import Start
 from exitagent.policy import Policy, SamplingParams
-from exitagent.rollouts import GroupResult
 from exitagent.trajectories import TaskResult
-from exitagent.types import Message, Task
+from exitagent.types import Group, Task
 
 # The task flags of collect and evaluate, spelled alike (a field's ``metadata["flags"]``). The second
 # name of each is the other command's old spelling, still accepted so recipes and scripts keep working.
@@ -56,21 +55,6 @@ class DomainSettings:
     max_context: int = 2048  # the served model's context length, in tokens
 
 
-@dataclass(frozen=True)
-class RolledGroup:
-    """What one group of a collect run produced.
-
-    ``start`` is the start actually rolled out: a domain may fall back to the base task when a
-    buffer start no longer fits the context. ``histories[i]`` is rollout i's conversation after the
-    request with earlier turns as ordinary history (multi-turn domains; every per-turn prefix
-    becomes a buffer entry); None for single-turn domains.
-    """
-
-    start: Start
-    result: GroupResult
-    histories: tuple[tuple[Message, ...], ...] | None = None
-
-
 class Domain(Protocol):
     """One task domain. Implementations: ``math.MathDomain`` (more beside it)."""
 
@@ -85,8 +69,10 @@ class Domain(Protocol):
         ...
 
     async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
-                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
-        """G rollouts from a curriculum start (one request for the first turn), scored.
+                       params: SamplingParams, settings: DomainSettings) -> Group:
+        """G rollouts from a curriculum start (one request for the first turn), scored: ``start.group(...)``
+        of the start actually rolled out (``start.base()`` when a buffer start no longer fits the context),
+        with each rollout's history for a multi-turn domain. Unnamed: collect names and records it.
 
         ``rollout.reward`` is what training uses; ``rollout.score.total`` what a buffer child keeps
         as its reward (the raw score). Collect adds the diversity bonus and records the group.

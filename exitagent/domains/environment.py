@@ -43,18 +43,18 @@ import anyio
 import structlog
 
 from evaluators.base import Evaluator
-from exitagent.agent import iterate_messages, sample_step
 from exitagent.curriculum import Start
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.errors import ConfigError, EvaluatorError, ExitAgentError, score_or_failure
 from exitagent.function_tools import FunctionTool, function_tool
+from exitagent.iterates import iterate_messages, sample_step
 from exitagent.loop import EpisodeLimits, run_episode_or_crash
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.rollouts import CUT_OFF, roll_out, score_rollout
 from exitagent.tools import PythonTool, Tool, Toolbox
 from exitagent.trajectories import Step, TaskResult, run_task
-from exitagent.types import Episode, Message, Rollout, Sample, Score, StepKind, Task
+from exitagent.types import Episode, Group, Message, Rollout, Sample, Score, StepKind, Task
 from sandboxes.base import Limits, Sandbox
 from sandboxes.factory import open_sandbox
 
@@ -175,11 +175,11 @@ class Environment:
             yield judge
 
     async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
-                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+                       params: SamplingParams, settings: DomainSettings) -> Group:
         system = self._system(evaluator)
         if start.entry is not None and context_room(policy, (*system, *start.messages())) < MIN_ANSWER_TOKENS:
             log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
-            start = Start(start.task, StepKind.BASE)
+            start = start.base()
         if context_room(policy, (*system, *start.messages())) < MIN_ANSWER_TOKENS:
             raise ConfigError(f"task {start.task.id} does not fit in a {policy.max_context}-token context")
         base = self._new_state(start.task)
@@ -192,17 +192,17 @@ class Environment:
                                        episode.final_text, index=index)
 
         if not self.multi_turn:
-            result = await roll_out(start.task, (*system, *start.messages()), policy, evaluator,
+            rollouts = await roll_out(start.task, (*system, *start.messages()), policy, evaluator,
                                     group_size=group_size, params=params, score=score)
-            return RolledGroup(start, result)
+            return start.group(rollouts)
         ordinary = (*system, Message("user", start.task.prompt), *start.prefix)
         turns = max(self._turns(settings) - start.start_turn, 1)
-        result = await roll_out(start.task, ordinary, policy, evaluator, group_size=group_size, params=params,
+        rollouts = await roll_out(start.task, ordinary, policy, evaluator, group_size=group_size, params=params,
                                 toolboxes=[self._toolbox(s, evaluator) for s in states],
                                 limits=EpisodeLimits(max_turns=turns, max_total_tokens=params.max_tokens * turns),
                                 prompt=(*system, *start.messages()), score=score)
         head = len(system) + 1  # every per-turn prefix after the request becomes a buffer entry
-        return RolledGroup(start, result, tuple(tuple(r.episode.messages[head:]) for r in result.rollouts))
+        return start.group(rollouts, [r.episode.messages[head:] for r in rollouts])
 
     async def evaluate_task(self, policy: Policy, evaluator: Evaluator, task: Task, *, steps: int, samples: int,
                             params: SamplingParams, settings: DomainSettings,

@@ -17,13 +17,13 @@ import structlog
 from evaluators.base import Evaluator
 from evaluators.worlds.math_tasks import MATH_BENCHMARKS, math_tasks
 from exitagent.curriculum import Start
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.errors import ConfigError
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
 from exitagent.trajectories import TaskResult, run_task
-from exitagent.types import StepKind, Task
+from exitagent.types import Group, Task
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ def fit_start(policy: Policy, start: Start, params: SamplingParams) -> tuple[Sta
 
     if room(start) < MIN_ANSWER_TOKENS and start.entry is not None:
         log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id, room=room(start))
-        start = Start(start.task, StepKind.BASE)
+        start = start.base()
     if room(start) < MIN_ANSWER_TOKENS:
         raise ConfigError(f"task {start.task.id} does not fit in a {policy.max_context}-token context")
     return start, replace(params, max_tokens=min(params.max_tokens, room(start)))
@@ -63,10 +63,10 @@ class MathDomain:
         return MathEvaluator(workers=settings.eval_workers, timeout_s=settings.eval_timeout_s)
 
     async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
-                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+                       params: SamplingParams, settings: DomainSettings) -> Group:
         start, params = fit_start(policy, start, params)
-        result = await roll_out(start.task, start.messages(), policy, evaluator, group_size=group_size, params=params)
-        return RolledGroup(start, result)
+        rollouts = await roll_out(start.task, start.messages(), policy, evaluator, group_size=group_size, params=params)
+        return start.group(rollouts)
 
     async def evaluate_task(self, policy: Policy, evaluator: Evaluator, task: Task, *, steps: int, samples: int,
                             params: SamplingParams, settings: DomainSettings,

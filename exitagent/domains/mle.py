@@ -36,9 +36,8 @@ from evaluators.mle import MLEEvaluator, competition_of, extract_program
 from evaluators.worlds import mle as competitions
 from evaluators.worlds.mle import Competition, load_competition
 from evaluators.worlds.mle.search import Node, SearchResult, greedy_search
-from exitagent.agent import MIN_ANSWER_TOKENS
 from exitagent.curriculum import Start
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.domains.mle_prompts import (
     TEMPLATE_PROGRAM,
     clip_trace,
@@ -48,11 +47,12 @@ from exitagent.domains.mle_prompts import (
     step_prompt,
 )
 from exitagent.errors import ConfigError
+from exitagent.iterates import MIN_ANSWER_TOKENS
 from exitagent.policy import Policy, SamplingParams
 from exitagent.policy import room as context_room
 from exitagent.rollouts import roll_out
 from exitagent.trajectories import Step, TaskResult
-from exitagent.types import Message, Rollout, Sample, Score, StepKind, Task
+from exitagent.types import Group, Message, Rollout, Sample, Score, StepKind, Task
 
 log = structlog.get_logger(__name__)
 
@@ -140,25 +140,25 @@ class MLEDomain:
     # --- collect ---------------------------------------------------------------------------------
 
     async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
-                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+                       params: SamplingParams, settings: DomainSettings) -> Group:
         messages = self.start_messages(start, settings, policy)
         if messages is None and start.entry is not None:
             log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
-            start = Start(start.task, StepKind.BASE)
+            start = start.base()
             messages = self.start_messages(start, settings, policy)
         if messages is None:
             raise ConfigError(f"mle task {start.task.id} does not fit in a {policy.max_context}-token context")
         room = context_room(policy, messages)
         params = replace(params, max_tokens=min(params.max_tokens, room))
-        result = await roll_out(start.task, messages, policy, evaluator, group_size=group_size, params=params)
+        scored = await roll_out(start.task, messages, policy, evaluator, group_size=group_size, params=params)
         prev = start.entry.reward if start.entry is not None else None
-        rollouts = tuple(_shaped(r, start.step_kind, prev) for r in result.rollouts)
+        rollouts = tuple(_shaped(r, start.step_kind, prev) for r in scored)
         log.info("mle_group_rolled", task_id=start.task.id, step_kind=start.step_kind.value,
                  scores=[round(r.score.total, 4) if r.score else None for r in rollouts],
                  rewards=[round(r.reward, 4) if r.reward is not None else None for r in rollouts],
                  crashed=sum(_component(r, "errored") for r in rollouts),
                  format_failures=sum(_component(r, "format_error") for r in rollouts))
-        return RolledGroup(start, replace(result, rollouts=rollouts), tuple(_history(r) for r in rollouts))
+        return start.group(rollouts, [_history(r) for r in rollouts])
 
     # --- evaluate --------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ from evaluators.worlds.bfcl.toolbox import (
     system_prompt,
 )
 from exitagent.curriculum import Start, entry_key, render_iterate
-from exitagent.domains.base import DomainSettings, RolledGroup, TaskSpec
+from exitagent.domains.base import DomainSettings, TaskSpec
 from exitagent.errors import ConfigError, score_or_failure
 from exitagent.loop import EpisodeLimits, run_episode
 from exitagent.policy import DEFAULT_PARAMS, Policy, SamplingParams
@@ -71,7 +71,7 @@ from exitagent.prompts import step_messages
 from exitagent.rollouts import CUT_OFF, roll_out, score_rollout
 from exitagent.tools import parse_action
 from exitagent.trajectories import Step, TaskResult
-from exitagent.types import Episode, Message, Rollout, Sample, StepKind, StopReason, Task
+from exitagent.types import Episode, Group, Message, Rollout, Sample, StepKind, StopReason, Task
 
 log = structlog.get_logger(__name__)
 
@@ -218,12 +218,12 @@ class ToolUseDomain:
     # --- collect ---------------------------------------------------------------------------------
 
     async def roll_out(self, start: Start, policy: Policy, evaluator: Evaluator, *, group_size: int,
-                       params: SamplingParams, settings: DomainSettings) -> RolledGroup:
+                       params: SamplingParams, settings: DomainSettings) -> Group:
         entry, budget = get_entry(start.task.id), settings.max_turns or TRAIN_TURNS
         system = Message("system", system_prompt(entry))
         if start.entry is not None and context_room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
             log.warning("start_shortened", entry_id=start.entry.id, task_id=start.task.id)
-            start = Start(start.task, StepKind.BASE)
+            start = start.base()
         if context_room(policy, (system, *start.messages())) < MIN_ANSWER_TOKENS:
             raise ConfigError(f"task {start.task.id} does not fit in a {policy.max_context}-token context")
         base = await self.toolbox_at(entry, start.prefix)
@@ -234,10 +234,10 @@ class ToolUseDomain:
             self._keep_turns(entry, base, toolboxes[index], episode.messages[2:], len(start.prefix))
             return await _scored(evaluator, start.task, entry, episode, toolboxes[index], requests=1)
 
-        result = await roll_out(start.task, ordinary, policy, evaluator, group_size=group_size, params=params,
+        rollouts = await roll_out(start.task, ordinary, policy, evaluator, group_size=group_size, params=params,
                                 toolboxes=toolboxes, limits=_limits(max(budget - start.start_turn, 1), params),
                                 prompt=(system, *start.messages()), score=score)
-        return RolledGroup(start, result, tuple(tuple(r.episode.messages[2:]) for r in result.rollouts))
+        return start.group(rollouts, [r.episode.messages[2:] for r in rollouts])
 
     # --- evaluate --------------------------------------------------------------------------------
 

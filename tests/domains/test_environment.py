@@ -76,8 +76,7 @@ def record(rolled: Any, task: Task, path: Path) -> SQLiteStore:
     store = SQLiteStore(path)
     curriculum = Curriculum(CurriculumConfig.for_domain("tool_use", Variant.EXIT, group_size=3), [task],
                             random.Random(0))
-    group = curriculum.group(rolled.start, "g1", rolled.result.version, rolled.result.rollouts)
-    curriculum.record(store, rolled.start, group, rolled.histories)
+    curriculum.record(store, Start(task, StepKind.BASE), replace(rolled, id="g1"))
     return store
 
 
@@ -86,8 +85,8 @@ async def test_groups_go_through_the_group_path_and_every_turn_prefix_enters_the
     domain = get_domain(user_domain)
     task = domain.load_tasks(TaskSpec("any", "train"))[0]
     rolled = await roll(domain, Start(task, StepKind.BASE), ScriptedPolicy(notes_player))
-    assert [r.reward for r in rolled.result.rollouts] == [1.0, 1.0, 1.0]  # each rollout's own notebook
-    assert all(r.episode.stop_reason is StopReason.FINISHED and r.episode.sequences for r in rolled.result.rollouts)
+    assert [r.reward for r in rolled.rollouts] == [1.0, 1.0, 1.0]  # each rollout's own notebook
+    assert all(r.episode.stop_reason is StopReason.FINISHED and r.episode.sequences for r in rolled.rollouts)
     history = rolled.histories[0]
     assert [m.role for m in history] == ["assistant", "tool", "assistant", "tool", "assistant"]
     assert json.loads(history[3].content) == {"key": "color", "value": "blue"}
@@ -106,8 +105,8 @@ async def test_a_start_mid_episode_replays_the_prefix_into_each_rollouts_state(u
     assert start.prefix == rolled.histories[0][:2]  # the put call and its result
     resumed = await roll(domain, start, ScriptedPolicy(notes_player), group_size=2)
     # The continuation only reads and answers: the value is there because the prefix was replayed.
-    assert [r.reward for r in resumed.result.rollouts] == [1.0, 1.0]
-    assert all(r.episode.messages[-2].content.endswith('"Oslo"}') for r in resumed.result.rollouts)
+    assert [r.reward for r in resumed.rollouts] == [1.0, 1.0]
+    assert all(r.episode.messages[-2].content.endswith('"Oslo"}') for r in resumed.rollouts)
 
 
 async def test_multi_turn_evaluation_scores_every_iterate(user_domain: str) -> None:
@@ -198,7 +197,7 @@ async def test_tools_that_raise_return_junk_or_hang_answer_the_model_and_the_epi
     began = time.monotonic()
     rolled = await roll(env, Start(env.load_tasks(TaskSpec("", ""))[0], StepKind.BASE), ScriptedPolicy(script),
                         group_size=1)
-    (rollout,) = rolled.result.rollouts
+    (rollout,) = rolled.rollouts
     results = [m.content for m in rollout.episode.messages if m.role == "tool"]
     assert results == ["error: boom raised ValueError: no luck", results[1], "error: stuck did not return within 0.2 s",
                        "error: forever did not return within 0.2 s"]
@@ -219,8 +218,8 @@ async def test_a_reward_that_raises_or_returns_junk_leaves_its_rollout_out_never
         env = Environment(tasks=[Task("t", "x", "p")], reward=reward)
         rolled = await roll(env, Start(env.load_tasks(TaskSpec("", ""))[0], StepKind.BASE),
                             ScriptedPolicy(["a", "b"]), group_size=2)
-        assert rolled.result.failures == 2 and all(r.reward is None and r.score is None and why in r.failure
-                                                   for r in rolled.result.rollouts)
+        assert rolled.failures == 2 and all(r.reward is None and r.score is None and why in r.failure
+                                                   for r in rolled.rollouts)
 
 
 # --- the built-in domains fit the API -------------------------------------------------------------
@@ -245,10 +244,10 @@ async def test_math_expressed_through_the_public_api_scores_as_the_math_domain()
             theirs.append(await domain.roll_out(Start(task, StepKind.BASE), policy(), math_eval, group_size=3,
                                                 params=PARAMS, settings=SETTINGS))
     for a, b in zip(ours, theirs, strict=True):
-        assert [r.score for r in a.result.rollouts] == [r.score for r in b.result.rollouts]
-        assert [r.episode.sequences for r in a.result.rollouts] == [r.episode.sequences for r in b.result.rollouts]
-    assert [r.reward for g in ours for r in g.result.rollouts] == [1.0, 0.0, 0.0] * 3
-    assert isinstance(ours[0].result.rollouts[0].score, Score)
+        assert [r.score for r in a.rollouts] == [r.score for r in b.rollouts]
+        assert [r.episode.sequences for r in a.rollouts] == [r.episode.sequences for r in b.rollouts]
+    assert [r.reward for g in ours for r in g.rollouts] == [1.0, 0.0, 0.0] * 3
+    assert isinstance(ours[0].rollouts[0].score, Score)
 
 
 # --- native tool calls, sandboxed code ------------------------------------------------------------
@@ -279,7 +278,7 @@ async def test_native_tool_calls_work_and_the_schemas_go_to_the_server(user_doma
     task = env.load_tasks(TaskSpec("any", "train"))[2]
     policy = NativeCalls(notes_player)
     rolled = await roll(env, Start(task, StepKind.BASE), policy, group_size=2)
-    assert [r.reward for r in rolled.result.rollouts] == [1.0, 1.0]
+    assert [r.reward for r in rolled.rollouts] == [1.0, 1.0]
     assert all(m.tool_calls for m in rolled.histories[0] if m.role == "assistant" and not m.content)
     assert {t["function"]["name"] for t in policy.offered[0]} == {"put", "get"}
     assert "<tool>" not in policy.calls[0][0].content  # the system prompt no longer lists them
@@ -293,7 +292,7 @@ async def test_python_runs_in_the_sandbox_seam() -> None:
     async with env.open_evaluator(settings) as evaluator:
         rolled = await env.roll_out(Start(env.load_tasks(TaskSpec("", ""))[0], StepKind.BASE),
                                     ScriptedPolicy(script), evaluator, group_size=1, params=PARAMS, settings=settings)
-    (rollout,) = rolled.result.rollouts
+    (rollout,) = rolled.rollouts
     assert rollout.episode.messages[3].name == "python" and rollout.episode.messages[3].content.startswith("exit code")
     assert rollout.reward == 1.0
 

@@ -132,11 +132,11 @@ async def test_base_group_rewards_and_children(iris: Competition) -> None:
     async with domain.open_evaluator(SETTINGS) as evaluator:
         rolled = await domain.roll_out(Start(task, StepKind.BASE), policy, evaluator, group_size=3, params=PARAMS,
                                        settings=SETTINGS)
-    strong, crash, unformatted = rolled.result.rollouts
+    strong, crash, unformatted = rolled.rollouts
     assert strong.score is not None and strong.score.total == pytest.approx(1.0) and strong.reward == strong.score.total
     assert crash.score is not None and crash.score.total == 0.0 and crash.score.components["errored"] == 1.0
     assert unformatted.score is not None and unformatted.score.components["format_error"] == 1.0
-    assert all(len(e.sequences) == 1 for e in (r.episode for r in rolled.result.rollouts))  # token-faithful
+    assert all(len(e.sequences) == 1 for e in (r.episode for r in rolled.rollouts))  # token-faithful
 
     assert rolled.histories is not None
     assert rolled.histories[0] == (Message("assistant", strong_program(iris.id)),)
@@ -145,8 +145,8 @@ async def test_base_group_rewards_and_children(iris: Competition) -> None:
     assert rolled.histories[2] == ()  # no program: no buffer child
 
     config = CurriculumConfig.for_domain("mle", Variant.EXIT, group_size=3)
-    group = Group("g1", task.id, StepKind.BASE, Variant.EXIT, PolicyVersion(0, "base"), 0, rolled.result.rollouts)
-    update = plan_update(config, rolled.start, group, rolled.histories)
+    group = Group("g1", task.id, StepKind.BASE, Variant.EXIT, PolicyVersion(0, "base"), 0, rolled.rollouts)
+    update = plan_update(config, Start(task, StepKind.BASE), group, rolled.histories)
     assert [(c.reward, c.errored) for c in update.children] == [(pytest.approx(1.0), False), (0.0, True)]
 
 
@@ -164,11 +164,11 @@ async def test_improve_and_debug_groups_shape_rewards(iris: Competition) -> None
         debug_policy = ScriptedPolicy([_fenced(baseline_program(iris.id))], max_context=200_000)
         debugged = await domain.roll_out(debug_start, debug_policy, evaluator, group_size=1, params=PARAMS,
                                          settings=SETTINGS)
-    strong, weak = improved.result.rollouts
+    strong, weak = improved.rollouts
     assert strong.reward == pytest.approx(1.0) and strong.score is not None and strong.score.total == pytest.approx(1)
     assert weak.reward == 0.0 and weak.score is not None and weak.score.total == pytest.approx(0.0)
     assert "no_such_column" in debug_policy.calls[0][0].content  # the trace reached the debug prompt
-    assert debugged.result.rollouts[0].reward == pytest.approx(0.0)
+    assert debugged.rollouts[0].reward == pytest.approx(0.0)
 
 
 # --- the greedy scaffold ---------------------------------------------------------------------------

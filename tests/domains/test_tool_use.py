@@ -86,20 +86,20 @@ async def test_roll_out_scores_the_first_request_and_returns_histories(entry: En
     async with ToolUseEvaluator() as evaluator:
         rolled = await domain.roll_out(Start(task, StepKind.BASE), policy, evaluator, group_size=2, params=PARAMS,
                                        settings=settings())
-    assert [r.reward for r in rolled.result.rollouts] == [1.0, 1.0]
+    assert [r.reward for r in rolled.rollouts] == [1.0, 1.0]
     assert policy.calls[0][0].role == "system" and '"name": "mkdir"' in policy.calls[0][0].content
     assert rolled.histories is not None
     history = rolled.histories[0]
     assert [m.role for m in history] == ["assistant", "tool"] * 3 + ["assistant"]  # 3 calls, then finished
     assert history[1].content == '{"current_working_directory": "document"}'
-    episode = rolled.result.rollouts[0].episode
-    assert episode.sequences and len(episode.turns) == 4 and rolled.result.rollouts[0].score.components["requests"] == 1
+    episode = rolled.rollouts[0].episode
+    assert episode.sequences and len(episode.turns) == 4 and rolled.rollouts[0].score.components["requests"] == 1
 
     wrong = ScriptedPolicy(ground_truth_player(entry, wrong_at=(0, 1)), max_context=BIG)
     async with ToolUseEvaluator() as evaluator:
         rolled = await domain.roll_out(Start(task, StepKind.BASE), wrong, evaluator, group_size=1, params=PARAMS,
                                        settings=settings())
-    assert rolled.result.rollouts[0].reward == 0.0
+    assert rolled.rollouts[0].reward == 0.0
 
 
 @pytest.mark.anyio
@@ -108,7 +108,7 @@ async def test_training_budget_is_ten_turns(entry: Entry) -> None:
     async with ToolUseEvaluator() as evaluator:
         rolled = await ToolUseDomain().roll_out(Start(task_of(entry), StepKind.BASE), stubborn, evaluator,
                                                 group_size=1, params=PARAMS, settings=settings())
-    assert len(rolled.result.rollouts[0].episode.turns) == 10 and rolled.result.rollouts[0].reward == 0.0
+    assert len(rolled.rollouts[0].episode.turns) == 10 and rolled.rollouts[0].reward == 0.0
 
 
 def buffer_entries(entry: Entry, histories: Sequence[Sequence[Message]], rolled) -> list[BufferEntry]:
@@ -120,7 +120,7 @@ def buffer_entries(entry: Entry, histories: Sequence[Sequence[Message]], rolled)
 def rolled_group(entry: Entry, rolled):
     from exitagent.types import Group
 
-    return Group("g", entry.id, StepKind.BASE, Variant.EXIT, PolicyVersion(0, "base"), 0, rolled.result.rollouts)
+    return Group("g", entry.id, StepKind.BASE, Variant.EXIT, PolicyVersion(0, "base"), 0, rolled.rollouts)
 
 
 @pytest.mark.anyio
@@ -144,7 +144,7 @@ async def test_a_start_at_turn_k_resumes_the_environment_of_its_prefix(entry: En
     if kind is not StepKind.REPLAY:
         assert "## Current response:" in first[-1].content and '"mv"' in first[-1].content
     assert not any(is_iteration(m) for m in later)  # the continuation sees ordinary history
-    assert [r.reward for r in branch.result.rollouts] == [1.0, 1.0]
+    assert [r.reward for r in branch.rollouts] == [1.0, 1.0]
     history = branch.histories[0]
     assert history[:4] == child.prefix and history[4].role == "assistant"
     assert len(history) == 7  # prefix (2 turns), the revised mv, its result, <TASK_FINISHED>
@@ -177,7 +177,7 @@ async def test_one_action_per_turn_runs_only_the_last_call(entry: Entry) -> None
                                                 params=PARAMS, settings=settings())
     history = rolled.histories[0]
     assert "one action per turn" in history[1].content and history[2].content.startswith('{"current_working')
-    assert rolled.result.rollouts[0].episode.metrics["tool_error_extra_call"] == 1
+    assert rolled.rollouts[0].episode.metrics["tool_error_extra_call"] == 1
 
 
 @pytest.mark.anyio
@@ -191,9 +191,9 @@ async def test_hostile_calls_come_back_as_errors(entry: Entry) -> None:
                                                 params=PARAMS, settings=settings())
     results = [m.content for m in rolled.histories[0] if m.role == "tool"]
     assert all(r.startswith("Error during execution: ") for r in results) and len(results) == 3
-    metrics = rolled.result.rollouts[0].episode.metrics
+    metrics = rolled.rollouts[0].episode.metrics
     assert metrics["tool_error_unknown_function"] == metrics["tool_error_unsafe_call"] == 1
-    assert metrics["tool_error_bad_arguments"] == 1 and rolled.result.rollouts[0].reward == 0.0
+    assert metrics["tool_error_bad_arguments"] == 1 and rolled.rollouts[0].reward == 0.0
 
 
 @pytest.mark.anyio
@@ -254,7 +254,7 @@ async def test_a_message_that_is_no_action_is_told_so_and_costs_a_turn(entry: En
                                                 params=PARAMS, settings=settings(max_turns=3))
         history = rolled.histories[0]
         assert [m.role for m in history] == ["assistant", "tool"] * 3 and history[1].name == "no_action"
-        assert rolled.result.rollouts[0].episode.metrics["tool_error_no_action"] == 3
+        assert rolled.rollouts[0].episode.metrics["tool_error_no_action"] == 3
 
         result = await ToolUseDomain().evaluate_task(chatty, evaluator, task_of(entry), steps=0, samples=1,
                                                      params=PARAMS, settings=settings(), tick=lambda _: None)
