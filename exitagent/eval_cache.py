@@ -72,19 +72,24 @@ class EvalCache:
             return None
         return dict(entry["result"])
 
-    def store(self, inputs: dict[str, Any], result: dict[str, Any], attachment: Path | None = None) -> Path:
+    def store(self, inputs: dict[str, Any], result: dict[str, Any], attachment: Path | None = None) -> Path | None:
         """Keep ``result`` (and a copy of ``attachment``, e.g. its plot, as ``KEY`` + its suffix); the
-        JSON appears last and complete, so a reader never sees half an entry."""
+        JSON appears last and complete, so a reader never sees half an entry. A cache that cannot be
+        written (read-only, a file in the way) costs only the reuse: one log line, None."""
         path = self.path(inputs)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if attachment is not None and attachment.exists():
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{attachment.suffix}")
-            shutil.copyfile(attachment, tmp)
-            os.replace(tmp, path.with_suffix(attachment.suffix))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two runs may store the same key at once
-        entry = {"schema": SCHEMA, "key": path.stem, "inputs": _canonical(inputs), "result": result}
-        tmp.write_text(json.dumps(entry, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if attachment is not None and attachment.exists():
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{attachment.suffix}")
+                shutil.copyfile(attachment, tmp)
+                os.replace(tmp, path.with_suffix(attachment.suffix))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two runs may store the same key at once
+            entry = {"schema": SCHEMA, "key": path.stem, "inputs": _canonical(inputs), "result": result}
+            tmp.write_text(json.dumps(entry, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as error:
+            log.warning("evaluation_not_cached", path=str(path), error=f"{type(error).__name__}: {error}")
+            return None
         log.info("evaluation_cached", path=str(path))
         return path
 

@@ -183,9 +183,9 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str, sour
     measuring = out.with_name(f".{out.stem}.measuring.json")  # out appears only with its key in it
     measure(cfg, servers, args, measuring)
     measured = json.loads(measuring.read_text())
+    result = _keep(out, {**measured, "measured": key}, measuring.with_suffix(".png"))
     if cache is not None:
         cache.store(inputs, measured, measuring.with_suffix(".png"))
-    result = _keep(out, {**measured, "measured": key}, measuring.with_suffix(".png"))
     measuring.unlink()
     measuring.with_suffix(".png").unlink(missing_ok=True)
     print(f"[run] {name}: accuracy by step {[round(a, 3) for a in result['accuracy_by_step']]}", flush=True)

@@ -192,3 +192,12 @@ def test_a_base_evaluation_missing_after_training_comes_from_the_cache_or_is_a_c
     assert len(measure.calls) == 1 and reused["measured"] == run_eval.evaluation_key(cfg, "base", "wordproblems")
     again = run_eval.evaluate(cfg, trained, "base", "wordproblems", measure=measure)  # type: ignore[arg-type]
     assert again == reused and len(measure.calls) == 1  # the run's own copy, on the next resume
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_reuse(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("in the way")
+    measure = FakeEvaluate()
+    first = base_of(tmp_path / "one", ["--eval-cache", str(tmp_path / "a-file")], measure)
+    assert first["call"] == 1 and (tmp_path / "one" / "eval" / "base.json").exists()  # the measurement is kept
+    base_of(tmp_path / "two", ["--eval-cache", str(tmp_path / "a-file")], measure)
+    assert len(measure.calls) == 2
