@@ -103,7 +103,7 @@ class RunConfig:
                 "reused ('': $EXITAGENT_EVAL_CACHE, else ~/.cache/exitagent/evaluations; off: always measure)"})
     eval_wordproblems: bool = field(default=False, metadata={
         "help": "also evaluate base and trained on the second held-out set, word problems the training generator "
-                "never produces (--source wordproblems, up to 300 tasks: about the time of two more evaluations)"})
+                "never produces (--source wordproblems, up to 300 tasks, at least 256 new tokens per answer)"})
     eval_concurrency: int = field(default=EVAL_CONCURRENCY, metadata={
         "help": "answers generated at once while evaluating (more: higher server throughput, same measurement)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})

@@ -172,6 +172,8 @@ def test_the_word_problems_are_a_second_held_out_evaluation_of_the_run(tmp_path:
     cfg = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32", "--eval-wordproblems"])
     args = run_eval.evaluate_args(cfg, "wordproblems")
     assert args[args.index("--source") + 1] == "wordproblems" and "--levels" not in args
+    assert args[args.index("--max-tokens") + 1] == str(run_eval.WORD_PROBLEM_TOKENS)  # room for the longer answers
+    assert run_eval.evaluate_args(cfg)[run_eval.evaluate_args(cfg).index("--max-tokens") + 1] == "64"
     measure = FakeEvaluate()
     run_eval.evaluate(cfg, [Served()], "base", "wordproblems", measure=measure)  # type: ignore[list-item]
     assert (tmp_path / "eval" / "base-wordproblems.json").exists() and len(measure.calls) == 1
