@@ -46,6 +46,7 @@ import structlog
 from tqdm import tqdm
 
 from evaluators.base import Evaluator
+from evaluators.worlds.word_problems import refuse_training
 from exitagent import routing
 from exitagent.config import add_arguments, from_args, parse_args, save
 from exitagent.curriculum import Curriculum, CurriculumConfig, Start, chains
@@ -170,7 +171,11 @@ class Summary:
 
 
 def load_tasks(cfg: CollectConfig) -> list[Task]:
-    return get_domain(cfg.domain).load_tasks(cfg.task_spec())
+    """The tasks to train on; ``ConfigError`` for the held-out word problems, by name or by content."""
+    refuse_training(cfg.task_source)  # before loading: clearer than the split error it would meet there
+    tasks = get_domain(cfg.domain).load_tasks(cfg.task_spec())
+    refuse_training(cfg.task_source, tasks)
+    return tasks
 
 
 @dataclass

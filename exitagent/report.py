@@ -80,6 +80,20 @@ def _line(name: str, result: dict[str, Any]) -> str:
             f"{curves.net_with_interval(result)} | {secondary} |")
 
 
+def _word_problems(results: tuple[dict[str, Any], dict[str, Any]] | None) -> str:
+    if results is None:
+        return ""
+    k = len(results[0]["accuracy_by_step"]) - 1
+    return f"""
+Second held-out set, word problems the training generator never produces ({_protocol(results[1])}):
+
+| policy | accuracy at k=0 (%) | at k={k} (%) | Δ_{k} (points) | net corrections | greedy k=0 (%) | greedy Δ_{k} |
+|---|---|---|---|---|---|---|
+{_line("base", results[0])}
+{_line("trained", results[1])}
+"""
+
+
 def _curve_table(base: dict[str, Any], trained: dict[str, Any]) -> str:
     """Accuracy at every k (the whole curve to K), each with its interval."""
     rows = ["| k | base (%) | trained (%) |", "|---|---|---|"]
@@ -114,17 +128,22 @@ def _timing(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], wall_s
     """Where this run's time went: machines differ by an order of magnitude, so the report says."""
     clock = RunDir(run_dir).train_clock
     training = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
-    parts = [f"base evaluation {base.get('elapsed_s', 0) / 60:.1f} min", f"training {training / 60:.1f} min",
+    measured = f"base evaluation {base.get('elapsed_s', 0) / 60:.1f} min"
+    if base.get("reused_from"):  # measured by an earlier run, not in this one's time
+        measured = (f"base evaluation reused from {base['reused_from']} "
+                    f"(it took {base.get('elapsed_s', 0) / 60:.1f} min)")
+    parts = [measured, f"training {training / 60:.1f} min",
              f"trained evaluation {trained.get('elapsed_s', 0) / 60:.1f} min"]
     total = f"{wall_s / 60:.1f} min in this invocation: " if wall_s is not None else ""
     return total + ", ".join(parts)
 
 
 def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *, machine: str = "",
-                 wall_s: float | None = None, full_size: str = "") -> Path:
+                 wall_s: float | None = None, full_size: str = "",
+                 word_problems: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
     """``machine``: the hardware and precision the run used (``exitagent.run`` passes it);
     ``full_size``: what measures this run's checkpoint with the paper's protocol at full size, when
-    the run's own evaluation was smaller."""
+    the run's own evaluation was smaller; ``word_problems``: base and trained on the second held-out set."""
     figures = RunDir(run_dir).report
     figures.mkdir(parents=True, exist_ok=True)
     _accuracy_plot(base, trained, figures / "accuracy.png")
@@ -149,7 +168,7 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
 Held-out arithmetic: {_protocol(trained)}. Base and trained were measured with the same flags.
 Accuracy at k=0 changed by {gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
 Depths trained on: {training_depths(groups)}.
-{full_size}
+{full_size}{_word_problems(word_problems)}
 {_curve_table(base, trained)}
 
 ![accuracy](report/accuracy.png)

@@ -21,7 +21,9 @@ printed give the commands that measure the base and the trained checkpoint at fu
 Ctrl-C stops every child cleanly; running the same command again continues the run: the store,
 the trainer state and finished evaluations are kept, and training gets what is left of its minutes
 (``RUN/train_time.json``). An evaluation is reused only if it measured the policy now served with
-the same flags.
+the same flags. The base policy's evaluation is also shared between runs: a run whose server serves
+the same base weights, evaluated with the same flags, reuses it from a cache (``exitagent.run_eval``,
+``--eval-cache``). ``--eval-wordproblems`` also measures both policies on a second held-out set.
 """
 
 from __future__ import annotations
@@ -48,8 +50,6 @@ from exitagent.curriculum.paper import DOMAINS as PAPER_DOMAINS
 from exitagent.curriculum.paper import paper_values
 from exitagent.diversity import NORMS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, child_exit_code, fail
-from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
-from exitagent.models import DEFAULT_MODEL
 from exitagent.policy import TRAINING_TEMPERATURE
 from exitagent.precision import CHOICES as PRECISIONS
 from exitagent.precision import Precision, detect
@@ -57,6 +57,7 @@ from exitagent.precision import choose as choose_precision
 from exitagent.precision import normalise as normalise_precision
 from exitagent.report import write_report
 from exitagent.run_dir import TRAIN_CLOCK, RunDir
+from exitagent.run_eval import ORPHAN_SIGNAL, base_url_flags, evaluate, full_size_note
 from exitagent.serving import checkpoints, engine, launch
 from exitagent.types import Variant
 
@@ -105,6 +106,12 @@ class RunConfig:
     eval_steps: int = field(default=4, metadata={"help": "K: self-improvement steps evaluated"})
     eval_samples: int = field(default=1, metadata={"help": "n: samples per task (avg@n)"})
     eval_temperature: float = field(default=0.0, metadata={"help": "0: greedy evaluation (n=1 is enough)"})
+    eval_cache: str = field(default="", metadata={
+        "help": "base evaluations shared by runs: one of the same served base weights and evaluation flags is "
+                "reused ('': $EXITAGENT_EVAL_CACHE, else ~/.cache/exitagent/evaluations; off: always measure)"})
+    eval_wordproblems: bool = field(default=False, metadata={
+        "help": "also evaluate base and trained on the second held-out set, word problems the training generator "
+                "never produces (--source wordproblems, up to 300 tasks, at least 256 new tokens per answer)"})
     eval_concurrency: int = field(default=EVAL_CONCURRENCY, metadata={
         "help": "answers generated at once while evaluating (more: higher server throughput, same measurement)"})
     port: int = field(default=0, metadata={"help": "port of the server (0: any free)"})
@@ -141,14 +148,6 @@ class RunConfig:
 SHARED_CPU_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-# If the orchestrator dies (kill -9 included), the kernel kills its children: collect, update and
-# evaluate are built to survive SIGKILL at any point (a group, a saved state and an evaluation are
-# each written completely or not at all), and a SIGTERM would let the trainer finish its step, far
-# beyond the few seconds an orphan may live. serve gets SIGTERM instead (launch.start_serve) so that
-# it stops its vLLM. Children are started from the main thread (see engine.die_with_parent).
-ORPHAN_SIGNAL = signal.SIGKILL
-
-
 def _child(cfg: RunConfig, name: str, *args: str) -> subprocess.Popen[bytes]:
     log_path = RunDir(cfg.run_dir).log(name)
     env = {**SHARED_CPU_ENV, **os.environ}  # a value the user set wins
@@ -171,85 +170,6 @@ def _wait_or_kill(process: subprocess.Popen[bytes], grace_s: float) -> None:
             process.wait()
 
 
-# What an evaluation depends on besides the served policy: runs that agree on these measure the same thing.
-EVALUATION_FIELDS = ("domain", "seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples",
-                     "eval_temperature", "serve_flags", "precision")  # precision moves scores by points (runtime notes)
-BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
-
-
-def evaluation_key(cfg: RunConfig, policy: str) -> dict[str, Any]:
-    """What an evaluation measured, stored in it as ``measured``: a saved one is reused only when it matches."""
-    saved = json.loads(config.to_json(cfg))
-    return {**{name: saved[name] for name in EVALUATION_FIELDS}, "policy": policy}
-
-
-def saved_evaluation(cfg: RunConfig, name: str, policy: str) -> dict[str, Any] | None:
-    """RUN/eval/NAME.json if it measured ``policy`` (the version now served) with these flags; None
-    when it must be measured (again)."""
-    out = RunDir(cfg.run_dir).evaluation(name)
-    if not out.exists():
-        return None
-    saved = json.loads(out.read_text())
-    if saved.get("measured") == evaluation_key(cfg, policy):
-        return dict(saved)
-    if name == "base" and policy != BASE_POLICY:
-        raise ExitAgentError(f"{out} measured {saved.get('measured')}, but the base policy cannot be measured "
-                             f"again here: the server now serves {policy}. Other evaluation flags need a new "
-                             f"--run-dir ({out} is kept)")
-    print(f"[run] the saved {name} evaluation measured {saved.get('measured')}; measuring again", flush=True)
-    return None
-
-
-def served_version(servers: list[launch.ServeProcess]) -> str:
-    """The one version every server serves; an evaluation over servers that disagree would mix policies."""
-    versions = {server.policy()["version"] for server in servers}
-    if len(versions) != 1:
-        raise ExitAgentError(f"the servers serve different versions {sorted(versions)}; evaluating needs one")
-    return versions.pop()
-
-
-def full_size_commands(cfg: RunConfig, checkpoint: Path | None) -> str:
-    """What measures base and trained with the paper's protocol at full size (evaluate's defaults,
-    ``FULL_SIZE_TASKS`` tasks), on the run's held-out levels and answer length, with identical flags."""
-    flags = (f"--levels {cfg.levels} --max-tokens {cfg.max_tokens} --seed {cfg.seed} "
-             f"--temperature {cfg.temperature} --n-tasks {FULL_SIZE_TASKS}")  # the temperature it trained at
-    lines = []
-    for name, model in (("base", DEFAULT_MODEL), ("trained", checkpoint)):
-        if model is None:
-            continue
-        out = RunDir(cfg.run_dir).eval / f"{name}-full.json"
-        lines += [f"python -m exitagent.serve --model {model} --dtype {cfg.precision} --port 8000 &",
-                  f"python -m exitagent.evaluate --base-url http://127.0.0.1:8000/v1 {flags} --out {out} "
-                  "--server-deadline-s 900; kill %1  # the deadline covers the server's start-up"]
-    return "\n".join(lines)
-
-
-def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str) -> dict[str, Any]:
-    """Held-out arithmetic, K self-improvement steps, avg@n; kept in RUN/eval/NAME.json (a resumed
-    run reuses it when it still fits: ``saved_evaluation``)."""
-    policy = served_version(servers)
-    if (saved := saved_evaluation(cfg, name, policy)) is not None:
-        return saved
-    out = RunDir(cfg.run_dir).evaluation(name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[run] evaluating the {name} policy ({cfg.eval_tasks} held-out tasks, K={cfg.eval_steps}, "
-          f"n={cfg.eval_samples}) ...", flush=True)
-    measuring = out.with_name(f".{name}.measuring.json")  # out appears only with its key in it
-    command = [sys.executable, "-m", "exitagent.evaluate", *_base_urls(servers), "--domain", cfg.domain,
-               "--source", "arithmetic", "--split", "heldout", "--levels", cfg.levels,
-               "--n-tasks", str(cfg.eval_tasks), "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples),
-               "--max-tokens", str(cfg.max_tokens), "--temperature", str(cfg.eval_temperature),
-               "--seed", str(cfg.seed), "--out", str(measuring),
-               "--concurrency", str(max(1, cfg.eval_concurrency // cfg.eval_samples))]  # tasks x samples
-    subprocess.run(command, check=True, stdin=subprocess.DEVNULL, preexec_fn=engine.die_with_parent(ORPHAN_SIGNAL))
-    result = {**json.loads(measuring.read_text()), "measured": evaluation_key(cfg, policy)}
-    measuring.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(measuring.with_suffix(".png"), out.with_suffix(".png"))
-    os.replace(measuring, out)
-    print(f"[run] {name}: accuracy by step {[round(a, 3) for a in result['accuracy_by_step']]}", flush=True)
-    return result
-
-
 # Training time already spent by earlier invocations of this run (up to their Ctrl-C), so that the
 # same command continues the budget instead of starting it again.
 
@@ -258,10 +178,6 @@ def _record_training(run_dir: Path, seconds: float) -> None:
     tmp = run_dir / f".{TRAIN_CLOCK}.tmp"
     tmp.write_text(json.dumps({"seconds": round(seconds, 1)}) + "\n")
     os.replace(tmp, RunDir(run_dir).train_clock)
-
-
-def _base_urls(servers: list[launch.ServeProcess]) -> list[str]:
-    return [flag for server in servers for flag in ("--base-url", server.base_url)]
 
 
 def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: list[bool]) -> None:
@@ -278,7 +194,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     # with equal draws would collect twin groups.
     names = ["collect" if i == 0 else f"collect-{i}" for i in range(cfg.collectors)]  # their log files
     collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
-                         *_base_urls(servers), "--domain", cfg.domain, "--variant", cfg.variant.value,
+                         *base_url_flags(servers), "--domain", cfg.domain, "--variant", cfg.variant.value,
                          "--levels", cfg.levels,
                          "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
                          "--diverge-max-tokens", str(cfg.diverge_max_tokens),
@@ -396,15 +312,6 @@ def start_server(cfg: RunConfig, index: int) -> launch.ServeProcess:
                               *cfg.serve_flags.split(), env=env, name="serve" if index == 0 else f"serve-{index}")
 
 
-def _full_size_note(cfg: RunConfig, checkpoint: Path | None) -> str:
-    if (cfg.eval_samples >= PAPER_SAMPLES and cfg.eval_steps >= PAPER_STEPS and cfg.eval_tasks >= FULL_SIZE_TASKS
-            and cfg.eval_temperature == cfg.temperature):
-        return ""
-    return ("\nThis run's evaluation is smaller than the paper's protocol (avg@8 at the training temperature, "
-            f"K = 16, {FULL_SIZE_TASKS} tasks), to fit the job's time budget. Full size, base and trained with "
-            f"identical flags:\n\n```\n{full_size_commands(cfg, checkpoint)}\n```\n")
-
-
 def resolve_precision(cfg: RunConfig) -> tuple[RunConfig, Precision]:
     """One dtype for serve and update (the canary tolerance assumes they agree), decided here from
     this machine, so the saved config and the evaluations' keys carry what actually ran."""
@@ -444,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
     try:
         base = evaluate(cfg, servers, "base")
+        words = [evaluate(cfg, servers, "base", "wordproblems")] if cfg.eval_wordproblems else []
         if not stop_requested[0]:
             train(cfg, servers, stop_requested)
         if stop_requested[0]:
@@ -455,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 server.wait_for_version(f"step-{latest:06d}", timeout_s=300)
         trained = evaluate(cfg, servers, "trained")
+        words += [evaluate(cfg, servers, "trained", "wordproblems")] if cfg.eval_wordproblems else []
         machine = f"{chosen.hardware.describe()}; precision {chosen.dtype} ({chosen.reason})"
-        full_size = _full_size_note(cfg, published[-1][1] if published else None)
+        full_size = full_size_note(cfg, published[-1][1] if published else None)
         report = write_report(cfg.run_dir, base, trained, machine=machine, wall_s=time.monotonic() - started,
-                              full_size=full_size)
+                              full_size=full_size, word_problems=(words[0], words[1]) if words else None)
         print(f"[run] report: {report}", flush=True)
         print(report.read_text().split("\n## ")[1], flush=True)
     except (ExitAgentError, subprocess.CalledProcessError, httpx.HTTPError) as error:

@@ -45,8 +45,9 @@ from exitagent.errors import ExitCode, child_exit_code
 from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
-from exitagent.run import BASE_POLICY, RunConfig, evaluation_key, parse_config
+from exitagent.run import RunConfig, parse_config
 from exitagent.run_dir import RunDir
+from exitagent.run_eval import BASE_POLICY, evaluation_key
 from exitagent.types import Variant
 
 ORDER = [Variant.GRPO, Variant.CURRICULUM, Variant.IMPROVE, Variant.DIVERGE, Variant.EXIT]

@@ -25,6 +25,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def private_evaluation_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own cache of base evaluations (exitagent.eval_cache): a run started by one test
+    must not reuse another test's measurement, nor the developer's own."""
+    monkeypatch.setenv("EXITAGENT_EVAL_CACHE", str(tmp_path / "eval-cache"))
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Cluster]:
     """A throw-away PostgreSQL cluster for the session (tests/postgres.py); skipped where not installed."""

@@ -34,7 +34,8 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("serving", ("exitagent.serving",)),
     ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
                       "exitagent.variants", "exitagent.models", "exitagent.competitions", "exitagent.report",
-                      "exitagent.budget", "exitagent.curves", "exitagent.staleness")),
+                      "exitagent.budget", "exitagent.curves", "exitagent.staleness", "exitagent.run_eval",
+                      "exitagent.eval_cache")),
     ("training", ("training",)),
     ("embedding API", ("exitagent",)),  # the package itself: `from exitagent import SelfImprovingAgent`
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import run
+from exitagent import run, run_eval
 from exitagent.report import write_report
 
 
@@ -31,9 +31,9 @@ def test_evaluation_concurrency_is_a_run_flag_and_not_part_of_what_is_measured(t
     default = run.parse_config(["--run-dir", str(tmp_path)])
     wider = run.parse_config(["--run-dir", str(tmp_path), "--eval-concurrency", "8"])
     assert default.eval_concurrency == run.EVAL_CONCURRENCY and wider.eval_concurrency == 8
-    assert run.evaluation_key(default, "base") == run.evaluation_key(wider, "base")
+    assert run_eval.evaluation_key(default, "base") == run_eval.evaluation_key(wider, "base")
     forced = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32"])
-    assert run.evaluation_key(forced, "base") != run.evaluation_key(default, "base")  # precision moves scores
+    assert run_eval.evaluation_key(forced, "base") != run_eval.evaluation_key(default, "base")  # precision moves scores
 
 
 def test_a_bad_evaluation_concurrency_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,10 +103,20 @@ def test_the_report_shows_every_figure_with_its_interval_and_the_greedy_column(t
 
 def test_a_small_run_evaluation_prints_the_full_size_commands(tmp_path: Path) -> None:
     cfg = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32"])
-    note = run._full_size_note(cfg, tmp_path / "weights" / "step-000040")
+    note = run_eval.full_size_note(cfg, tmp_path / "weights" / "step-000040")
     assert "smaller than the paper's protocol" in note
     assert f"--model {tmp_path / 'weights' / 'step-000040'} --dtype float32" in note
-    assert note.count(f"--n-tasks {run.FULL_SIZE_TASKS}") == 2  # base and trained, the same flags
+    assert note.count(f"--n-tasks {run_eval.FULL_SIZE_TASKS}") == 2  # base and trained, the same flags
     full = run.parse_config(["--run-dir", str(tmp_path), "--eval-samples", "8", "--eval-steps", "16",
-                             "--eval-temperature", "0.7", "--eval-tasks", str(run.FULL_SIZE_TASKS)])
-    assert run._full_size_note(full, None) == ""
+                             "--eval-temperature", "0.7", "--eval-tasks", str(run_eval.FULL_SIZE_TASKS)])
+    assert run_eval.full_size_note(full, None) == ""
+
+
+def test_the_report_shows_the_second_held_out_set_when_it_was_measured(tmp_path: Path) -> None:
+    base, trained = synthetic(0, 40, 4, 3, 0.3), synthetic(1, 40, 4, 3, 0.5)
+    plain = write_report(tmp_path, base, trained).read_text()
+    assert "Second held-out set" not in plain
+    words = (synthetic(2, 30, 4, 3, 0.2), synthetic(3, 30, 4, 3, 0.4))
+    text = write_report(tmp_path, base, trained, word_problems=words).read_text()
+    section = text.split("Second held-out set", 1)[1].split("\n\n", 2)[1]
+    assert section.count("| base |") == 1 and section.count("| trained |") == 1 and section.count("[") >= 8

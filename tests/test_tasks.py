@@ -27,6 +27,7 @@ EXPECTED = {  # rows and sha256, as listed in exitagent/data/math/SOURCES.md
     "aime24": (30, "574d51305fe7cb9f5821cb2a8347946ee1a6c2e9ab775b102bb8aeb15a7485a4"),
     "olympiadbench": (675, "805421ba5007446ea23b388673d022b7f96406b5d4739a4f43c724b988029626"),
     "gsm8k_test": (1319, "095c4043af3d16f217cc12cdc15c3c97eedad92214329da51419b46391903b60"),
+    "wordproblems": (300, "2f9cb62fc23a791536b0de83205131d9164a6d7f58d0721c9f458afc73d6588c"),
     "gsm8k_train": (7473, "5b609a7d3ae5083904f824a7c1496657b06ba9acf683a66898456d442532851d"),
 }
 

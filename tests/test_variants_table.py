@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from exitagent.log import MetricsFile
-from exitagent.run import BASE_POLICY, evaluation_key, parse_config, resolve_precision
+from exitagent.run import parse_config, resolve_precision
 from exitagent.run_dir import RunDir
+from exitagent.run_eval import BASE_POLICY, evaluation_key
 from exitagent.types import Variant
 from exitagent.variants import ORDER, reuse_base_evaluation, run_args, summarise, write_table
 

@@ -5,6 +5,7 @@ the gold answer as a string, for ``evaluators.math.MathEvaluator``. ``math_tasks
 entry point the collector and the evaluation scripts call::
 
     math_tasks("math500", "test")                      # all 500, file order
+    math_tasks("wordproblems", "test")                 # the second held-out set (word_problems.py)
     math_tasks("gsm8k", "train", n=1000, seed=0)       # a seeded subset (kept in file order)
     math_tasks("arithmetic", "train", n=5000, seed=0, levels=("add1", "add2", "word"))
     math_tasks("path/to/problems.jsonl", "test")       # one {"id", "problem", "answer"} per line
@@ -46,6 +47,7 @@ MATH_BENCHMARKS = {
     "gsm8k_test": "test",
     "aime24": "test",
     "olympiadbench": "test",
+    "wordproblems": "test",  # held out: never trained on (evaluators/worlds/word_problems.py)
 }
 ARITHMETIC_LEVELS = ("add1", "add2", "add3", "sub1", "sub2", "sub3", "mul1", "mul2", "mul3", "word")
 HELDOUT_BUCKETS = 5  # one problem text in five belongs to the held-out split
