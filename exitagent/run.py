@@ -70,7 +70,8 @@ EVAL_CONCURRENCY = 64
 @dataclass(frozen=True)
 class RunConfig:
     run_dir: Path = field(default=Path("runs/demo"), metadata={"help": "where everything of this run goes"})
-    variant: Variant = field(default=Variant.EXIT, metadata={"help": "which of the paper's five variants"})
+    variant: Variant = field(default=Variant.EXIT, metadata={
+        "help": "which of the paper's five variants, or chains (the naive control)"})
     domain: str = field(default="math", metadata={
         "help": "task domain: math, or your own as package.module:NAME (docs/environments.md)"})
     train_minutes: float = field(default=18.0, metadata={
@@ -193,19 +194,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
     # One seed (the buffer's entries name tasks of that seed's task set), one index each: collectors
     # with equal draws would collect twin groups.
     names = ["collect" if i == 0 else f"collect-{i}" for i in range(cfg.collectors)]  # their log files
-    collectors = [_child(cfg, names[i], "exitagent.collect", "--run-dir", run,
-                         *base_url_flags(servers), "--domain", cfg.domain, "--variant", cfg.variant.value,
-                         "--levels", cfg.levels,
-                         "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
-                         "--diverge-max-tokens", str(cfg.diverge_max_tokens),
-                         "--temperature", str(cfg.temperature), "--concurrency", "4",
-                         "--min-buffer", str(cfg.min_buffer),
-                         # two batches ahead of the trainer at most (all collectors together: the
-                         # staleness gate counts the store's unconsumed groups): the CPU is shared with it
-                         "--max-unconsumed", str(2 * cfg.groups_per_step),
-                         "--capacity", str(cfg.capacity), "--diversity-norm", cfg.diversity_norm,
-                         "--seed", str(cfg.seed), "--collector-index", str(i),
-                         "--no-progress")
+    collectors = [_child(cfg, names[i], *collect_command(cfg, base_url_flags(servers), i))
                   for i in range(cfg.collectors)]
     update = _child(cfg, "update", *update_command(cfg))
     started, next_report = time.monotonic(), 15.0
@@ -242,6 +231,22 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
             _wait_or_kill(process, grace_s=60)
         _wait_or_kill(update, grace_s=300)  # lets the current step finish and publish
         print(f"[run] spent: {describe(spent(cfg.run_dir))}", flush=True)
+
+
+def collect_command(cfg: RunConfig, base_urls: list[str], index: int) -> list[str]:
+    """Collector ``index``'s module and flags (``base_urls``: its ``--base-url`` flags)."""
+    return ["exitagent.collect", "--run-dir", str(cfg.run_dir), *base_urls, "--domain", cfg.domain,
+            "--variant", cfg.variant.value, "--levels", cfg.levels,
+            # the naive control's chains reach the depth the run evaluates at
+            *(("--chain-max-depth", str(cfg.eval_steps)) if cfg.variant is Variant.CHAINS else ()),
+            "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),
+            "--diverge-max-tokens", str(cfg.diverge_max_tokens),
+            "--temperature", str(cfg.temperature), "--concurrency", "4", "--min-buffer", str(cfg.min_buffer),
+            # two batches ahead of the trainer at most (all collectors together: the staleness gate
+            # counts the store's unconsumed groups): the CPU is shared with it
+            "--max-unconsumed", str(2 * cfg.groups_per_step),
+            "--capacity", str(cfg.capacity), "--diversity-norm", cfg.diversity_norm,
+            "--seed", str(cfg.seed), "--collector-index", str(index), "--no-progress"]
 
 
 def update_command(cfg: RunConfig) -> list[str]:

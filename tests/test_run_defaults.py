@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from exitagent import config, run, variants
+from exitagent.collect import CollectConfig
 from exitagent.curriculum.paper import paper_values
 from exitagent.types import Variant
 from training.config import UpdateConfig
@@ -63,3 +64,20 @@ def test_zero_epochs_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run.parse_config(["--run-dir", str(tmp_path), "--epochs", "0"])
     assert exit_info.value.code == 2
+
+
+def collector(flags: list[str], tmp_path: Path) -> CollectConfig:
+    """The CollectConfig the main job's first collector would build from its command line."""
+    command = run.collect_command(run.parse_config(["--run-dir", str(tmp_path), *flags]),
+                                  ["--base-url", "http://127.0.0.1:9/v1"], 0)
+    assert command[0] == "exitagent.collect"
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, CollectConfig)
+    return config.from_args(CollectConfig, parser.parse_args(command[1:]))
+
+
+def test_the_chains_control_reaches_the_depth_the_run_evaluates_at(tmp_path: Path) -> None:
+    chains = collector(["--variant", "chains", "--eval-steps", "3"], tmp_path)
+    assert (chains.variant, chains.chain_max_depth) == (Variant.CHAINS, 3)
+    full = collector(["--eval-steps", "3", "--seed", "5"], tmp_path)
+    assert full.variant is Variant.EXIT and full.seed == 5 and full.chain_max_depth != 3  # collect's own default
