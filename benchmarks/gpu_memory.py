@@ -21,6 +21,7 @@ that says so.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -164,6 +165,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        return _measure(args, device, world)
+    finally:
+        if world > 1:
+            # The model's FSDP units held the group and are gone with _measure's frame: a gloo group
+            # destroyed while they live aborts the rank at exit (as training/sharded.py found)
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _measure(args: argparse.Namespace, device: Any, world: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     option = memory.BY_KEY[args.option]
@@ -202,7 +218,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         peaks = [0.0] * world
         dist.all_gather_object(peaks, result["peak_gb"])
         result["peak_gb"] = max(peaks)
-        dist.destroy_process_group()
     return result
 
 
@@ -254,7 +269,10 @@ def _run_one(command: list[str], option: str, timeout_s: float) -> str:
         return f"timed out after {timeout_s:g} s | -"
     found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not found:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        # the last line that says something (torchrun ends its report with a rule of '=')
+        said = [line.strip() for line in done.stderr.splitlines() if line.strip().strip("=-")]
+        tail = next((line for line in reversed(said) if "rror" in line or "exitcode" in line), None) \
+            or (said or ["no output"])[-1]
         return ("out of memory" if "out of memory" in done.stderr.lower() else f"failed: {tail[:80]}") + " | -"
     result = json.loads(found[0].removeprefix("RESULT "))
     return f"{result['peak_gb']:.1f} ({result['device']}) | {result['seconds']}"
