@@ -53,7 +53,7 @@ from exitagent.curriculum import Curriculum, CurriculumConfig, Start, chains
 from exitagent.curriculum.store import CurriculumStore
 from exitagent.curriculum.store_url import STORE_HELP, open_run_store, redact
 from exitagent.diversity import NORMS, Embedder, MiniLMEmbedder
-from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, curriculum_preset, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, curriculum_preset, default_source, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import MetricsFile, TrackFlags, collector_metrics, configure
@@ -80,8 +80,9 @@ class CollectConfig(TrackFlags):
     chain_max_depth: int = field(default=chains.DEFAULT_MAX_DEPTH, metadata={
         "help": "variant chains: K is drawn uniformly from 0..this (default: the main job's evaluation depth)"})
     groups: int = field(default=0, metadata={"help": "stop once the run's store holds this many groups (0: never)"})
-    task_source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
-                                                             "flags": SOURCE_FLAGS})
+    task_source: str = field(default="", metadata={
+        "help": "task source (default: the domain's: math arithmetic, tool_use bfcl, mle offline; "
+                "math: arithmetic, a benchmark name or a .jsonl path)", "flags": SOURCE_FLAGS})
     task_split: str = field(default="train", metadata={"help": "split of the task source", "flags": SPLIT_FLAGS})
     num_tasks: int | None = field(default=None, metadata={"help": "tasks to draw (domain default; files: all)",
                                                           "flags": N_TASKS_FLAGS})
@@ -124,7 +125,8 @@ class CollectConfig(TrackFlags):
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def __post_init__(self) -> None:
-        get_domain(self.domain)
+        # the saved config names the source that ran, also when it was the domain's default
+        object.__setattr__(self, "task_source", self.task_source or default_source(get_domain(self.domain)))
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
         if min(self.group_size, self.concurrency, self.max_tokens) < 1 or self.groups < 0 or self.max_staleness < 0 \
                 or min(self.improve_max_tokens, self.diverge_max_tokens) < 0:

@@ -70,7 +70,7 @@ from evaluators.base import Evaluator
 from exitagent import curves, routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.curriculum import paper
-from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, get_domain
+from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, default_source, get_domain
 from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.log import configure
@@ -100,8 +100,9 @@ class EvalConfig:
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
     domain: str = field(default="math", metadata={
         "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
-    source: str = field(default="arithmetic", metadata={"help": "arithmetic, a benchmark name, or a .jsonl path",
-                                                        "flags": SOURCE_FLAGS})
+    source: str = field(default="", metadata={
+        "help": "task source (default: the domain's: math arithmetic, tool_use bfcl, mle offline; "
+                "math: arithmetic, a benchmark name or a .jsonl path)", "flags": SOURCE_FLAGS})
     split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)",
                                                     "flags": SPLIT_FLAGS})
     tasks: Path | None = field(default=None, metadata={"help": "a .jsonl of {id, problem, answer} (beats --source)"})
@@ -134,7 +135,8 @@ class EvalConfig:
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def __post_init__(self) -> None:
-        get_domain(self.domain)
+        # the saved config names the source that ran, also when it was the domain's default
+        object.__setattr__(self, "source", self.source or default_source(get_domain(self.domain)))
         object.__setattr__(self, "base_url", routing.urls(self.base_url))
         object.__setattr__(self, "steps", self.k)  # the saved config shows the K that ran
         if self.k < 0 or min(self.samples, self.concurrency, self.max_tokens) < 1:
@@ -338,7 +340,7 @@ def write_report(cfg: EvalConfig, result: EvalResult) -> None:
     tmp = cfg.out.with_name(cfg.out.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, cfg.out)
-    source = cfg.tasks.name if cfg.tasks is not None else f"{cfg.source}/{cfg.split}"
+    source = cfg.tasks.name if cfg.tasks is not None else f"{cfg.source or cfg.domain}/{cfg.split}"
     curves.plot_evaluation(body, cfg.out.with_suffix(".png"), f"{cfg.domain}: {source}, {len(result.tasks)} tasks")
 
 

@@ -83,15 +83,31 @@ def _line(name: str, result: dict[str, Any]) -> str:
 def _word_problems(results: tuple[dict[str, Any], dict[str, Any]] | None) -> str:
     if results is None:
         return ""
-    k = len(results[0]["accuracy_by_step"]) - 1
     return f"""
 Second held-out set, word problems the training generator never produces ({_protocol(results[1])}):
 
-| policy | accuracy at k=0 (%) | at k={k} (%) | Δ_{k} (points) | net corrections | greedy k=0 (%) | greedy Δ_{k} |
-|---|---|---|---|---|---|---|
+{_header(results[1])}
 {_line("base", results[0])}
 {_line("trained", results[1])}
 """
+
+
+def _header(result: dict[str, Any]) -> str:
+    """The result table's head, named after what the evaluation scored (tool use: first-request accuracy)."""
+    k = len(result["accuracy_by_step"]) - 1
+    return (f"| policy | {score_name(result)} at k=0 (%) | at k={k} (%) | Δ_{k} (points) | net corrections "
+            f"| greedy k=0 (%) | greedy Δ_{k} |\n|---|---|---|---|---|---|---|")
+
+
+def score_name(result: dict[str, Any]) -> str:
+    return str(result.get("score", "accuracy")).replace("_", " ")
+
+
+def held_out(result: dict[str, Any]) -> str:
+    """Which held-out set: the evaluation's source (math: arithmetic), else its domain (an environment's
+    own tasks); arithmetic for a result without its config (they were all math)."""
+    cfg = result.get("config", {})
+    return str(cfg.get("source") or cfg.get("domain") or "arithmetic")
 
 
 def _curve_table(base: dict[str, Any], trained: dict[str, Any]) -> str:
@@ -154,19 +170,18 @@ def write_report(run_dir: Path, base: dict[str, Any], trained: dict[str, Any], *
     summary = curriculum_view.format_summary(curriculum_view.summarize(entries, groups))
     summary += "\n" + curriculum_view.format_collectors(read_metrics(run_dir, "collect", "group"))
     updates = _rows(RunDir(run_dir).metrics_file("update"), "update")
-    k = len(base["accuracy_by_step"]) - 1
+    score = score_name(trained).capitalize()
     gain = 100 * (trained["accuracy_by_step"][0] - base["accuracy_by_step"][0])
     text = f"""# exitagent run: {run_dir.name}
 
 ## Result
 
-| policy | accuracy at k=0 (%) | at k={k} (%) | Δ_{k} (points) | net corrections | greedy k=0 (%) | greedy Δ_{k} |
-|---|---|---|---|---|---|---|
+{_header(trained)}
 {_line("base", base)}
 {_line("trained", trained)}
 
-Held-out arithmetic: {_protocol(trained)}. Base and trained were measured with the same flags.
-Accuracy at k=0 changed by {gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
+Held-out {held_out(trained)}: {_protocol(trained)}. Base and trained were measured with the same flags.
+{score} at k=0 changed by {gain:+.1f} points after {len(updates)} updates on {len(groups)} groups.
 Depths trained on: {training_depths(groups)}.
 {full_size}{_word_problems(word_problems)}
 {_curve_table(base, trained)}

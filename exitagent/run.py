@@ -5,8 +5,8 @@
 What happens (each part is also a command of its own, started here as a child process):
 
 1. ``exitagent.serve`` serves the packaged 135M model on the CPU;
-2. ``exitagent.evaluate`` measures the base policy on held-out arithmetic: accuracy at every
-   self-improvement step k = 0..K;
+2. ``exitagent.evaluate`` measures the base policy on the domain's held-out tasks (math, the
+   default: arithmetic): accuracy at every self-improvement step k = 0..K;
 3. ``exitagent.collect`` (ExIt curriculum, rollouts, rewards, the store) and ``training.update``
    (GRPO, checkpoints) run side by side for ``--train-minutes``; the server hot-reloads every
    checkpoint, and a progress line shows the trainer's step, the served version and the reward;
@@ -24,6 +24,10 @@ the trainer state and finished evaluations are kept, and training gets what is l
 the same flags. The base policy's evaluation is also shared between runs: a run whose server serves
 the same base weights, evaluated with the same flags, reuses it from a cache (``exitagent.run_eval``,
 ``--eval-cache``). ``--eval-wordproblems`` also measures both policies on a second held-out set.
+
+``--domain`` takes any domain collect and evaluate take (tool_use, mle, or your own environment
+as ``package.module:NAME``, docs/environments.md): its children then get that domain's tasks and
+sources, and math's arithmetic levels only reach math.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from exitagent.types import Variant
 # (runtime notes: 195 tok/s at 8 concurrent, 458 at 32), so evaluating 8 at a time (evaluate's
 # default) left most of it unused: the two evaluations took 14 of the issue's 34 minutes.
 EVAL_CONCURRENCY = 64
+MATH_LEVELS = "add1,add2,sub1,sub2,mul1,word"  # the levels a 135M model learns within the run's budget
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,9 @@ class RunConfig:
     train_updates: int = field(default=0, metadata={
         "help": "budget in trainer updates, the same for every variant (0: wall clock only)"})
     seed: int = field(default=0, metadata={"help": "seed of tasks, curriculum and trainer"})
-    levels: str = field(default="add1,add2,sub1,sub2,mul1,word", metadata={"help": "arithmetic levels"})
+    levels: str | None = field(default=None, metadata={
+        "help": f"arithmetic levels (default: {MATH_LEVELS}); other domains: their own (MLE: competition ids; "
+                "default none)"})
     group_size: int = field(default=8, metadata={"help": "G: samples per prompt"})
     groups_per_step: int = field(default=8, metadata={"help": "prompts per update"})
     lr: float = field(default=2e-5, metadata={"help": "learning rate (135M model on a CPU; see runtime notes)"})
@@ -128,6 +135,10 @@ class RunConfig:
         "help": "collect processes, each routing its groups over every server (collector index 0, 1, ...)"})
 
     def __post_init__(self) -> None:
+        if self.levels is None:
+            object.__setattr__(self, "levels", MATH_LEVELS if self.domain == "math" else "")
+        if self.eval_wordproblems and self.domain != "math":
+            raise ValueError("--eval-wordproblems is a held-out set of math (arithmetic word problems)")
         # A domain of your own (package.module:NAME) has no paper row: one epoch, no filter.
         row = paper_values(self.domain) if self.domain in PAPER_DOMAINS else None
         if self.epochs is None:
@@ -236,7 +247,7 @@ def train(cfg: RunConfig, servers: list[launch.ServeProcess], stop_requested: li
 def collect_command(cfg: RunConfig, base_urls: list[str], index: int) -> list[str]:
     """Collector ``index``'s module and flags (``base_urls``: its ``--base-url`` flags)."""
     return ["exitagent.collect", "--run-dir", str(cfg.run_dir), *base_urls, "--domain", cfg.domain,
-            "--variant", cfg.variant.value, "--levels", cfg.levels,
+            "--variant", cfg.variant.value, *(("--levels", cfg.levels) if cfg.levels else ()),
             # the naive control's chains reach the depth the run evaluates at
             *(("--chain-max-depth", str(cfg.eval_steps)) if cfg.variant is Variant.CHAINS else ()),
             "--group-size", str(cfg.group_size), "--max-tokens", str(cfg.max_tokens),

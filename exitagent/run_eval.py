@@ -10,8 +10,8 @@ an existing result fits:
   same served base weights with the same evaluation flags, tasks, prompt template and versions
   (``base_cache_inputs``). ``--eval-cache off`` turns that off.
 
-``source`` picks the held-out set: ``arithmetic`` (the training generator's held-out split, the
-report's headline) or ``wordproblems`` (the second held-out set, which the training generator
+``source`` picks the held-out set: None, the domain's own held-out split (math: the arithmetic
+generator's; the report's headline), or ``wordproblems`` (the second held-out set, which the training generator
 never produces; ``RUN/eval/NAME-wordproblems.json``, only with ``--eval-wordproblems``).
 """
 
@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exitagent import config
-from exitagent.domains import get_domain
+from exitagent.curriculum import paper
+from exitagent.domains import default_source, get_domain
 from exitagent.errors import ExitAgentError
 from exitagent.eval_cache import EvalCache, default_dir
-from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS, SCHEMA, EvalConfig
+from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, SCHEMA, EvalConfig
 from exitagent.models import DEFAULT_MODEL
 from exitagent.prompts import step_messages
 from exitagent.run_dir import RunDir
@@ -56,7 +57,7 @@ ORPHAN_SIGNAL = signal.SIGKILL
 EVALUATION_FIELDS = ("domain", "seed", "levels", "max_tokens", "eval_tasks", "eval_steps", "eval_samples",
                      "eval_temperature", "serve_flags", "precision")  # precision moves scores by points (runtime notes)
 BASE_POLICY = "base"  # the version the server reports before any checkpoint is published
-HELD_OUT = ("arithmetic", "wordproblems")  # the held-out sets a run can evaluate on
+HELD_OUT = ("wordproblems",)  # held-out sets a run can evaluate on besides the domain's own (None)
 WORD_PROBLEMS = 300  # the size of the second held-out set (evaluators/worlds/word_problems.py)
 # Their answers need more room than arithmetic's: the base model at 64 tokens had 89 of 100 first
 # answers cut (2% right), at 256 tokens 14 (6% right; greedy, bf16, 2026-12-02). Both policies get it.
@@ -66,18 +67,18 @@ _NOT_MEASURED = ("out", "base_url", "api_key", "concurrency", "server_deadline_s
                  "log_level", "keep_texts")
 
 
-def evaluation_key(cfg: RunConfig, policy: str, source: str = "arithmetic") -> dict[str, Any]:
+def evaluation_key(cfg: RunConfig, policy: str, source: str | None = None) -> dict[str, Any]:
     """What an evaluation measured, stored in it as ``measured``: a saved one is reused only when it matches."""
     saved = json.loads(config.to_json(cfg))
     key = {**{name: saved[name] for name in EVALUATION_FIELDS}, "policy": policy}
-    return key if source == "arithmetic" else {**key, "source": source}  # older runs' keys stay valid
+    return key if source is None else {**key, "source": source}  # older runs' keys stay valid
 
 
-def _label(name: str, source: str) -> str:
-    return name if source == "arithmetic" else f"{name}-{source}"
+def _label(name: str, source: str | None) -> str:
+    return name if source is None else f"{name}-{source}"
 
 
-def saved_evaluation(cfg: RunConfig, name: str, policy: str, source: str = "arithmetic") -> dict[str, Any] | None:
+def saved_evaluation(cfg: RunConfig, name: str, policy: str, source: str | None = None) -> dict[str, Any] | None:
     """RUN/eval/NAME.json if it measured ``policy`` (the version now served) with these flags; None
     when it must be measured (again)."""
     out = RunDir(cfg.run_dir).evaluation(_label(name, source))
@@ -106,14 +107,17 @@ def base_url_flags(servers: list[launch.ServeProcess]) -> list[str]:
     return [flag for server in servers for flag in ("--base-url", server.base_url)]
 
 
-def evaluate_args(cfg: RunConfig, source: str = "arithmetic") -> list[str]:
+def evaluate_args(cfg: RunConfig, source: str | None = None) -> list[str]:
     """``exitagent.evaluate``'s flags that say what is measured (servers, output and concurrency aside)."""
-    if source not in HELD_OUT:
+    if source is not None and source not in HELD_OUT:
         raise ValueError(f"held-out set {source!r} is not one of {HELD_OUT}")
-    tasks = cfg.eval_tasks if source == "arithmetic" else min(cfg.eval_tasks, WORD_PROBLEMS)
-    levels = ["--levels", cfg.levels] if source == "arithmetic" else []  # word problems have no levels
-    tokens = cfg.max_tokens if source == "arithmetic" else max(cfg.max_tokens, WORD_PROBLEM_TOKENS)
-    return ["--domain", cfg.domain, "--source", source, "--split", "heldout", *levels, "--n-tasks", str(tasks),
+    if source is None:  # the domain's own held-out split, at the run's levels and answer length
+        held_out = [*(("--levels", cfg.levels) if cfg.levels else ())]
+        tasks, tokens = cfg.eval_tasks, cfg.max_tokens
+    else:  # word problems: no levels, and answers that need more room
+        held_out = ["--source", source]
+        tasks, tokens = min(cfg.eval_tasks, WORD_PROBLEMS), max(cfg.max_tokens, WORD_PROBLEM_TOKENS)
+    return ["--domain", cfg.domain, *held_out, "--split", "heldout", "--n-tasks", str(tasks),
             "--steps", str(cfg.eval_steps), "--samples", str(cfg.eval_samples), "--max-tokens", str(tokens),
             "--temperature", str(cfg.eval_temperature), "--seed", str(cfg.seed)]
 
@@ -160,7 +164,7 @@ def measure(cfg: RunConfig, servers: list[launch.ServeProcess], args: list[str],
 Measure = Callable[["RunConfig", list[launch.ServeProcess], list[str], Path], None]
 
 
-def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str, source: str = "arithmetic", *,
+def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str, source: str | None = None, *,
              measure: Measure = measure) -> dict[str, Any]:
     """Held-out ``source``, K self-improvement steps, avg@n; kept in RUN/eval/NAME.json (module docstring).
     ``measure`` runs the evaluation itself (tests pass a fake: no server needed)."""
@@ -182,7 +186,8 @@ def evaluate(cfg: RunConfig, servers: list[launch.ServeProcess], name: str, sour
     if name == "base" and policy != BASE_POLICY:  # e.g. --eval-wordproblems first given to a resumed run
         raise ExitAgentError(f"the base policy cannot be measured here: the server now serves {policy}. "
                              f"Measure it in a new --run-dir ({out.name} is missing)")
-    print(f"[run] evaluating the {name} policy on held-out {source} ({args[args.index('--n-tasks') + 1]} tasks, "
+    held_out = source or default_source(get_domain(cfg.domain)) or cfg.domain
+    print(f"[run] evaluating the {name} policy on held-out {held_out} ({args[args.index('--n-tasks') + 1]} tasks, "
           f"K={cfg.eval_steps}, n={cfg.eval_samples}) ...", flush=True)
     measuring = out.with_name(f".{out.stem}.measuring.json")  # out appears only with its key in it
     measure(cfg, servers, args, measuring)
@@ -211,7 +216,8 @@ def _keep(out: Path, result: dict[str, Any], plot: Path) -> dict[str, Any]:
 def full_size_commands(cfg: RunConfig, checkpoint: Path | None) -> str:
     """What measures base and trained with the paper's protocol at full size (evaluate's defaults,
     ``FULL_SIZE_TASKS`` tasks), on the run's held-out levels and answer length, with identical flags."""
-    flags = (f"--levels {cfg.levels} --max-tokens {cfg.max_tokens} --seed {cfg.seed} "
+    levels = f"--levels {cfg.levels} " if cfg.levels else ""
+    flags = (f"--domain {cfg.domain} {levels}--max-tokens {cfg.max_tokens} --seed {cfg.seed} "
              f"--temperature {cfg.temperature} --n-tasks {FULL_SIZE_TASKS}")  # the temperature it trained at
     lines = []
     for name, model in (("base", DEFAULT_MODEL), ("trained", checkpoint)):
@@ -225,9 +231,9 @@ def full_size_commands(cfg: RunConfig, checkpoint: Path | None) -> str:
 
 
 def full_size_note(cfg: RunConfig, checkpoint: Path | None) -> str:
-    if (cfg.eval_samples >= PAPER_SAMPLES and cfg.eval_steps >= PAPER_STEPS and cfg.eval_tasks >= FULL_SIZE_TASKS
-            and cfg.eval_temperature == cfg.temperature):
+    if (cfg.eval_samples >= PAPER_SAMPLES and cfg.eval_steps >= paper.eval_steps(cfg.domain)
+            and cfg.eval_tasks >= FULL_SIZE_TASKS and cfg.eval_temperature == cfg.temperature):
         return ""
     return ("\nThis run's evaluation is smaller than the paper's protocol (avg@8 at the training temperature, "
-            f"K = 16, {FULL_SIZE_TASKS} tasks), to fit the job's time budget. Full size, base and trained with "
-            f"identical flags:\n\n```\n{full_size_commands(cfg, checkpoint)}\n```\n")
+            f"K = {paper.eval_steps(cfg.domain)}, {FULL_SIZE_TASKS} tasks), to fit the job's time budget. "
+            f"Full size, base and trained with identical flags:\n\n```\n{full_size_commands(cfg, checkpoint)}\n```\n")

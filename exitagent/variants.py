@@ -41,10 +41,12 @@ import matplotlib.pyplot as plt
 
 from exitagent import config, curves, stats
 from exitagent.budget import BUDGET_KEYS, spent
+from exitagent.curriculum import paper
 from exitagent.errors import ExitCode, child_exit_code
-from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES, PAPER_STEPS
+from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
+from exitagent.report import held_out, score_name
 from exitagent.run import RunConfig, parse_config
 from exitagent.run_dir import RunDir
 from exitagent.run_eval import BASE_POLICY, evaluation_key
@@ -77,10 +79,11 @@ def run_one(out_dir: Path, variant: Variant, seed: int, passthrough: list[str],
 
 def protocol_flags(passthrough: list[str]) -> list[str]:
     """The paper's evaluation protocol as ``exitagent.run`` flags, sampled at the temperature the runs
-    train at; put before ``passthrough`` so that the user's own ``--eval-*`` flags win."""
-    temperature = parse_config(["--run-dir", ".", *passthrough]).temperature
-    return ["--eval-samples", str(PAPER_SAMPLES), "--eval-steps", str(PAPER_STEPS),
-            "--eval-temperature", str(temperature), "--eval-tasks", str(FULL_SIZE_TASKS)]
+    train at, with the paper's K for the domain; put before ``passthrough`` so that the user's own
+    ``--eval-*`` flags win."""
+    cfg = parse_config(["--run-dir", ".", *passthrough])
+    return ["--eval-samples", str(PAPER_SAMPLES), "--eval-steps", str(paper.eval_steps(cfg.domain)),
+            "--eval-temperature", str(cfg.temperature), "--eval-tasks", str(FULL_SIZE_TASKS)]
 
 
 def reuse_base_evaluation(out_dir: Path, cfg: RunConfig) -> Path | None:
@@ -120,6 +123,9 @@ def summarise(runs: dict[Variant, list[Path]]) -> dict[str, Any]:
             bases.setdefault(seed, json.loads(RunDir(directory).evaluation("base").read_text()))
         table["variants"][variant.value] = {**_row(results), **_budget([spent(d) for d in directories])}
     table["base"] = _row(list(bases.values()))
+    first = next(iter(bases.values()), {})  # what was measured, named as evaluate names it
+    table["score"] = score_name(first)
+    table["held_out"] = held_out(first)
     updates = {v: row["updates_by_seed"] for v, row in table["variants"].items()}
     table["equal_updates"] = len({tuple(u) for u in updates.values()}) <= 1
     return table
@@ -150,9 +156,9 @@ def seed_intervals(results: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
-    k = len(table["base"]["curve"]) - 1
-    lines = [f"| policy | seeds | accuracy after K={k} steps (%) | Δ_{k} (points) | 95% intervals: accuracy after "
-             f"K, Δ_{k}, accuracy at k=0 | updates | groups trained | tokens generated | training minutes |",
+    k, score = len(table["base"]["curve"]) - 1, table.get("score", "accuracy")
+    lines = [f"| policy | seeds | {score} after K={k} steps (%) | Δ_{k} (points) | 95% intervals: {score} after "
+             f"K, Δ_{k}, {score} at k=0 | updates | groups trained | tokens generated | training minutes |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def line(name: str, row: dict[str, Any]) -> str:
@@ -172,7 +178,8 @@ def write_table(out_dir: Path, table: dict[str, Any]) -> Path:
     for variant in (*ORDER, *CONTROLS):
         if variant.value in table["variants"]:
             lines.append(line(LABELS[variant], table["variants"][variant.value]))
-    text = "# Variants (exit-spec.md section 6), held-out arithmetic\n\n" + "\n".join(lines) + \
+    held_out = table.get("held_out", "arithmetic")
+    text = f"# Variants (exit-spec.md section 6), held-out {held_out}\n\n" + "\n".join(lines) + \
         "\n\nMean ± population standard deviation over seeds; intervals: paired percentile bootstrap, seeds " \
         "resampled, then tasks within each (exitagent.stats); updates, groups, tokens and minutes: mean over " \
         "seeds.\n\n" + _equal_note(table) + "![curves](curves.png)\n"

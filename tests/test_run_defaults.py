@@ -1,6 +1,7 @@
-"""exitagent.run's trainer defaults per domain come from the paper's table (curriculum/paper.py):
+"""exitagent.run's defaults per domain: the trainer's come from the paper's table (curriculum/paper.py):
 tool use trains 2 epochs per batch with the overlong filter, math 1 epoch without it; flags win.
-Checked on the trainer child's command line, parsed by training.update's own parser."""
+Math's levels and arithmetic reach math's children only: another domain trains and is evaluated on
+its own tasks. Checked on the children's command lines, parsed by their own parsers."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import config, run, variants
+from exitagent import config, run, run_eval, variants
 from exitagent.collect import CollectConfig
 from exitagent.curriculum.paper import paper_values
+from exitagent.evaluate import EvalConfig
 from exitagent.types import Variant
+from tests.user_env import write_module
 from training.config import UpdateConfig
 
 
@@ -81,3 +84,37 @@ def test_the_chains_control_reaches_the_depth_the_run_evaluates_at(tmp_path: Pat
     assert (chains.variant, chains.chain_max_depth) == (Variant.CHAINS, 3)
     full = collector(["--eval-steps", "3", "--seed", "5"], tmp_path)
     assert full.variant is Variant.EXIT and full.seed == 5 and full.chain_max_depth != 3  # collect's own default
+
+
+def evaluation(flags: list[str], tmp_path: Path, source: str | None = None) -> EvalConfig:
+    """The EvalConfig the main job's evaluation child would build for held-out ``source``."""
+    args = run_eval.evaluate_args(run.parse_config(["--run-dir", str(tmp_path), *flags]), source)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, EvalConfig)
+    return config.from_args(EvalConfig, parser.parse_args([*args, "--out", "-"]))
+
+
+def test_math_keeps_its_levels_and_arithmetic(tmp_path: Path) -> None:
+    assert collector([], tmp_path).task_source == evaluation([], tmp_path).source == "arithmetic"
+    assert collector([], tmp_path).levels == evaluation([], tmp_path).levels == run.MATH_LEVELS
+    words = evaluation(["--eval-wordproblems"], tmp_path, "wordproblems")
+    assert (words.source, words.levels) == ("wordproblems", "")
+
+
+@pytest.mark.parametrize("domain, source", [("tool_use", "bfcl"), ("mle", "offline"), ("user", "")])
+def test_another_domain_trains_and_is_evaluated_on_its_own_tasks(domain: str, source: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No arithmetic levels or source reach another domain's children: each gets its domain's default
+    (an environment's tasks have one source)."""
+    if domain == "user":  # an environment in a module outside the package
+        monkeypatch.syspath_prepend(str(tmp_path))
+        domain = write_module(tmp_path)
+    for child in (collector(["--domain", domain], tmp_path), evaluation(["--domain", domain], tmp_path)):
+        assert child.domain == domain and child.levels == ""
+        assert getattr(child, "task_source", getattr(child, "source", None)) == source
+
+
+def test_word_problems_are_math_only(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_config(["--run-dir", str(tmp_path), "--domain", "tool_use", "--eval-wordproblems"])
+    assert exit_info.value.code == 2

@@ -120,3 +120,16 @@ def test_the_report_shows_the_second_held_out_set_when_it_was_measured(tmp_path:
     text = write_report(tmp_path, base, trained, word_problems=words).read_text()
     section = text.split("Second held-out set", 1)[1].split("\n\n", 2)[1]
     assert section.count("| base |") == 1 and section.count("| trained |") == 1 and section.count("[") >= 8
+
+
+def test_the_report_names_what_another_domain_measured(tmp_path: Path) -> None:
+    """Tool use's headline is first-request accuracy on BFCL; an environment's held-out set is its own tasks."""
+    def tool_use(accuracy: list[float]) -> dict[str, object]:
+        return {**result(accuracy, 60.0), "score": "first_request_accuracy",
+                "config": {"samples": 1, "domain": "tool_use", "source": "bfcl"}}
+
+    text = write_report(tmp_path, tool_use([0.2, 0.2]), tool_use([0.3, 0.3])).read_text()
+    assert "| policy | first request accuracy at k=0 (%) |" in text and "Held-out bfcl:" in text
+    assert "First request accuracy at k=0 changed by +10.0 points" in text
+    mine = {**result([0.5, 0.5], 60.0), "config": {"samples": 1, "domain": "my_shop:ENV", "source": ""}}
+    assert "Held-out my_shop:ENV:" in write_report(tmp_path, mine, mine).read_text()

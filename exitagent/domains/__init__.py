@@ -40,6 +40,13 @@ def curriculum_preset(domain: Domain) -> str:
     return str(getattr(domain, "curriculum", domain.name))
 
 
+def default_source(domain: Domain) -> str:
+    """What ``--source`` means when it is not given: the domain's ``default_source`` (math
+    ``arithmetic``, tool use ``bfcl``, MLE ``offline``); "" for one without (an ``Environment``'s
+    tasks have one source)."""
+    return str(getattr(domain, "default_source", ""))
+
+
 def _import(spec: str) -> Any:
     module_name, _, attribute = spec.partition(":")
     try:
@@ -77,4 +84,4 @@ def _as_domain(name: str, found: Any) -> Domain:
 
 
 __all__ = ["DOMAINS", "Domain", "DomainSettings", "Environment", "TaskSpec", "curriculum_preset",
-           "get_domain"]
+           "default_source", "get_domain"]

@@ -48,6 +48,7 @@ def fit_start(policy: Policy, start: Start, params: SamplingParams) -> tuple[Sta
 
 class MathDomain:
     name = "math"
+    default_source = "arithmetic"  # what --source means when not given
 
     def load_tasks(self, spec: TaskSpec) -> list[Task]:
         split, n = spec.split, spec.n

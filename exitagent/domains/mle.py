@@ -58,7 +58,7 @@ log = structlog.get_logger(__name__)
 
 PROMPT_TRACE_CHARS = 1200  # of error output in a debug prompt: the model's context is small
 PREVIEW_ROWS = (3, 1, 0)  # data preview rows to try, fewest last, until the prompt fits
-OFFLINE_SOURCES = ("offline", "arithmetic")  # "arithmetic" is the CLI's default (math's)
+OFFLINE_SOURCES = ("offline",)
 
 
 def step_reward(kind: StepKind, score: float, prev: float | None) -> float:
@@ -101,6 +101,7 @@ def _competitions(source: str, split: str) -> list[Competition]:
 
 class MLEDomain:
     name = "mle"
+    default_source = "offline"  # what --source means when not given
 
     def load_tasks(self, spec: TaskSpec) -> list[Task]:
         found = _competitions(spec.source, spec.split)

@@ -162,6 +162,7 @@ class Attempt:
 
 class ToolUseDomain:
     name = "tool_use"
+    default_source = "bfcl"  # what --source means when not given
     # The paper's tool-use headline (exit-spec.md section 4): the first request, the one training
     # practises. All-requests (BFCL's entry) accuracy is each step's secondary score.
     score_name = "first_request_accuracy"

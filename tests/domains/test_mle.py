@@ -107,7 +107,7 @@ def test_load_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, iris: Compe
     heldout = domain.load_tasks(TaskSpec("offline", "heldout"))
     assert [t.id for t in heldout] == ["breast-cancer-diagnosis", "friedman-regression"]
     assert (tmp_path / "home" / "competitions" / "friedman-regression" / "private" / "answers.csv").is_file()
-    picked = domain.load_tasks(TaskSpec("arithmetic", "all", levels=("wine-cultivar", "iris-species")))
+    picked = domain.load_tasks(TaskSpec("offline", "all", levels=("wine-cultivar", "iris-species")))
     assert sorted(t.id for t in picked) == ["iris-species", "wine-cultivar"]
     assert all(t.domain == "mle" and Path(t.metadata["competition_dir"]).is_dir() for t in picked)
     assert len(domain.load_tasks(TaskSpec("offline", "train", n=2))) == 2

@@ -14,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from exitagent.curriculum.store import SQLiteStore
 from exitagent.log import read_metrics
 from exitagent.run import trained_seconds
+from tests.user_env import write_module
 
 pytestmark = pytest.mark.vllm
 
@@ -110,4 +112,27 @@ def test_kill_9_of_the_orchestrator_leaves_no_process_and_the_same_command_resum
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "evaluating the base policy" not in second.stdout  # the first run's base evaluation is kept
     assert (run_dir / "report.md").exists()
+    assert _ours(run_dir) == []
+
+
+def test_a_user_environment_runs_through_the_main_job(tmp_path: Path) -> None:
+    """``run --domain MODULE:ENV`` with a module outside the package (two tools, a reward on the
+    episode's state): its groups train, both policies are evaluated on its tasks, the report names them."""
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    domain, run_dir = write_module(modules), tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "exitagent.run", "--run-dir", str(run_dir), "--domain", domain,
+                           *TINY, "--max-tokens", "48", "--train-minutes", "1"],
+                          env=env, capture_output=True, text=True, timeout=1200, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"held-out {domain}" in done.stdout  # its own tasks, not arithmetic
+    with SQLiteStore.in_run(run_dir) as store:
+        groups = store.groups()
+    assert groups and all(g.task_id.startswith("note-") for g in groups)  # the environment's tasks
+    for name in ("base", "trained"):
+        result = json.loads((run_dir / "eval" / f"{name}.json").read_text())
+        assert result["config"]["domain"] == domain and len(result["accuracy_by_step"]) == 2
+        assert all(row["id"].startswith("note-") for row in result["per_task"])
+    assert f"Held-out {domain}:" in (run_dir / "report.md").read_text()
     assert _ours(run_dir) == []
