@@ -86,7 +86,9 @@ def gather(store: CurriculumStore, trainer: Trainer, cfg: UpdateConfig, metrics:
     min_version = max(0, trainer.step - cfg.max_staleness)
     dropped = store.drop_stale(min_version, trainer.step + 1)
     if dropped:
-        log.warning("stale_groups_dropped", count=dropped, min_version=min_version)
+        log.warning("stale_groups_dropped", count=dropped, min_version=min_version,
+                    hint="groups recorded before training (an app's traffic) need --max-staleness above the "
+                         "updates to make")
         metrics.write("stale_dropped", step=trainer.step, count=dropped)
     return store.fetch_groups(min_version=min_version, limit=cfg.groups_per_step)
 
