@@ -35,7 +35,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
                       "exitagent.variants", "exitagent.models", "exitagent.competitions", "exitagent.report",
                       "exitagent.budget", "exitagent.curves", "exitagent.staleness", "exitagent.run_eval",
-                      "exitagent.eval_cache")),
+                      "exitagent.eval_cache", "exitagent.eval_result")),
     ("training", ("training",)),
     ("embedding API", ("exitagent",)),  # the package itself: `from exitagent import SelfImprovingAgent`
 ]
