@@ -18,8 +18,10 @@ and after training on what it recorded; the server hot-reloads each checkpoint::
         --max-staleness 1000 --publish-every 1 --idle-timeout-s 30
     python examples/sums_helper.py URL --requests 200 --seed 99 --no-record      # after
 
-Measured on the packaged 135M model (2026-12-02, 2 cores, AVX512 with native bf16): 18 of 200
-right before (9.0%), 93 of 200 after 16 updates (46.5%); the recorded traffic had 17 of 128 right.
+Measured with these commands on the packaged 135M model (2026-12-02, 2 cores, AVX512 with native
+bf16): 18 of 200 right before (9.0%), 93 of 200 after (46.5%). The recorded traffic had 14 of 128
+right; the trainer made 15 updates and then stopped with exit code 3 (idle: no groups left, some
+having had one reward for all 8 answers, no signal).
 
 ``--max-staleness 1000``: the app's traffic was all answered by the base policy, and the trainer
 drops groups more versions old than ``--max-staleness`` (default 4, for a run whose collectors
