@@ -61,7 +61,8 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 def add_arguments(parser: argparse.ArgumentParser, config_type: type[Any], *, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field of ``config_type`` (a dataclass) to ``parser``."""
     hints = typing.get_type_hints(config_type)
-    for f in dataclasses.fields(config_type):
+    own = vars(config_type).get("__annotations__", {})  # its own flags first in --help, shared blocks after
+    for f in sorted(dataclasses.fields(config_type), key=lambda f: f.name not in own):
         if f.name in skip or not f.init:
             continue
         kind, _ = _base_type(hints[f.name])

@@ -70,7 +70,7 @@ from exitagent import curves, routing
 from exitagent.config import add_arguments, from_args, parse_args, to_json
 from exitagent.curriculum import paper
 from exitagent.domains import DOMAINS, Domain, DomainSettings, TaskSpec, default_source, get_domain
-from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SPLIT_FLAGS
+from exitagent.domains.base import N_TASKS_FLAGS, SOURCE_FLAGS, SOURCE_HELP, SPLIT_FLAGS, DomainFlags
 from exitagent.errors import ConfigError, ExitAgentError, ExitCode, fail
 from exitagent.eval_result import EvalResult, summarize
 from exitagent.log import configure
@@ -91,7 +91,7 @@ FULL_SIZE_TASKS = 1200
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(DomainFlags):
     out: Path = field(metadata={"help": "result JSON (the curve goes next to it as .png)"})
     base_url: tuple[str, ...] = field(default=("http://127.0.0.1:8000/v1",), metadata={
         "help": "OpenAI-compatible policy server; several: each task goes to the least busy (exitagent.routing)"})
@@ -99,9 +99,7 @@ class EvalConfig:
     api_key: str | None = field(default=None, metadata={"help": "API key of the server (never written out)"})
     domain: str = field(default="math", metadata={
         "help": f"task domain: {', '.join(DOMAINS)}, or your own as package.module:NAME (docs/environments.md)"})
-    source: str = field(default="", metadata={
-        "help": "task source (default: the domain's: math arithmetic, tool_use bfcl, mle offline; "
-                "math: arithmetic, a benchmark name or a .jsonl path)", "flags": SOURCE_FLAGS})
+    source: str = field(default="", metadata={"help": SOURCE_HELP, "flags": SOURCE_FLAGS})
     split: str = field(default="heldout", metadata={"help": "split (heldout: a benchmark's own test split)",
                                                     "flags": SPLIT_FLAGS})
     tasks: Path | None = field(default=None, metadata={"help": "a .jsonl of {id, problem, answer} (beats --source)"})
@@ -119,13 +117,7 @@ class EvalConfig:
         "help": "also a greedy one-sample pass, reported as `greedy` (skipped when --temperature is 0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     max_tokens: int = field(default=1024, metadata={"help": "completion tokens per iterate"})
-    max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
     concurrency: int = field(default=8, metadata={"help": "tasks in flight (each runs its n trajectories at once)"})
-    eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
-    eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
-    sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
-    memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
-    max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
     server_deadline_s: float = field(default=300.0, metadata={"help": "how long to retry a failing server (s)"})
     failover_s: float = field(default=30.0, metadata={
         "help": "with several servers: how long one may fail before its task moves to another (s)"})
@@ -157,10 +149,6 @@ class EvalConfig:
         levels = tuple(level.strip() for level in self.levels.split(",") if level.strip()) or None
         source = str(self.tasks) if self.tasks is not None else self.source
         return TaskSpec(source, self.split, self.n_tasks, self.seed, levels)
-
-    def settings(self) -> DomainSettings:
-        return DomainSettings(eval_workers=self.eval_workers, eval_timeout_s=self.eval_timeout_s, sandbox=self.sandbox,
-                              memory_mb=self.memory_mb, max_turns=self.max_turns, max_context=self.max_context)
 
     def as_json(self) -> dict[str, Any]:
         values = json.loads(to_json(self))

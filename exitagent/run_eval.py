@@ -44,7 +44,7 @@ from exitagent.serving import engine, launch
 from exitagent.types import StepKind
 
 if TYPE_CHECKING:
-    from exitagent.run import RunConfig
+    from exitagent.run_config import RunConfig
 
 # If the orchestrator dies (kill -9 included), the kernel kills its children: collect, update and
 # evaluate are built to survive SIGKILL at any point (a group, a saved state and an evaluation are

@@ -47,7 +47,8 @@ from exitagent.evaluate import FULL_SIZE_TASKS, PAPER_SAMPLES
 from exitagent.precision import choose as choose_precision
 from exitagent.precision import detect
 from exitagent.report import held_out, score_name
-from exitagent.run import RunConfig, parse_config
+from exitagent.run import parse_config
+from exitagent.run_config import RunConfig
 from exitagent.run_dir import RunDir
 from exitagent.run_eval import BASE_POLICY, evaluation_key
 from exitagent.types import Variant

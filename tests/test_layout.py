@@ -32,10 +32,11 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("recorder", ("exitagent.recorder",)),  # the embedded agent's episodes into the store
     ("domains", ("exitagent.domains",)),
     ("serving", ("exitagent.serving",)),
-    ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.evaluate", "exitagent.run",
+    ("entry points", ("exitagent.serve", "exitagent.collect", "exitagent.collect_config", "exitagent.evaluate",
+                      "exitagent.run",
                       "exitagent.variants", "exitagent.models", "exitagent.competitions", "exitagent.report",
                       "exitagent.budget", "exitagent.curves", "exitagent.staleness", "exitagent.run_eval",
-                      "exitagent.eval_cache", "exitagent.eval_result")),
+                      "exitagent.eval_cache", "exitagent.eval_result", "exitagent.run_config")),
     ("training", ("training",)),
     ("embedding API", ("exitagent",)),  # the package itself: `from exitagent import SelfImprovingAgent`
 ]

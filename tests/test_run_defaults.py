@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import config, run, run_eval, variants
+from exitagent import config, run, run_config, run_eval, variants
 from exitagent.collect import CollectConfig
 from exitagent.curriculum.paper import paper_values
 from exitagent.evaluate import EvalConfig
@@ -96,7 +96,7 @@ def evaluation(flags: list[str], tmp_path: Path, source: str | None = None) -> E
 
 def test_math_keeps_its_levels_and_arithmetic(tmp_path: Path) -> None:
     assert collector([], tmp_path).task_source == evaluation([], tmp_path).source == "arithmetic"
-    assert collector([], tmp_path).levels == evaluation([], tmp_path).levels == run.MATH_LEVELS
+    assert collector([], tmp_path).levels == evaluation([], tmp_path).levels == run_config.MATH_LEVELS
     words = evaluation(["--eval-wordproblems"], tmp_path, "wordproblems")
     assert (words.source, words.levels) == ("wordproblems", "")
 

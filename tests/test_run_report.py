@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exitagent import run, run_eval
+from exitagent import run, run_config, run_eval
 from exitagent.report import write_report
 
 
@@ -30,7 +30,7 @@ def test_the_report_records_machine_precision_and_time(tmp_path: Path) -> None:
 def test_evaluation_concurrency_is_a_run_flag_and_not_part_of_what_is_measured(tmp_path: Path) -> None:
     default = run.parse_config(["--run-dir", str(tmp_path)])
     wider = run.parse_config(["--run-dir", str(tmp_path), "--eval-concurrency", "8"])
-    assert default.eval_concurrency == run.EVAL_CONCURRENCY and wider.eval_concurrency == 8
+    assert default.eval_concurrency == run_config.EVAL_CONCURRENCY and wider.eval_concurrency == 8
     assert run_eval.evaluation_key(default, "base") == run_eval.evaluation_key(wider, "base")
     forced = run.parse_config(["--run-dir", str(tmp_path), "--precision", "float32"])
     assert run_eval.evaluation_key(forced, "base") != run_eval.evaluation_key(default, "base")  # precision moves scores

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from evaluators.base import Evaluator
@@ -26,6 +26,8 @@ from exitagent.types import Group, Task
 SOURCE_FLAGS = ("--source", "--task-source")
 SPLIT_FLAGS = ("--split", "--task-split")
 N_TASKS_FLAGS = ("--n-tasks", "--num-tasks")
+SOURCE_HELP = ("task source (default: the domain's: math arithmetic, tool_use bfcl, mle offline; "
+               "math: arithmetic, a benchmark name or a .jsonl path)")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,22 @@ class DomainSettings:
     memory_mb: int = 2048  # memory limit of one sandbox run
     max_turns: int | None = None  # None: the domain's budget (tool use: 10 in training, 60 in evaluation)
     max_context: int = 2048  # the served model's context length, in tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainFlags:
+    """``DomainSettings`` as the flags of collect and evaluate (both configs inherit them)."""
+
+    eval_workers: int = field(default=2, metadata={"help": "evaluator worker processes"})
+    eval_timeout_s: float = field(default=5.0, metadata={"help": "evaluator deadline per response (s)"})
+    sandbox: str = field(default="local", metadata={"help": "where model code runs: local, process, e2b"})
+    memory_mb: int = field(default=2048, metadata={"help": "memory limit of one sandbox run (MiB)"})
+    max_turns: int | None = field(default=None, metadata={"help": "turn budget per episode (domain default)"})
+    max_context: int = field(default=2048, metadata={"help": "the served model's context length"})
+
+    def settings(self) -> DomainSettings:
+        return DomainSettings(eval_workers=self.eval_workers, eval_timeout_s=self.eval_timeout_s, sandbox=self.sandbox,
+                              memory_mb=self.memory_mb, max_turns=self.max_turns, max_context=self.max_context)
 
 
 class Domain(Protocol):
